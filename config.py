@@ -1,0 +1,116 @@
+"""Command-line configuration shared by train.py, glue.py and bench.py.
+
+Every script has one dataclass config. `parse_config` turns `--field=value` arguments into
+an instance of it: values are parsed by the field's type, unknown keys and ill-typed values
+are rejected with the list of valid keys, and `--preset=name` (when the script has presets)
+is applied first so that explicit flags override it.
+
+    cfg = parse_config(TrainConfig, sys.argv[1:], presets=TRAIN_PRESETS)
+    print_config(cfg)
+"""
+
+import dataclasses
+import json
+import sys
+import typing
+
+
+class ConfigError(ValueError):
+    """A bad command-line flag. Scripts print the message and exit with status 2."""
+
+
+def _parse_value(name: str, text: str, typ):
+    """Parse `text` as the field's declared type (bool, int, float, str or Optional of one)."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if text.lower() in ("none", "null", ""):
+            return None
+        typ = args[0]
+    if typ is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name}={text}: expected a boolean (true/false/1/0)")
+    if typ is int:
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            try:  # accept 1e5-style integers
+                f = float(text)
+            except ValueError:
+                f = None
+            if f is not None and f == int(f):
+                return int(f)
+            raise ConfigError(f"--{name}={text}: expected an integer") from None
+    if typ is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--{name}={text}: expected a number") from None
+    if typ is str:
+        return text
+    raise ConfigError(f"--{name}: unsupported field type {typ!r}")
+
+
+def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None, **base):
+    """Build `cls` from `--field=value` flags (and `--flag` alone for a boolean True).
+
+    `presets` maps a preset name to field overrides; `--preset=NAME` applies one before
+    the other flags. `base` gives values that hold before the preset and flags.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    valid = sorted(fields)
+    values: dict = {}
+    preset_name = None
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: flags look like --field=value. "
+                              f"Valid fields: {', '.join(valid)}")
+        key, eq, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key == "preset" and presets is not None:
+            if text not in presets:
+                raise ConfigError(f"--preset={text}: unknown preset. Choose one of: {', '.join(presets)}")
+            preset_name = text
+            continue
+        if key not in fields:
+            raise ConfigError(f"unknown flag --{key}. Valid fields: {', '.join(valid)}"
+                              + (", preset" if presets is not None else ""))
+        if not eq:
+            if hints[key] is not bool:
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+            text = "true"
+        values[key] = _parse_value(key, text, hints[key])
+    merged = dict(base)
+    if preset_name is not None:
+        merged.update(presets[preset_name])
+        if "preset" in fields:
+            merged["preset"] = preset_name
+    merged.update(values)
+    return cls(**merged)
+
+
+def config_dict(cfg) -> dict:
+    """The config as a plain dict of primitives (safe for JSON and torch.load(weights_only=True))."""
+    return dataclasses.asdict(cfg)
+
+
+def print_config(cfg, file=None):
+    """Print the resolved config, one `field = value` a line."""
+    file = file or sys.stdout
+    print(f"{type(cfg).__name__}:", file=file)
+    for k, v in config_dict(cfg).items():
+        print(f"  {k} = {json.dumps(v)}", file=file)
+
+
+def main_guard(main):
+    """Run `main()`; turn a ConfigError (or other user error) into a message on stderr and exit 2."""
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

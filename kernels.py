@@ -1,0 +1,358 @@
+"""Attention kernels for MosaicBERT: ALiBi, unpadding, and three interchangeable backends.
+
+Shape legend (used in every docstring and shape comment):
+    B   sequences in the padded batch        S   padded sequence length
+    H   attention heads                      D   head dimension
+    nnz real (non-pad) tokens in the batch   n   sequences after unpadding (n = B for 0/1 masks)
+    L   max_seqlen, the longest of the n sequences
+
+Unpadding (MosaicBERT's "unpad"): a batch of B rows padded to S holds only nnz real tokens.
+Every linear layer, LayerNorm and GeGLU is per token, so running them on the packed (nnz, d)
+tensor instead of (B*S, d) skips the pad tokens' work entirely. Only attention needs to know
+where one sequence ends and the next begins; it gets that from `cu_seqlens`, the cumulative
+sequence lengths [0, len_0, len_0+len_1, ..., nnz], exactly as FlashAttention's varlen API does.
+
+ALiBi (Press et al., 2022): no position embeddings; instead each head h adds the bias
+-slope_h * |i - j| to the attention score of query i and key j. The symmetric |i - j| is the
+bidirectional (encoder) form MosaicBERT uses. It extrapolates to longer sequences than seen
+in training and costs nothing in parameters.
+
+Backends of `attention` (all take the packed qkv and return the packed output):
+    naive  explicit scores, bias and softmax, one sequence at a time: the reference.
+    sdpa   re-pad to (n, H, L, D) and call F.scaled_dot_product_attention with ALiBi plus
+           padding as one additive mask. Fused (flash) kernel on CPU and GPU, trains everywhere.
+    flex   FlexAttention on the packed (1, H, nnz, D) sequence: ALiBi is a `score_mod`, the
+           per-sequence structure a document block mask built from cu_seqlens. No FLOPs are
+           spent on padding or across documents. The GPU training path; on the CPU this torch
+           runs it forward only.
+    auto   flex on CUDA, sdpa elsewhere.
+
+For speed the per-batch work (pad indices, the additive mask, the block mask) is done once by
+`plan_attention` and shared by every layer; `attention()` is the one-call convenience form.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("naive", "sdpa", "flex", "auto")
+
+# Additive bias for "may not attend". Finite so that a fully masked row (a pad query in the
+# padded layout) gives a harmless uniform softmax instead of NaN; exp() of it is exactly 0 in
+# fp32 and bf16 (both have the float32 exponent range).
+MASK_VALUE = -1e30
+
+
+# ----------------------------------------------------------------------------------------
+# ALiBi
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Press et al.'s ALiBi slopes, a geometric sequence per head. Returns fp32 [H].
+
+    For a power of 2, head h (1-based) gets 2^(-8h/H): 1/2, 1/4, ... 1/256 for 8 heads.
+    Otherwise take the slopes of the nearest lower power of 2, p, then every other slope of
+    the 2p-head set: 12 heads give 1/2 ... 1/256, then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5.
+    """
+    if n_heads < 1:
+        raise ValueError(f"alibi_slopes: n_heads must be >= 1, got {n_heads}")
+
+    def power_of_2_slopes(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    p = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = power_of_2_slopes(p)
+    if p < n_heads:
+        slopes += power_of_2_slopes(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: torch.Tensor, L: int, device=None) -> torch.Tensor:
+    """The symmetric ALiBi bias -slope_h * |i - j| as fp32 [H, L, L]."""
+    pos = torch.arange(L, device=device)
+    dist = (pos[:, None] - pos[None, :]).abs().float()  # (L, L)
+    return -slopes.to(device=device, dtype=torch.float32)[:, None, None] * dist
+
+
+# ----------------------------------------------------------------------------------------
+# unpad / pad
+
+
+def unpad(x: torch.Tensor, attention_mask: torch.Tensor):
+    """Drop the pad tokens: x[B, S, ...] -> (x_unpadded[nnz, ...], indices[nnz], cu_seqlens, max_seqlen).
+
+    attention_mask[B, S]: 0 marks padding. A nonzero value is a document id within its row:
+    consecutive real tokens of a row with the same id form one sequence, so a plain 0/1 mask
+    gives one sequence per row (cu_seqlens int32 [B+1], empty rows included as zero-length
+    sequences) and a packed row 1,1,1,2,2,0 gives two. indices are the flat positions
+    (b * S + s) of the real tokens, in order; `pad` is the exact inverse. Both are plain
+    gathers and scatters, so gradients flow through them.
+
+    The real-token count is data dependent, so this costs one host sync (as FlashAttention's
+    unpad_input does); call it once per batch, not per layer.
+    """
+    B, S = attention_mask.shape
+    if x.shape[:2] != (B, S):
+        raise ValueError(f"unpad: x has shape {tuple(x.shape)} but attention_mask is {(B, S)}")
+    flat_mask = attention_mask.reshape(B * S)
+    indices = torch.nonzero(flat_mask != 0, as_tuple=False).flatten()  # (nnz,)
+    x_unpadded = x.reshape(B * S, *x.shape[2:]).index_select(0, indices)  # (nnz, ...)
+    cu_seqlens = seqlens_from_mask(attention_mask, indices)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return x_unpadded, indices, cu_seqlens, max_seqlen
+
+
+def seqlens_from_mask(attention_mask: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens (int32 [n+1]) of the sequences in attention_mask[B, S] (see `unpad`)."""
+    B, S = attention_mask.shape
+    row_lens = (attention_mask != 0).sum(1)  # (B,)
+    row_starts = F.pad(row_lens.cumsum(0), (1, 0))  # (B+1,) the row boundaries, in real tokens
+    # A document boundary inside a row: a real token whose id differs from the previous real
+    # token of the same row. It can never coincide with a row start.
+    ids = attention_mask.reshape(B * S)[indices]
+    rows = torch.div(indices, S, rounding_mode="floor")
+    inner = torch.nonzero((rows[1:] == rows[:-1]) & (ids[1:] != ids[:-1]), as_tuple=False).flatten() + 1
+    if inner.numel() == 0:
+        return row_starts.to(torch.int32)
+    return torch.sort(torch.cat([row_starts, inner])).values.to(torch.int32)
+
+
+def pad(x_unpadded: torch.Tensor, indices: torch.Tensor, B: int, S: int) -> torch.Tensor:
+    """Scatter x_unpadded[nnz, ...] back to x[B, S, ...], with zeros at the pad positions."""
+    out = x_unpadded.new_zeros(B * S, *x_unpadded.shape[1:])
+    out = out.index_put((indices,), x_unpadded)  # out-of-place: autograd gives grad[indices]
+    return out.view(B, S, *x_unpadded.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------
+# Per-batch attention plan
+
+
+@dataclass
+class AttentionPlan:
+    """Everything attention needs that depends only on the batch layout, built once per batch.
+
+    backend "naive": the sequence boundaries as Python ints.
+    backend "sdpa":  pad_index[nnz] into the (n*L) padded layout, and the additive mask
+                     [n, H or 1, L, L] (ALiBi plus -inf-like padding) in the compute dtype.
+    backend "flex":  the document BlockMask over the packed nnz tokens and the ALiBi score_mod.
+    """
+    backend: str
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    slopes: torch.Tensor | None
+    dropout_p: float = 0.0
+    bounds: list | None = None
+    pad_index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    block_mask: object = None
+    score_mod: object = None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    return backend
+
+
+def plan_attention(cu_seqlens, max_seqlen, slopes=None, backend="auto", n_heads=None,
+                   dtype=torch.float32, dropout_p=0.0) -> AttentionPlan:
+    """Build the per-batch AttentionPlan (see the class). `dtype` is the dtype q/k/v will have."""
+    device = cu_seqlens.device
+    backend = resolve_backend(backend, device)
+    plan = AttentionPlan(backend, cu_seqlens, int(max_seqlen), slopes, dropout_p)
+    if backend == "naive":
+        plan.bounds = cu_seqlens.tolist()
+    elif backend == "sdpa":
+        plan.pad_index, plan.mask = _sdpa_plan(cu_seqlens, int(max_seqlen), slopes, dtype)
+    else:
+        if dropout_p > 0:
+            raise ValueError("the flex attention backend has no attention dropout; "
+                             "set attn_dropout=0 or use attn_backend='sdpa'")
+        plan.block_mask, plan.score_mod = _flex_plan(cu_seqlens, slopes)
+    return plan
+
+
+def attend(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """Attention of packed qkv[nnz, 3, H, D] under a plan -> [nnz, H, D]."""
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"attention expects packed qkv of shape (nnz, 3, H, D), got {tuple(qkv.shape)}")
+    if plan.backend == "naive":
+        return _naive(qkv, plan)
+    if plan.backend == "sdpa":
+        return _sdpa_varlen(qkv, plan)
+    return _flex(qkv, plan)
+
+
+def attention(qkv, cu_seqlens, max_seqlen, slopes=None, backend="auto", dropout_p=0.0):
+    """Bidirectional attention within each sequence of the packed batch.
+
+    qkv[nnz, 3, H, D], cu_seqlens int32 [n+1], max_seqlen = L -> out[nnz, H, D].
+    slopes[H] adds the ALiBi bias -slope_h * |i - j|; None means no bias (the BERT baseline).
+    """
+    plan = plan_attention(cu_seqlens, max_seqlen, slopes, backend, qkv.shape[2], qkv.dtype, dropout_p)
+    return attend(qkv, plan)
+
+
+# ----------------------------------------------------------------------------------------
+# naive: the reference
+
+
+def _naive(qkv, plan):
+    """Explicit softmax(q k^T / sqrt(D) + bias) v, one sequence at a time. Slow, obviously right."""
+    D = qkv.shape[-1]
+    outs = []
+    for start, end in zip(plan.bounds[:-1], plan.bounds[1:]):
+        q, k, v = qkv[start:end].unbind(1)  # each (len, H, D)
+        scores = torch.einsum("ihd,jhd->hij", q.float(), k.float()) / math.sqrt(D)  # (H, len, len)
+        if plan.slopes is not None:
+            scores = scores + alibi_bias(plan.slopes, end - start, qkv.device)
+        probs = torch.softmax(scores, dim=-1)
+        probs = F.dropout(probs, plan.dropout_p, training=plan.dropout_p > 0)
+        outs.append(torch.einsum("hij,jhd->ihd", probs, v.float()).to(qkv.dtype))  # (len, H, D)
+    if not outs:
+        return qkv.new_zeros(0, *qkv.shape[2:])
+    return torch.cat(outs, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# sdpa: re-pad and call the fused kernel
+
+
+def padded_attention_mask(attention_mask: torch.Tensor, slopes, dtype) -> torch.Tensor:
+    """Additive mask for attention on the padded layout: attention_mask[B, S] -> [B, H or 1, S, S].
+
+    Query i may attend key j when both are real tokens of the same document (same nonzero id);
+    the ALiBi bias -slope_h * |i - j| is added when slopes is given. Pad queries attend nowhere
+    (their row is all MASK_VALUE: a uniform softmax over garbage that the caller discards).
+    """
+    B, S = attention_mask.shape
+    ids = attention_mask
+    allowed = (ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] != 0)  # (B, S, S)
+    mask = torch.zeros(B, 1, S, S, device=ids.device, dtype=torch.float32)
+    mask = mask.masked_fill(~allowed[:, None], MASK_VALUE)
+    if slopes is not None:
+        mask = mask + alibi_bias(slopes, S, ids.device)[None]  # (B, H, S, S)
+    return mask.to(dtype)
+
+
+def sdpa(qkv: torch.Tensor, mask: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Padded attention: qkv[B, S, 3, H, D] and an additive mask [B, H or 1, S, S] -> [B, S, H, D]."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, S, D)
+    return out.transpose(1, 2)  # (B, S, H, D)
+
+
+def _sdpa_plan(cu_seqlens, L, slopes, dtype):
+    """pad_index[nnz]: where each packed token sits in the (n*L) padded layout; mask [n, H|1, L, L]."""
+    n = cu_seqlens.numel() - 1
+    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (n,)
+    nnz = int(cu_seqlens[-1])
+    seq_of_token = torch.repeat_interleave(torch.arange(n, device=cu_seqlens.device), seqlens, output_size=nnz)
+    pos = torch.arange(nnz, device=cu_seqlens.device) - cu_seqlens[:-1].long()[seq_of_token]
+    pad_index = seq_of_token * L + pos  # (nnz,)
+    key_is_real = torch.arange(L, device=cu_seqlens.device)[None, :] < seqlens[:, None]  # (n, L)
+    mask = torch.zeros(n, 1, 1, L, device=cu_seqlens.device, dtype=torch.float32)
+    mask = mask.masked_fill(~key_is_real[:, None, None, :], MASK_VALUE)
+    if slopes is not None:
+        mask = mask + alibi_bias(slopes, L, cu_seqlens.device)[None]  # (n, H, L, L)
+    else:
+        mask = mask.expand(n, 1, L, L)
+    return pad_index, mask.to(dtype)
+
+
+def _sdpa_varlen(qkv, plan):
+    nnz, _, H, D = qkv.shape
+    n, L = plan.cu_seqlens.numel() - 1, plan.max_seqlen
+    mask = plan.mask if plan.mask.dtype == qkv.dtype else plan.mask.to(qkv.dtype)
+    padded = qkv.new_zeros(n * L, 3, H, D).index_put((plan.pad_index,), qkv)  # (n*L, 3, H, D)
+    out = sdpa(padded.view(n, L, 3, H, D), mask, plan.dropout_p)  # (n, L, H, D)
+    return out.reshape(n * L, H, D).index_select(0, plan.pad_index)  # (nnz, H, D)
+
+
+# ----------------------------------------------------------------------------------------
+# flex: FlexAttention on the packed sequence
+
+FLEX_BLOCK = 128  # FlexAttention's sparse block size (both q and kv)
+_compiled_flex = None
+
+
+def _flex_attention():
+    """flex_attention compiled once per process (eager flex materialises the scores: slow)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
+
+
+def document_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The sequence (document) index of every packed token: int32 [nnz]."""
+    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    nnz = int(cu_seqlens[-1])
+    n = seqlens.numel()
+    return torch.repeat_interleave(torch.arange(n, device=cu_seqlens.device, dtype=torch.int32), seqlens,
+                                   output_size=nnz)
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK):
+    """The document BlockMask over nnz packed tokens, built directly from cu_seqlens.
+
+    A (q block, kv block) pair is computed when the two blocks share a document, and is "full"
+    (no mask_mod call needed) when both lie wholly inside one document. Building it from the
+    block-level document ranges costs O((nnz/128)^2) tiny ops, instead of evaluating the mask
+    on all nnz^2 token pairs as create_block_mask does.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = cu_seqlens.device
+    doc = document_ids(cu_seqlens)  # (nnz,)
+    nnz = doc.numel()
+    nb = (nnz + block - 1) // block
+    starts = torch.arange(nb, device=device) * block
+    ends = torch.clamp(starts + block, max=nnz) - 1
+    first, last = doc[starts], doc[ends]  # (nb,) documents of each block's first and last token
+    overlap = (first[None, :] <= last[:, None]) & (first[:, None] <= last[None, :])  # (nb_q, nb_kv)
+    one_doc = (first == last) & (ends - starts + 1 == block)
+    full = overlap & one_doc[:, None] & one_doc[None, :] & (first[:, None] == first[None, :])
+    partial = overlap & ~full
+
+    def to_indices(blocks):  # (nb, nb) bool -> num_blocks (1,1,nb), indices (1,1,nb,nb)
+        num = blocks.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num[None, None], order[None, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    kv_num, kv_idx = to_indices(partial)
+    full_num, full_idx = to_indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                    mask_mod=mask_mod, seq_lengths=(nnz, nnz))
+
+
+def _flex_plan(cu_seqlens, slopes):
+    block_mask = document_block_mask(cu_seqlens)
+    if slopes is None:
+        return block_mask, None
+    slopes = slopes.to(device=cu_seqlens.device, dtype=torch.float32)
+
+    def alibi_score_mod(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    return block_mask, alibi_score_mod
+
+
+def _flex(qkv, plan):
+    if qkv.device.type == "cpu" and torch.is_grad_enabled() and qkv.requires_grad:
+        raise NotImplementedError(
+            "the flex attention backend has no backward pass on the CPU in this torch (FlexAttention "
+            "does not support backward on CPU); use attn_backend='sdpa' to train on the CPU, or run "
+            "flex under torch.no_grad() for inference")
+    q, k, v = qkv.permute(1, 2, 0, 3)[:, None].unbind(0)  # each (1, H, nnz, D)
+    out = _flex_attention()(q, k, v, score_mod=plan.score_mod, block_mask=plan.block_mask)  # (1, H, nnz, D)
+    return out[0].transpose(0, 1)  # (nnz, H, D)
