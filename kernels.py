@@ -32,10 +32,12 @@ For speed the per-batch work (pad indices, the additive mask, the block mask) is
 """
 
 import math
+import types
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("naive", "sdpa", "flex", "auto")
 
@@ -149,6 +151,7 @@ class AttentionPlan:
     mask: torch.Tensor | None = None
     block_mask: object = None
     score_mod: object = None
+    flex_fn: object = None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -159,9 +162,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def plan_attention(cu_seqlens, max_seqlen, slopes=None, backend="auto", n_heads=None,
+def plan_attention(cu_seqlens, max_seqlen, slopes=None, backend="auto", head_shape=None,
                    dtype=torch.float32, dropout_p=0.0) -> AttentionPlan:
-    """Build the per-batch AttentionPlan (see the class). `dtype` is the dtype q/k/v will have."""
+    """Build the per-batch AttentionPlan (see the class). `dtype` is the dtype q/k/v will have,
+    head_shape their (H, D)."""
     device = cu_seqlens.device
     backend = resolve_backend(backend, device)
     plan = AttentionPlan(backend, cu_seqlens, int(max_seqlen), slopes, dropout_p)
@@ -174,6 +178,8 @@ def plan_attention(cu_seqlens, max_seqlen, slopes=None, backend="auto", n_heads=
             raise ValueError("the flex attention backend has no attention dropout; "
                              "set attn_dropout=0 or use attn_backend='sdpa'")
         plan.block_mask, plan.score_mod = _flex_plan(cu_seqlens, slopes)
+        # looked up here, eagerly, not inside a compiled region
+        plan.flex_fn = compiled_flex_attention((slopes is not None, dtype, device.type, head_shape))
     return plan
 
 
@@ -194,7 +200,7 @@ def attention(qkv, cu_seqlens, max_seqlen, slopes=None, backend="auto", dropout_
     qkv[nnz, 3, H, D], cu_seqlens int32 [n+1], max_seqlen = L -> out[nnz, H, D].
     slopes[H] adds the ALiBi bias -slope_h * |i - j|; None means no bias (the BERT baseline).
     """
-    plan = plan_attention(cu_seqlens, max_seqlen, slopes, backend, qkv.shape[2], qkv.dtype, dropout_p)
+    plan = plan_attention(cu_seqlens, max_seqlen, slopes, backend, tuple(qkv.shape[2:]), qkv.dtype, dropout_p)
     return attend(qkv, plan)
 
 
@@ -262,7 +268,11 @@ def _sdpa_plan(cu_seqlens, L, slopes, dtype):
         mask = mask + alibi_bias(slopes, L, cu_seqlens.device)[None]  # (n, H, L, L)
     else:
         mask = mask.expand(n, 1, L, L)
-    return pad_index, mask.to(dtype)
+    # nnz (and n, for packed rows) vary per batch: tell torch.compile up front (no recompile).
+    torch._dynamo.maybe_mark_dynamic(pad_index, 0)
+    mask = mask.to(dtype)
+    torch._dynamo.maybe_mark_dynamic(mask, 0)
+    return pad_index, mask
 
 
 def _sdpa_varlen(qkv, plan):
@@ -278,16 +288,27 @@ def _sdpa_varlen(qkv, plan):
 # flex: FlexAttention on the packed sequence
 
 FLEX_BLOCK = 128  # FlexAttention's sparse block size (both q and kv)
-_compiled_flex = None
+_compiled_flex = {}
 
 
-def _flex_attention():
-    """flex_attention compiled once per process (eager flex materialises the scores: slow)."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-        _compiled_flex = torch.compile(flex_attention, dynamic=True)
-    return _compiled_flex
+def _flex_call(q, k, v, score_mod, block_mask):
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def compiled_flex_attention(variant: tuple):
+    """flex_attention under torch.compile (eager flex materialises the whole score matrix),
+    created on first use. dynamic=True: one kernel serves every nnz, no recompiles.
+
+    One compiled function per variant (ALiBi or not, dtype, device), each with its own code
+    object: on the CPU, this torch's inductor emits C++ that does not build when a dynamic-shape
+    flex graph is recompiled for a second variant ("cur_qSplitSize8 was not declared"), and a
+    separate code object means a fresh first compile instead of a recompile.
+    """
+    if variant not in _compiled_flex:
+        name = "flex_" + "".join(c if c.isalnum() else "_" for c in str(variant))
+        fn = types.FunctionType(_flex_call.__code__.replace(co_name=name), _flex_call.__globals__, name)
+        _compiled_flex[variant] = torch.compile(fn, dynamic=True)
+    return _compiled_flex[variant]
 
 
 def document_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -307,8 +328,6 @@ def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK):
     block-level document ranges costs O((nnz/128)^2) tiny ops, instead of evaluating the mask
     on all nnz^2 token pairs as create_block_mask does.
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
     device = cu_seqlens.device
     doc = document_ids(cu_seqlens)  # (nnz,)
     nnz = doc.numel()
@@ -354,5 +373,5 @@ def _flex(qkv, plan):
             "does not support backward on CPU); use attn_backend='sdpa' to train on the CPU, or run "
             "flex under torch.no_grad() for inference")
     q, k, v = qkv.permute(1, 2, 0, 3)[:, None].unbind(0)  # each (1, H, nnz, D)
-    out = _flex_attention()(q, k, v, score_mod=plan.score_mod, block_mask=plan.block_mask)  # (1, H, nnz, D)
+    out = plan.flex_fn(q, k, v, plan.score_mod, plan.block_mask)  # (1, H, nnz, D)
     return out[0].transpose(0, 1)  # (nnz, H, D)

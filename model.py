@@ -260,7 +260,7 @@ class Bert(nn.Module):
             # Plan attention at the padded width S, not the batch's true longest sequence:
             # the shapes then depend only on (B, S), which torch.compile can treat as static.
             p = cfg.attn_dropout if self.training else 0.0
-            attn = kernels.plan_attention(cu_seqlens, S, slopes, cfg.attn_backend, cfg.n_heads, dtype, p)
+            attn = kernels.plan_attention(cu_seqlens, S, slopes, cfg.attn_backend, (cfg.n_heads, cfg.head_dim), dtype, p)
         else:
             attn = kernels.padded_attention_mask(attention_mask, slopes, dtype)
         return Layout(B, S, cfg.unpad, real_indices, cu_seqlens, attn)

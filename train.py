@@ -17,8 +17,9 @@ Everything a run does is in this file, top to bottom (grep the names):
 
 Shape legend: B sequences per micro-batch, S = seq_len.
 Recompiles: with --compile, run with TORCH_LOGS=recompiles to see every recompilation and its reason.
-Every micro-batch has the same (B, S) shape and only tensors enter the compiled model; the varying
-number of real tokens (nnz) and masked tokens is handled inside model.py.
+Every micro-batch has the same (B, S) shape and only tensors enter the model; the varying number of
+real tokens (nnz) and of masked tokens is marked dynamic inside model.py (model.compile_model), so a
+run compiles once per region instead of once per batch.
 """
 
 import json
@@ -245,12 +246,12 @@ def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
         name = torch.cuda.get_device_name(device)
         return next((f for key, f in GPU_PEAK_FLOPS if key in name), None)
     dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    n = 1024
+    n = 2048  # ~17 GFLOP per matmul: long enough to reach the CPU's sustained rate
     a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
     for _ in range(2):
         a @ b  # warm-up
     k, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.25:
+    while time.perf_counter() - t0 < 0.3:
         a @ b
         k += 1
     return 2 * n**3 * k / (time.perf_counter() - t0)
@@ -266,7 +267,7 @@ def evaluate(model, batches, device, amp, rank, world):
     model.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked
     for b in batches[rank::world]:
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        b = {k: to_device(v, device) for k, v in b.items()}
         with amp():
             out = model(b["input_ids"], b["attention_mask"], b["labels"])
         tot += torch.stack([out.loss_sum.float(), out.n_correct.float(), out.n_masked.float()]).double()
@@ -377,7 +378,12 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         step, tokens_seen = ckpt["step"], ckpt.get("tokens_seen", 0)
     model = raw_model
     if cfg.compile:
-        model = torch.compile(raw_model)  # the one compile site; see TORCH_LOGS=recompiles in the docstring
+        # The one compile site. model.compile_model compiles each encoder layer and the MLM head in
+        # place (regional compilation; unpadding stays eager, nnz is marked dynamic), so the state_dict
+        # keeps its plain names. See recompiles with TORCH_LOGS=recompiles.
+        t0 = time.perf_counter()
+        modeling.compile_model(raw_model)
+        print0(f"compile: regions wrapped in {time.perf_counter() - t0:.1f} s (compiled lazily on the first step)")
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -445,6 +451,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                              f"saving. Last good checkpoint: {last or 'none'}. Lower --lr, set --grad_clip=1.0, or "
                              f"check the data.")
 
+    def global_count(n: int) -> int:
+        return int(all_reduce(torch.tensor(float(n), dtype=torch.float64, device=device)).item())
+
     def save_checkpoint(at_step: int):
         check_finite(at_step)
         finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()
@@ -461,7 +470,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                 "schedule": dict(name="linear_warmup_linear_decay", lr=cfg.lr, warmup_frac=cfg.warmup_frac,
                                  final_lr_frac=cfg.final_lr_frac, max_steps=cfg.max_steps, next_lr=lr_at(at_step, cfg)),
                 "step": at_step,
-                "tokens_seen": tokens_seen,
+                "tokens_seen": tokens_seen + global_count(interval_tokens),  # real tokens trained on
                 "data": data_states[0],
                 "data_per_rank": data_states,
                 "rng": rngs[0],
@@ -497,11 +506,11 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = stream.next_batch()  # this rank's share of the global batch: (global_batch / world, S)
-        n_real = int((batch["attention_mask"] != 0).sum())
+        n_real = int((batch["attention_mask"] != 0).sum())  # CPU tensor: no device sync
+        batch = {k: to_device(v, device) for k, v in batch.items()}
         # global masked count: the whole global batch's masked tokens, known before the forward pass
-        n_masked = all_reduce(torch.tensor(float((batch["labels"] != -100).sum()), device=device))
+        n_masked = all_reduce((batch["labels"] != -100).sum().float())
         loss_scale = world / n_masked.clamp(min=1)  # DDP averages grads over ranks; `world` undoes that
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with amp():  # one autocast context for all micro-steps: on CPU the bf16 weight casts are reused
             for i in range(accum):
                 last = i == accum - 1
@@ -523,11 +532,11 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         step += 1
         interval_steps += 1
         interval_tokens += n_real
-        tokens_seen += n_real * world  # approximate between logs; exact values are all-reduced below
 
         # --- log (the only place a loss is read on the host)
         if step % cfg.log_every == 0 or step == end or step == first_step + 1:
-            tok = all_reduce(torch.tensor(float(interval_tokens), device=device)).item()
+            tok = global_count(interval_tokens)
+            tokens_seen += tok
             loss_sum, n_correct, n_masked_sum = all_reduce(stats.clone()).tolist()
             gn = grad_norm.item()
             dt = time.perf_counter() - t_log
@@ -567,6 +576,12 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     if end < cfg.max_steps:
         print0(f"stopped after step {step} (--stop_at_step); continue with --resume")
     print0(f"done: {step} steps, {fmt_time(time.perf_counter() - t_start)} wall time")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def fmt_time(seconds: float) -> str:

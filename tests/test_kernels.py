@@ -1,0 +1,202 @@
+"""kernels.py: every fast path against the naive reference, forward and gradients."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import kernels as K
+
+FAST = settings(deadline=None, max_examples=30)
+
+
+def make_mask(lengths, S, doc_splits=()):
+    """[B, S] mask: row b has lengths[b] real tokens; doc_splits[b] (if given) starts a second document."""
+    mask = torch.zeros(len(lengths), S, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+        if b < len(doc_splits) and 0 < doc_splits[b] < n:
+            mask[b, doc_splits[b]:n] = 2
+    return mask
+
+
+def cu_from_lengths(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------- ALiBi
+
+
+def test_alibi_slopes_exact_values():
+    """Press et al.'s slopes: 2^(-8h/H) for powers of 2; interleaved extra slopes otherwise."""
+    assert K.alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
+    twelve = [2.0 ** -i for i in range(1, 9)] + [2.0 ** -0.5, 2.0 ** -1.5, 2.0 ** -2.5, 2.0 ** -3.5]
+    assert torch.equal(K.alibi_slopes(12), torch.tensor(twelve, dtype=torch.float32))
+    assert torch.equal(K.alibi_slopes(16), torch.tensor([2.0 ** (-0.5 * i) for i in range(1, 17)]))
+    assert K.alibi_slopes(1).tolist() == [2.0 ** -8]
+    assert torch.equal(K.alibi_slopes(3), torch.tensor([2.0 ** -4, 2.0 ** -8, 2.0 ** -2]))
+
+
+def test_alibi_bias_is_symmetric_distance():
+    bias = K.alibi_bias(K.alibi_slopes(2), 4)
+    assert bias[0, 0, 3] == bias[0, 3, 0] == -(2.0 ** -4) * 3
+    assert bias[1, 2, 2] == 0 and bias[1, 1, 3] == -(2.0 ** -8) * 2
+
+
+# ---------------------------------------------------------------------------- unpad / pad
+
+
+@FAST
+@given(B=st.integers(1, 4), S=st.integers(1, 12), data=st.data())
+def test_pad_unpad_roundtrip_and_gradients(B, S, data):
+    """pad(unpad(x)) == x at real tokens, zero at pads; the gradient reaches exactly the real tokens."""
+    lengths = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
+    mask = make_mask(lengths, S)
+    x = torch.randn(B, S, 3, requires_grad=True)
+    xu, idx, cu, max_len = K.unpad(x, mask)
+    assert xu.shape == (sum(lengths), 3) and cu.dtype == torch.int32 and cu.tolist() == cu_from_lengths(lengths).tolist()
+    assert max_len == max(lengths)
+    y = K.pad(xu, idx, B, S)
+    keep = (mask != 0)[..., None]
+    assert torch.equal(y, torch.where(keep, x, torch.zeros(())))
+    w = torch.randn(B, S, 3)
+    (y * w).sum().backward()
+    assert torch.equal(x.grad, torch.where(keep, w, torch.zeros(())))
+
+
+def test_unpad_document_ids_split_sequences():
+    """A packed row 1,1,1,2,2,0 holds two sequences; a plain 0/1 mask holds one per row."""
+    mask = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [3, 3, 3, 3, 3, 3]])
+    _, idx, cu, max_len = K.unpad(torch.zeros(4, 6, 1), mask)
+    assert cu.tolist() == [0, 3, 5, 7, 7, 13] and max_len == 6
+
+
+# ---------------------------------------------------------------------------- attention backends
+
+
+def random_batch(lengths, H, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cu = cu_from_lengths(lengths)
+    qkv = torch.randn(int(cu[-1]), 3, H, D, generator=g).to(dtype)
+    return qkv, cu, max(lengths)
+
+
+lengths_st = st.lists(st.integers(1, 20), min_size=1, max_size=5)
+
+
+@FAST
+@given(lengths=lengths_st, H=st.sampled_from([1, 2, 3, 4, 6, 12]), D=st.sampled_from([4, 8, 16, 32]),
+       alibi=st.booleans(), pad_extra=st.integers(0, 5))
+def test_sdpa_matches_naive_fp32_forward_and_grad(lengths, H, D, alibi, pad_extra):
+    """Varlen SDPA (re-pad, fused kernel, unpad) equals the explicit per-sequence reference in fp32.
+    Planning at a wider max_seqlen than needed (as the model does) changes nothing."""
+    qkv, cu, L = random_batch(lengths, H, D)
+    slopes = K.alibi_slopes(H) if alibi else None
+    q1, q2 = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    ref = K.attention(q1, cu, L, slopes, "naive")
+    out = K.attention(q2, cu, L + pad_extra, slopes, "sdpa")
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g)
+    torch.testing.assert_close(q2.grad, q1.grad, atol=2e-5, rtol=2e-4)
+
+
+@settings(deadline=None, max_examples=10)
+@given(lengths=lengths_st, H=st.sampled_from([2, 3, 12]), D=st.sampled_from([16, 32]))
+def test_sdpa_matches_naive_bf16(lengths, H, D):
+    """bf16 inputs: same answer as the fp32 reference within bf16 tolerance, forward and gradients."""
+    qkv, cu, L = random_batch(lengths, H, D)
+    slopes = K.alibi_slopes(H)
+    q32, q16 = qkv.clone().requires_grad_(), qkv.to(torch.bfloat16).requires_grad_()
+    ref = K.attention(q32, cu, L, slopes, "naive")
+    out = K.attention(q16, cu, L, slopes, "sdpa")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g.to(torch.bfloat16))
+    torch.testing.assert_close(q16.grad.float(), q32.grad, atol=6e-2, rtol=6e-2)
+
+
+def test_padding_never_leaks_through_padded_attention():
+    """Real-token outputs are identical whether or not pad tokens (holding garbage) are appended."""
+    torch.manual_seed(0)
+    H, D = 3, 8
+    slopes = K.alibi_slopes(H)
+    qkv = torch.randn(2, 5, 3, H, D)
+    mask = make_mask([5, 3], 5)
+    out = K.sdpa(qkv, K.padded_attention_mask(mask, slopes, torch.float32))
+    wider = torch.cat([qkv, 1e3 * torch.randn(2, 4, 3, H, D)], 1)
+    out_wide = K.sdpa(wider, K.padded_attention_mask(make_mask([5, 3], 9), slopes, torch.float32))
+    real = mask.bool()
+    torch.testing.assert_close(out_wide[:, :5][real], out[real], atol=1e-6, rtol=1e-6)
+
+
+def test_padded_sdpa_matches_naive_with_documents():
+    """The padded-layout mask keeps packed documents apart (ALiBi distance within each document)."""
+    torch.manual_seed(0)
+    H, D = 2, 8
+    slopes = K.alibi_slopes(H)
+    mask = make_mask([7, 4, 6], 8, doc_splits=[3, 0, 1])
+    qkv = torch.randn(3, 8, 3, H, D)
+    out = K.sdpa(qkv, K.padded_attention_mask(mask, slopes, torch.float32))  # (B, S, H, D)
+    xu, idx, cu, L = K.unpad(qkv, mask)
+    ref = K.attention(xu, cu, L, slopes, "naive")
+    torch.testing.assert_close(out.reshape(-1, H, D)[idx], ref, atol=2e-6, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------- flex
+
+
+def test_document_block_mask_matches_create_block_mask():
+    """Our block-level construction from cu_seqlens equals FlexAttention's own create_block_mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    for lengths in ([5, 130, 1, 60], [128, 128], [300], [1] * 7 + [250]):
+        cu = cu_from_lengths(lengths)
+        doc = K.document_ids(cu)
+        nnz = doc.numel()
+        ref = create_block_mask(lambda b, h, q, kv: doc[q] == doc[kv], None, None, nnz, nnz, device="cpu")
+        ours = K.document_block_mask(cu)
+        assert torch.equal(ours.to_dense(), ref.to_dense())
+        assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+
+
+@pytest.mark.parametrize("alibi", [True, False])
+def test_flex_matches_naive_forward_compiled(alibi):
+    """FlexAttention (compiled, packed, document block mask, ALiBi score_mod) equals naive in forward.
+    Several batches of different nnz go through one dynamic-shape compile."""
+    H, D = 3, 16
+    slopes = K.alibi_slopes(H) if alibi else None
+    for seed, lengths in enumerate(([5, 130, 1, 60], [1], [128, 128, 7])):
+        qkv, cu, L = random_batch(lengths, H, D, seed=seed)
+        ref = K.attention(qkv, cu, L, slopes, "naive")
+        with torch.no_grad():
+            out = K.attention(qkv, cu, L, slopes, "flex")
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
+
+
+def test_flex_backward_on_cpu_names_sdpa():
+    qkv, cu, L = random_batch([4, 3], 2, 8)
+    with pytest.raises(NotImplementedError, match="sdpa"):
+        K.attention(qkv.requires_grad_(), cu, L, K.alibi_slopes(2), "flex")
+
+
+def test_backend_resolution_and_errors():
+    assert K.resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert K.resolve_backend("auto", torch.device("cuda")) == "flex"
+    with pytest.raises(ValueError, match="choose one of"):
+        K.resolve_backend("flash", torch.device("cpu"))
+    with pytest.raises(ValueError, match="shape"):
+        K.attention(torch.zeros(4, 2, 2, 8), cu_from_lengths([4]), 4, None, "sdpa")
+
+
+def test_attention_dropout_only_in_sdpa_and_naive():
+    qkv, cu, L = random_batch([4, 3], 2, 8)
+    with pytest.raises(ValueError, match="dropout"):
+        K.attention(qkv, cu, L, None, "flex", dropout_p=0.1)
+    torch.manual_seed(0)
+    out = K.attention(qkv, cu, L, None, "sdpa", dropout_p=0.5)
+    assert torch.isfinite(out).all() and not math.isclose(
+        out.abs().sum().item(), K.attention(qkv, cu, L, None, "sdpa").abs().sum().item())
