@@ -281,10 +281,11 @@ def _is_validation(key: str) -> bool:
     return _key_hash(key) % VAL_EVERY == 0
 
 
-def _warn_skipped(where: str, skipped: collections.Counter, kept: int):
+def _warn_skipped(where: str, skipped: collections.Counter, kept: int | None = None):
     if skipped:
         what = ", ".join(f"{n:,} {reason}" for reason, n in sorted(skipped.items()))
-        print(f"data: warning: {where}: skipped {what} (kept {kept:,} documents)", file=sys.stderr)
+        tail = "" if kept is None else f" (kept {kept:,} documents)"
+        print(f"data: warning: {where}: skipped {what}{tail}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -653,6 +654,11 @@ class _StreamedStream:
                         rows=global_batch_size // world_size, rank=rank, world_size=world_size)
         self.num_workers, self.global_batch_size = num_workers, global_batch_size
         self.src = _open_stream(source, split)
+        n_files, readers = self.src[0].num_shards, world_size * max(1, num_workers)
+        if n_files % readers and rank == 0:
+            print(f"data: warning: {source} has {n_files} files, not a multiple of {readers} readers (ranks x "
+                  f"workers): every reader reads all files and keeps 1 record in {readers}. Pick a world_size x "
+                  "num_workers that divides the file count (c4: 1024 train / 8 validation files).", file=sys.stderr)
         self.positions = [[0, 0, 0] for _ in range(max(1, num_workers))]   # per logical worker
         self.threads = 1 if num_workers else 8                             # tokenizer threads per reader
         self.batches = 0
@@ -676,7 +682,7 @@ class _StreamedStream:
         total = sum(sum(s.values()) for s in self._skipped.values())
         if total > 2 * self._reported and self.cfg["rank"] == 0:       # log lines grow like log2(skips)
             merged = sum((collections.Counter(s) for s in self._skipped.values()), collections.Counter())
-            _warn_skipped(f"{self.cfg['source']} (rank 0, so far)", merged, -1)
+            _warn_skipped(f"{self.cfg['source']} (rank 0, so far)", merged)
             self._reported = total
         return batch
 
@@ -686,20 +692,20 @@ class _StreamedStream:
                 "seq_len": c["seq_len"], "seed": c["seed"], "world_size": c["world_size"],
                 "num_workers": self.num_workers}
 
-    def state_dict(self) -> dict:
+    def state_dict(self, gather: bool = False) -> dict:
         mine = [list(p) for p in self.positions]
-        ranks = [mine]
-        if self.cfg["world_size"] > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            ranks = [None] * self.cfg["world_size"]
-            torch.distributed.all_gather_object(ranks, mine)   # a collective: every rank calls state_dict()
+        ranks = [None] * self.cfg["world_size"]                    # [rank][logical worker] = [epoch, record, offset]
+        ranks[self.cfg["rank"]] = mine
+        if gather and self.cfg["world_size"] > 1:
+            torch.distributed.all_gather_object(ranks, mine)       # a collective: every rank must call it
         return {**self._identity(), "batches": self.batches, "positions": ranks}
 
     def load_state_dict(self, state: dict):
         _check_identity(self._identity(), state)
         ranks = state["positions"]
-        if len(ranks) != self.cfg["world_size"]:
-            raise DataError(f"the checkpoint holds stream positions of {len(ranks)} rank(s), not "
-                            f"{self.cfg['world_size']}: call state_dict() on every rank when saving.")
+        if ranks[self.cfg["rank"]] is None:
+            raise DataError(f"the checkpoint holds no stream position for rank {self.cfg['rank']}: with a streamed source and several processes, save "
+                            "state_dict(gather=True), called on every rank.")
         self.positions = [list(p) for p in ranks[self.cfg["rank"]]]
         self.batches = int(state["batches"])
         self._it = None
@@ -739,11 +745,14 @@ class PretrainStream:
     def next_batch(self) -> dict:
         return self._impl.next_batch()
 
-    def state_dict(self) -> dict:
-        """The data position (primitives only). Local sources: one global position, the same on every rank, so any
-        rank's dict resumes any world size. Streams: per-rank positions, all-gathered when torch.distributed is
-        initialized, so there every rank must call state_dict() together."""
-        return self._impl.state_dict()
+    def state_dict(self, gather: bool = False) -> dict:
+        """The data position (primitives only, fine for torch.load(weights_only=True)).
+
+        Local sources: one global position, the same on every rank, so rank 0's dict resumes any world size.
+        Streams: each rank has its own positions; gather=True all-gathers them (a collective: call it on every rank)
+        so that rank 0's dict resumes all ranks. It is a no-op for local sources and single processes.
+        """
+        return self._impl.state_dict(gather) if isinstance(self._impl, _StreamedStream) else self._impl.state_dict()
 
     def load_state_dict(self, state: dict):
         self._impl.load_state_dict(state)
@@ -753,7 +762,7 @@ class PretrainStream:
         return self._impl.describe()
 
     @property
-    def epoch(self) -> float:
+    def epoch(self) -> float | None:
         """Epochs done so far (fractional) for local sources; None for streams."""
         impl = self._impl
         return impl.position / impl.rows.n if isinstance(impl, _LocalStream) else None
@@ -806,7 +815,7 @@ def eval_batches(source: str = "default", seq_len: int = 128, mode: str = "chunk
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Benchmark: python data.py --bench [--source=...] [--step_time=...]
+# Benchmark: python data.py --bench [--source=...] [--steps=70000 --hours=1.13] (fields of BenchConfig)
 # --------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class BenchConfig:
@@ -818,7 +827,7 @@ class BenchConfig:
     gpus: int = 8
     steps: int = 70_000            # a schedule to derive a step time from: `steps` in `hours`
     hours: float = 1.13
-    doc_chars: int = 2200         # document length of the streamed test corpus (C4 en averages roughly this)
+    doc_chars: int = 2200          # document length of the streamed test corpus (C4 en averages roughly this)
     params: float = 137e6          # model parameters, only for the 6*N*tokens FLOP sanity line
     peak_tflops: float = 312.0     # per GPU, only for that line (A100 bf16 dense peak)
 

@@ -104,8 +104,9 @@ PRESETS = {
 class LayerNorm(nn.LayerNorm):
     """LayerNorm with MosaicBERT's low-precision option.
 
-    Low-precision LayerNorm: autocast normally upcasts layer_norm to fp32 (on CPU and GPU), so a
-    bf16 activation stream is cast up and back around every LayerNorm. With low_precision=True
+    Low-precision LayerNorm: autocast normally runs layer_norm in fp32 (CUDA autocast upcasts it;
+    here the fp32 path is explicit so CPU and GPU agree), so the residual stream is fp32 and every
+    matmul casts its input down again. With low_precision=True
     and autocast active, the LayerNorm runs on bf16 input and bf16 weights instead: half the
     memory traffic for a memory-bound op, and the residual stream stays bf16 end to end.
     (MosaicBERT reports no quality loss from it.) Without autocast it is an ordinary LayerNorm.
@@ -117,8 +118,10 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         dev = x.device.type
-        if self.low_precision and torch.is_autocast_enabled(dev):
-            dt = torch.get_autocast_dtype(dev)
+        if torch.is_autocast_enabled(dev):
+            # Explicit on both paths: CPU autocast does not reliably upcast layer_norm (a bf16 input
+            # with fp32 weights comes out bf16), so "fp32 LayerNorm" is spelled out here too.
+            dt = torch.get_autocast_dtype(dev) if self.low_precision else torch.float32
             with torch.autocast(dev, enabled=False):
                 return F.layer_norm(x.to(dt), self.normalized_shape, self.weight.to(dt), self.bias.to(dt), self.eps)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)

@@ -1,0 +1,285 @@
+"""model.py: each MosaicBERT switch preserves the function it computes; HF parity; sizes; training."""
+
+import os
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import model as M
+
+TINY = M.ModelConfig.preset("mosaic-bert-tiny", hidden_dropout=0.0, vocab_size=300)
+
+
+def batch(B, S, lengths=None, vocab=300, seed=0, mask_prob=0.3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, S), generator=g)
+    if lengths is None:
+        lengths = torch.randint(1, S + 1, (B,), generator=g).tolist()
+    mask = (torch.arange(S)[None] < torch.tensor(lengths)[:, None]).long()
+    labels = torch.where((torch.rand(B, S, generator=g) < mask_prob) & (mask > 0), ids, -100)
+    labels[:, 0] = ids[:, 0]  # at least one prediction per row
+    types = (torch.arange(S)[None] >= torch.tensor(lengths)[:, None] // 2).long() * mask
+    return ids, mask, labels, types
+
+
+def twin(cfg, src, **changes):
+    """A model with `changes` applied to cfg, holding src's weights."""
+    m = M.build(replace(cfg, **changes)).eval()
+    m.load_state_dict(src.state_dict())
+    return m
+
+
+# ---------------------------------------------------------------------------- sizes and init
+
+
+@pytest.mark.parametrize("preset,expected", [("mosaic-bert-base", 137.4e6), ("bert-base", 109.5e6)])
+def test_parameter_counts_match_published_sizes(preset, expected):
+    """With vocab 30528: MosaicBERT-base ~137M, BERT-base ~110M (MLM models, tied decoder counted once;
+    HF's BertForMaskedLM for bert-base-uncased has 109.5M with its 30522 vocab)."""
+    with torch.device("meta"):
+        m = M.build(M.ModelConfig.preset(preset, vocab_size=30528))
+    assert abs(M.n_params(m) - expected) / expected < 0.005, M.n_params(m)
+
+
+def test_vocab_padded_to_multiple_of_64_and_init():
+    cfg = M.ModelConfig.preset("mosaic-bert-tiny", vocab_size=50261)
+    assert cfg.padded_vocab_size == 50304
+    m = M.build(cfg)
+    assert m.bert.embeddings.word_embeddings.weight.shape[0] == 50304
+    assert m.head.decoder_weight is m.bert.embeddings.word_embeddings.weight  # tied
+    w = m.bert.layers[0].Wqkv.weight
+    assert abs(w.std().item() - 0.02) < 0.002 and (m.bert.layers[0].Wqkv.bias == 0).all()
+    assert (m.bert.layers[0].attn_norm.weight == 1).all() and (m.head.bias == 0).all()
+
+
+def test_bad_config_is_rejected_with_a_clear_message():
+    with pytest.raises(ValueError, match="position"):
+        M.ModelConfig(position="rotary")
+    with pytest.raises(ValueError, match="divisible"):
+        M.ModelConfig(d_model=100, n_heads=3)
+    with pytest.raises(ValueError, match="choose one of"):
+        M.ModelConfig.preset("bert-huge")
+
+
+# ---------------------------------------------------------------------------- unpadding
+
+
+@settings(deadline=None, max_examples=12)
+@given(position=st.sampled_from(["alibi", "learned"]), ffn=st.sampled_from(["geglu", "gelu"]),
+       B=st.integers(1, 4), S=st.integers(1, 12), seed=st.integers(0, 1000))
+def test_unpadded_forward_equals_padded_forward(position, ffn, B, S, seed):
+    """Running the layers on (nnz, d) real tokens gives the padded model's output at real tokens,
+    and the same gradients."""
+    torch.manual_seed(seed)
+    cfg = replace(TINY, position=position, ffn=ffn)
+    unpadded = M.build(cfg).eval()
+    padded = twin(cfg, unpadded, unpad=False)
+    ids, mask, labels, types = batch(B, S, seed=seed)
+    h1 = unpadded.encode(ids, mask, types)
+    h2 = padded.encode(ids, mask, types)
+    torch.testing.assert_close(h1, h2, atol=2e-5, rtol=2e-5)
+    assert (h1[mask == 0] == 0).all() and (h2[mask == 0] == 0).all()  # pad rows are zero
+    unpadded(ids, mask, labels, types).loss_sum.backward()
+    padded(ids, mask, labels, types).loss_sum.backward()
+    for (name, p1), p2 in zip(unpadded.named_parameters(), padded.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=5e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_appending_padding_changes_nothing(unpad):
+    m = M.build(replace(TINY, unpad=unpad)).eval()
+    ids, mask, labels, _ = batch(3, 8)
+    h = m.encode(ids, mask)
+    wide = lambda t, v: torch.cat([t, torch.full((3, 5), v)], 1)
+    h_wide = m.encode(wide(ids, 7), wide(mask, 0))
+    torch.testing.assert_close(h_wide[:, :8], h, atol=1e-6, rtol=1e-6)
+    out, out_wide = m(ids, mask, labels), m(wide(ids, 7), wide(mask, 0), wide(labels, -100))
+    torch.testing.assert_close(out_wide.loss_sum, out.loss_sum)
+
+
+@pytest.mark.parametrize("position", ["alibi", "learned"])
+def test_packed_documents_equal_separate_rows(position):
+    """data.py's pack mode: documents 1,1,1,2,2 in one row compute exactly what two rows would."""
+    m = M.build(replace(TINY, position=position)).eval()
+    ids = torch.randint(0, 300, (1, 6))
+    packed = m.encode(ids, torch.tensor([[1, 1, 1, 2, 2, 0]]))
+    rows = m.encode(torch.stack([ids[0, :3], torch.cat([ids[0, 3:5], ids[0, :1]])]),
+                    torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    torch.testing.assert_close(packed[0, :3], rows[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[0, 3:5], rows[1, :2], atol=1e-5, rtol=1e-5)
+
+
+def test_all_padding_batch_is_an_error():
+    m = M.build(TINY)
+    with pytest.raises(ValueError, match="no real tokens"):
+        m.encode(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------- heads
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_sparse_prediction_equals_dense_logits_at_masked_positions(unpad):
+    m = M.build(replace(TINY, unpad=unpad)).eval()
+    dense = twin(TINY, m, unpad=unpad, sparse_prediction=False)
+    ids, mask, labels, _ = batch(4, 10)
+    sparse_out, dense_out = m(ids, mask, labels), dense(ids, mask, labels)
+    torch.testing.assert_close(sparse_out.loss_sum, dense_out.loss_sum, atol=1e-4, rtol=1e-5)
+    assert sparse_out.n_correct == dense_out.n_correct and sparse_out.n_masked == (labels != -100).sum()
+    logits = m.logits(ids, mask)  # (B, S, V)
+    picked = labels != -100
+    ref = torch.nn.functional.cross_entropy(logits[picked], labels[picked], reduction="sum")
+    torch.testing.assert_close(sparse_out.loss_sum, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_classifier_and_regression_heads():
+    mlm = M.build(TINY).eval()
+    ids, mask, _, types = batch(3, 7)
+    clf = M.SequenceClassifier.from_mlm(mlm, 3).eval()
+    assert torch.equal(clf.bert.layers[0].Wqkv.weight, mlm.bert.layers[0].Wqkv.weight)
+    logits, loss = clf(ids, mask, types, labels=torch.tensor([0, 2, 1]))
+    assert logits.shape == (3, 3)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 1])))
+    # the pooled token is each row's [CLS]: padded and unpadded layouts agree
+    padded = M.SequenceClassifier(replace(TINY, unpad=False), 3).eval()
+    padded.load_state_dict(clf.state_dict())
+    torch.testing.assert_close(padded(ids, mask, types)[0], logits, atol=1e-5, rtol=1e-5)
+    reg = M.SequenceClassifier.from_mlm(mlm, 1)
+    pred, mse = reg(ids, mask, types, labels=torch.tensor([0.5, 4.0, 2.5]))
+    assert pred.shape == (3, 1)
+    torch.testing.assert_close(mse, ((pred.squeeze(-1) - torch.tensor([0.5, 4.0, 2.5])) ** 2).mean())
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+def test_low_precision_layernorm_runs_in_bf16_under_autocast():
+    """Low-precision LayerNorm: bf16 out under autocast when on; fp32 (autocast's default) when off."""
+    ln = M.LayerNorm(16, 1e-12, low_precision=True)
+    ln_fp32 = M.LayerNorm(16, 1e-12, low_precision=False)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", torch.bfloat16):
+        y, y32 = ln(x), ln_fp32(x)
+    assert y.dtype == torch.bfloat16 and y32.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y32, atol=3e-2, rtol=3e-2)
+    assert ln(x.float()).dtype == torch.float32  # no autocast: an ordinary LayerNorm
+
+
+def test_bf16_autocast_forward_close_to_fp32():
+    m = M.build(TINY).eval()
+    ids, mask, labels, _ = batch(4, 12)
+    ref = m(ids, mask, labels)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = m(ids, mask, labels)
+    assert out.loss_sum.dtype == torch.float32
+    torch.testing.assert_close(out.loss_sum, ref.loss_sum, rtol=2e-2, atol=0)
+
+
+# ---------------------------------------------------------------------------- compile
+
+
+def test_compiled_training_step_matches_eager_without_recompiles():
+    """compile_model: same loss and gradients as eager, and no recompile as nnz changes (sdpa)."""
+    from torch._dynamo.utils import counters
+    import torch._dynamo
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = replace(TINY, attn_backend="sdpa")
+    eager = M.build(cfg)
+    compiled = twin(cfg, eager).train()
+    eager.train()
+    M.compile_model(compiled)
+    for seed in range(3):  # three batches, three different nnz
+        ids, mask, labels, _ = batch(6, 16, seed=seed)
+        a, b = eager(ids, mask, labels), compiled(ids, mask, labels)
+        torch.testing.assert_close(b.loss_sum, a.loss_sum, atol=1e-3, rtol=1e-4)
+        a.loss_sum.backward()
+        b.loss_sum.backward()
+    torch.testing.assert_close(compiled.bert.layers[0].Wqkv.weight.grad, eager.bert.layers[0].Wqkv.weight.grad,
+                               atol=1e-3, rtol=1e-3)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one layer graph + one head graph
+
+
+def test_flex_backend_in_model_matches_naive_in_inference():
+    m = M.build(replace(TINY, attn_backend="flex")).eval()
+    ref = twin(TINY, m, attn_backend="naive")
+    ids, mask, _, _ = batch(3, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode(ids, mask), ref.encode(ids, mask), atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def test_tiny_model_learns_a_synthetic_task():
+    """A few dozen AdamW steps on 'each row repeats one token; predict the masked one' lower the loss."""
+    torch.manual_seed(0)
+    m = M.build(replace(TINY, n_layers=1, vocab_size=64, hidden_dropout=0.0)).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        ids = torch.randint(0, 16, (16, 1)).expand(16, 8).clone()  # a copy-from-context task
+        labels = torch.full_like(ids, -100)
+        labels[:, 5] = ids[:, 5]
+        inp = ids.clone()
+        inp[:, 5] = 63  # the mask token
+        out = m(inp, torch.ones_like(ids), labels)
+        loss = out.loss_sum / out.n_masked
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+
+
+# ---------------------------------------------------------------------------- checkpoints and HF
+
+
+def test_atomic_save_and_load_pretrained_roundtrip(tmp_path):
+    m = M.build(TINY)
+    ckpt = {"model": m.state_dict(), "model_config": asdict(TINY), "step": 3}
+    M.atomic_save(ckpt, tmp_path / "ckpt_0000003.pt")
+    assert M.latest_checkpoint(str(tmp_path)).endswith("ckpt_0000003.pt")
+    loaded, raw = M.load_pretrained(str(tmp_path))
+    assert raw["step"] == 3
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    with pytest.raises(FileNotFoundError, match="train.py"):
+        M.load_pretrained(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("hf_class", ["BertModel", "BertForMaskedLM"])
+def test_hf_bert_parity(tmp_path, hf_class):
+    """from_hf_bert reproduces HF's last hidden states (and MLM logits) to 1e-4 in fp32."""
+    transformers = pytest.importorskip("transformers")  # test-only dependency, in requirements.txt
+    torch.manual_seed(0)
+    hc = transformers.BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=96, max_position_embeddings=40)
+    hf = getattr(transformers, hf_class)(hc).eval()
+    hf.save_pretrained(tmp_path)
+    ours = M.from_hf_bert(str(tmp_path)).eval()
+    assert ours.config.padded_vocab_size == 128 and ours.config.position == "learned"
+    ids, mask, _, types = batch(3, 17, vocab=99)
+    core = hf if hf_class == "BertModel" else hf.bert
+    with torch.no_grad():
+        ref = core(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        h = ours.encode(ids, mask, types)
+        real = mask.bool()
+        assert (h[real] - ref[real]).abs().max() < 1e-4
+        if hf_class == "BertForMaskedLM":
+            ref_logits = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+            assert (ours.logits(ids, mask, types)[real][:, :99] - ref_logits[real]).abs().max() < 1e-4
+        if hf_class == "BertModel":  # the pretrained pooler is kept for fine-tuning
+            clf = M.SequenceClassifier.from_mlm(ours, 2)
+            torch.testing.assert_close(clf.pooler.weight, hf.pooler.dense.weight)
+
+
+def test_hf_folder_without_weights_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"vocab_size": 10, "num_hidden_layers": 1, "hidden_size": 8, '
+                                          '"num_attention_heads": 2, "intermediate_size": 8, '
+                                          '"max_position_embeddings": 8}')
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        M.from_hf_bert(str(tmp_path))
+    assert os.path.exists(tmp_path / "config.json")
