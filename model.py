@@ -524,7 +524,8 @@ def load_pretrained(path: str, map_location="cpu"):
             raise FileNotFoundError(f"no ckpt_*.pt checkpoint in {path}: run train.py with --out_dir={path} first")
         path = found
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist: pass a ckpt_*.pt file or the --out_dir "
+                                f"of a train.py run")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a train.py checkpoint (no 'model' / 'model_config' entries)")
