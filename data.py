@@ -35,13 +35,13 @@ Bad input raises DataError (a ValueError) saying what to do, never a silent drop
 time needs.
 """
 
+import bz2
 import collections
 import dataclasses
 import functools
 import glob
 import gzip
 import hashlib
-import bz2
 import lzma
 import math
 import os

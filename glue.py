@@ -455,15 +455,17 @@ class WordPieceTokenizer:
 
 
 def truncate_pair(a: list, b: list, budget: int) -> tuple[list, list]:
-    """Longest-first truncation: drop tokens from the end of the longer segment until len(a) + len(b) <= budget
-    (ties drop from b), as BERT's _truncate_seq_pair and HF's 'longest_first'. Closed form of that loop."""
+    """Longest-first truncation to len(a) + len(b) <= budget, as Hugging Face's fast tokenizers do it
+    (truncation='longest_first', what the paper's fine-tuning used): the shorter segment keeps
+    min(its length, budget // 2) tokens, the longer one the rest; on equal lengths a counts as the shorter.
+    (BERT's original one-token-at-a-time loop differs only when both are cut: by one token, on odd budgets.)"""
     if len(a) + len(b) <= budget:
         return a, b
-    if len(a) >= len(b):  # b is the shorter (or equal): it keeps at most half
-        nb = min(len(b), budget // 2)
-        return a[:budget - nb], b[:nb]
-    na = min(len(a), budget // 2)
-    return a[:na], b[:budget - na]
+    if len(a) <= len(b):
+        na = min(len(a), budget // 2)
+        return a[:na], b[:budget - na]
+    nb = min(len(b), budget // 2)
+    return a[:budget - nb], b[:nb]
 
 
 @dataclass
@@ -879,7 +881,10 @@ def markdown_table(res: dict) -> str:
 
 def parse_tasks(cfg: GlueConfig) -> list[str]:
     text = cfg.tasks or ("all" if cfg.glue_dir else "sentiment")
-    names = list(GLUE_TASKS) if text == "all" else [t.strip().lower().replace("-", "") for t in text.split(",")]
+    names = []
+    for t in text.split(","):
+        t = t.strip().lower().replace("-", "")
+        names += list(GLUE_TASKS) if t == "all" else [t]
     bad = [t for t in names if t not in TASKS]
     if bad:
         raise ConfigError(f"--tasks: unknown task {', '.join(bad)}. Choose from {', '.join(TASKS)} or all")

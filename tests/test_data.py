@@ -1,16 +1,9 @@
 """Tests for data.py: tokenizer ids, masking statistics, world-size invariance, exact resumption, loaders,
-bad input, C4 offline error and stream sharding. CPU only, offline, a few seconds each."""
+bad input, C4 offline error and stream sharding. CPU only and offline (conftest.py sets HF_*_OFFLINE); ~5 s."""
 
 import collections
-import glob
 import gzip
 import json
-import os
-import sys
-
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")   # nothing may wait on the network
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import pytest
