@@ -587,6 +587,11 @@ def load_start(cfg: GlueConfig, init: str) -> Start:
         src = {"init": "hf", "path": str(Path(cfg.hf).resolve())}
         return Start(mlm.config, encoder_weights(mlm), tok, src, f"HF BERT {cfg.hf}")
 
+    if init == "scratch" and cfg.hf:  # the control of a HF run: its architecture and vocabulary, random weights
+        start = load_start(cfg, "hf")
+        start.source = {"init": "scratch", "model_config": config_dict(start.model_config), "vocab": start.source}
+        start.weights, start.label = None, f"random init (architecture of {cfg.hf})"
+        return start
     tok = _gpt2_tokenizer()
     path = _resolve_ckpt(cfg.ckpt) if cfg.ckpt else None
     if init == "scratch":
@@ -601,8 +606,9 @@ def load_start(cfg: GlueConfig, init: str) -> Start:
         raise ConfigError(f"--init={init}: choose ckpt, scratch or hf")
     if path is None:
         where = Path(cfg.ckpt)
-        raise GlueError(f"no pretrained checkpoint at {where}{' (no ckpt_*.pt inside)' if where.is_dir() else ''}. "
-                        f"Run `python train.py` first (it writes {cfg.ckpt}), or pass --ckpt=PATH to a train.py "
+        how = "python train.py" if cfg.ckpt == GlueConfig.ckpt else f"python train.py --out_dir={cfg.ckpt}"
+        raise GlueError(f"no pretrained checkpoint at {where}{' (no ckpt_*.pt inside)' if where.is_dir() else ''}: "
+                        f"run `{how}` first (a few minutes on a CPU), or pass --ckpt=PATH to a train.py "
                         f"checkpoint or out_dir, or --init=scratch for a randomly initialized model.")
     mlm, ck = _load_ckpt(path, tok)
     src = {"init": "ckpt", "path": str(Path(path).resolve()), "step": ck.get("step")}
@@ -623,7 +629,7 @@ def _load_ckpt(path: str, tok):
     try:
         mlm, ck = model.load_pretrained(path)
     except Exception as e:
-        raise GlueError(f"could not load checkpoint {path}: {type(e).__name__}: {str(e)[:500]}. It must be a "
+        raise GlueError(f"could not load checkpoint {path}: {type(e).__name__}: {str(e)[:500].rstrip('. ')}. It must be a "
                         f"checkpoint written by train.py whose weights match its model_config.") from None
     if ck.get("tokenizer", "gpt2") != "gpt2":
         raise GlueError(f"checkpoint {path} was trained with tokenizer {ck.get('tokenizer')!r}, glue.py encodes "
@@ -759,30 +765,32 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
             opt.zero_grad(set_to_none=True)
             loss_acc += loss.detach()
             step += 1
-            if dist.master and (step % cfg.log_interval == 0 or step == total):
+            if step % cfg.log_interval == 0 or step == total:  # the only host syncs of the loop
+                stats = torch.stack([loss_acc, torch.tensor(float(tok_window), device=dist.device)])
+                if dist.world > 1:
+                    torch.distributed.all_reduce(stats)  # loss summed over ranks, real tokens of all ranks
+                loss_sum, n_tok = stats.tolist()
                 dt = time.perf_counter() - t_window
                 k = step % cfg.log_interval or cfg.log_interval
-                elapsed = time.perf_counter() - t0
-                eta = elapsed / step * (total - step)
-                print(f"{tag} | step {step}/{total} | loss {loss_acc.item() / k:.4f} | lr {sched.get_last_lr()[0]:.2e} | "
-                      f"{dt / k * 1000:.0f} ms/step | {tok_window * dist.world / dt:,.0f} tok/s | "
-                      f"eta {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
+                eta = (time.perf_counter() - t0) / step * (total - step)
+                if dist.master:
+                    print(f"{tag} | step {step}/{total} | loss {loss_sum / k / dist.world:.4f} | "
+                          f"lr {sched.get_last_lr()[0]:.2e} | {dt / k * 1000:.0f} ms/step | {n_tok / dt:,.0f} tok/s | "
+                          f"eta {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
                 loss_acc.zero_()
-                tokens += tok_window
+                tokens += n_tok
                 tok_window, t_window = 0, time.perf_counter()
     train_s = time.perf_counter() - t0
-    tokens += tok_window
     result = {}
     for split, data in evals.items():
         pred = predict(clf, data, cfg, start.tokenizer.pad_id, dist, task.classes is None)
         for m, v in compute_metrics(task.name, pred, data.labels).items():
             result[m if len(evals) == 1 else f"{m}_{split}"] = v
-    result.update(steps=total, train_seconds=round(train_s, 2),
-                  train_tokens_per_s=round(tokens * dist.world / max(train_s, 1e-9), 1))
+    result.update(steps=total, train_seconds=round(train_s, 2), train_tokens=int(tokens),
+                  train_tokens_per_s=round(tokens / max(train_s, 1e-9), 1))
     if dist.master:
         print(f"{tag} | final: " + ", ".join(f"{m} {result[m] * 100:.2f}" for m in metric_names(task))
               + f" | {result['train_tokens_per_s']:,.0f} tok/s over {train_s:.0f} s", flush=True)
-    clf.train(False)
     return {"metrics": result, "weights": encoder_weights(clf)}
 
 
@@ -909,9 +917,14 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
     res = None
     if dist.master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        res = load_results(out_dir, start.source)
+        try:
+            res = load_results(out_dir, start.source)
+        except GlueError as e:
+            res = e
         print(f"starting point: {start.label}; results in {out_dir / 'results.json'}")
-    res = broadcast_object(res, dist)
+    res = broadcast_object(res, dist)  # rank 0 read it; every rank learns what is done (or the error)
+    if isinstance(res, GlueError):
+        raise res
 
     for name in tasks:
         task = TASKS[name]
@@ -934,7 +947,7 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
             if mnli is not None:
                 weights, start_name = mnli, "mnli"
             elif dist.master:
-                print(f"note: {name} starts from the pretrained encoder: no MNLI-fine-tuned encoder in {out_dir} "
+                print(f"note: {name} starts from the {start_name} model: no MNLI-fine-tuned encoder in {out_dir} "
                       f"(run --tasks=mnli first, or include mnli in --tasks, to follow the paper)")
         if tr is not None and tr.get("start") != start_name:
             raise GlueError(f"{out_dir / 'results.json'} has {name} seeds started from {tr.get('start')}, this run "

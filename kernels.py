@@ -100,7 +100,7 @@ def unpad(x: torch.Tensor, attention_mask: torch.Tensor):
         raise ValueError(f"unpad: x has shape {tuple(x.shape)} but attention_mask is {(B, S)}")
     flat_mask = attention_mask.reshape(B * S)
     indices = torch.nonzero(flat_mask != 0, as_tuple=False).flatten()  # (nnz,)
-    x_unpadded = x.reshape(B * S, *x.shape[2:]).index_select(0, indices)  # (nnz, ...)
+    x_unpadded = gather_rows(x.reshape(B * S, *x.shape[2:]), indices)  # (nnz, ...)
     cu_seqlens = seqlens_from_mask(attention_mask, indices)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
     return x_unpadded, indices, cu_seqlens, max_seqlen
@@ -123,9 +123,49 @@ def seqlens_from_mask(attention_mask: torch.Tensor, indices: torch.Tensor) -> to
 
 def pad(x_unpadded: torch.Tensor, indices: torch.Tensor, B: int, S: int) -> torch.Tensor:
     """Scatter x_unpadded[nnz, ...] back to x[B, S, ...], with zeros at the pad positions."""
-    out = x_unpadded.new_zeros(B * S, *x_unpadded.shape[1:])
-    out = out.index_put((indices,), x_unpadded)  # out-of-place: autograd gives grad[indices]
-    return out.view(B, S, *x_unpadded.shape[1:])
+    return scatter_rows(x_unpadded, indices, B * S).view(B, S, *x_unpadded.shape[1:])
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = x[index] for an index without repeats. The backward writes the gradient back with a
+    plain (non-accumulating) index_put: the default backward of index_select is index_add, a
+    scatter-add that is ~10x slower on the CPU and needless when no row is picked twice."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.n_rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return scatter_rows(grad, index, ctx.n_rows), None
+
+
+class _ScatterRows(torch.autograd.Function):
+    """out = zeros(n_rows, ...); out[index] = x, for an index without repeats. Backward: grad[index]."""
+
+    @staticmethod
+    def forward(ctx, x, index, n_rows):
+        ctx.save_for_backward(index)
+        out = x.new_zeros((n_rows,) + x.shape[1:])
+        return out.index_put_((index,), x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return gather_rows(grad, index), None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[N, ...] -> x[index] ([len(index), ...]); index must not repeat."""
+    return _GatherRows.apply(x, index)
+
+
+def scatter_rows(x: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """x[M, ...] -> [n_rows, ...] with row index[i] = x[i] and zeros elsewhere; index must not repeat."""
+    return _ScatterRows.apply(x, index, n_rows)
 
 
 # ----------------------------------------------------------------------------------------
@@ -258,6 +298,9 @@ def _sdpa_plan(cu_seqlens, L, slopes, dtype):
     n = cu_seqlens.numel() - 1
     seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (n,)
     nnz = int(cu_seqlens[-1])
+    if nnz == n * L:  # no padding at all (e.g. full-length pretraining rows): no re-pad needed
+        mask = alibi_bias(slopes, L, cu_seqlens.device)[None] if slopes is not None else None
+        return None, None if mask is None else mask.to(dtype)
     seq_of_token = torch.repeat_interleave(torch.arange(n, device=cu_seqlens.device), seqlens, output_size=nnz)
     pos = torch.arange(nnz, device=cu_seqlens.device) - cu_seqlens[:-1].long()[seq_of_token]
     pad_index = seq_of_token * L + pos  # (nnz,)
@@ -278,10 +321,12 @@ def _sdpa_plan(cu_seqlens, L, slopes, dtype):
 def _sdpa_varlen(qkv, plan):
     nnz, _, H, D = qkv.shape
     n, L = plan.cu_seqlens.numel() - 1, plan.max_seqlen
-    mask = plan.mask if plan.mask.dtype == qkv.dtype else plan.mask.to(qkv.dtype)
-    padded = qkv.new_zeros(n * L, 3, H, D).index_put((plan.pad_index,), qkv)  # (n*L, 3, H, D)
+    mask = plan.mask if plan.mask is None or plan.mask.dtype == qkv.dtype else plan.mask.to(qkv.dtype)
+    if plan.pad_index is None:  # every sequence is L long: the packed batch is already (n, L)
+        return sdpa(qkv.view(n, L, 3, H, D), mask, plan.dropout_p).reshape(nnz, H, D)
+    padded = scatter_rows(qkv, plan.pad_index, n * L)  # (n*L, 3, H, D)
     out = sdpa(padded.view(n, L, 3, H, D), mask, plan.dropout_p)  # (n, L, H, D)
-    return out.reshape(n * L, H, D).index_select(0, plan.pad_index)  # (nnz, H, D)
+    return gather_rows(out.reshape(n * L, H, D), plan.pad_index)  # (nnz, H, D)
 
 
 # ----------------------------------------------------------------------------------------

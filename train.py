@@ -247,7 +247,8 @@ def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
         return next((f for key, f in GPU_PEAK_FLOPS if key in name), None)
     dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     n = 2048  # ~17 GFLOP per matmul: long enough to reach the CPU's sustained rate
-    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched
+    a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
     for _ in range(2):
         a @ b  # warm-up
     k, t0 = 0, time.perf_counter()
@@ -358,12 +359,22 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
             raise ConfigError(f"--resume: {path} was trained with a different model config:\n  "
                               + "\n  ".join(diff)
                               + "\nuse the same --preset/--model/--model_overrides/--dropout, or a new --out_dir")
-        changed = [k for k in ("data", "data_mode", "seq_len", "mask_prob", "global_batch_size", "seed")
-                   if ckpt["train_config"].get(k) != getattr(cfg, k)]
+        # (a different --data, data_mode, seq_len or seed is refused by stream.load_state_dict below)
+        changed = [k for k in ("mask_prob", "global_batch_size") if ckpt["train_config"].get(k) != getattr(cfg, k)]
         if changed:
-            print0(f"warning: resuming with different {', '.join(changed)} than the checkpoint; "
-                   f"the data stream will not continue exactly")
+            print0(f"warning: resuming with a different {', '.join(changed)} than the checkpoint: "
+                   f"the run will not continue exactly as the original")
         print0(f"resuming from {path} (step {ckpt['step']})")
+
+    # --- data (first: a bad --data fails before any other work)
+    stream = data.PretrainStream(cfg.data, split="train", seq_len=cfg.seq_len, mode=cfg.data_mode,
+                                 mask_prob=cfg.mask_prob, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
+                                 rank=rank, world_size=world, num_workers=cfg.num_workers)
+    eval_data = []
+    if cfg.eval_every > 0:
+        eval_data = data.eval_batches(cfg.data, cfg.seq_len, cfg.data_mode, cfg.eval_batch_size,
+                                      cfg.eval_batches, mask_prob=0.15, seed=cfg.seed)
+    print0(stream.describe())
 
     # --- model, optimizer
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -387,22 +398,13 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # --- data
-    stream = data.PretrainStream(cfg.data, split="train", seq_len=cfg.seq_len, mode=cfg.data_mode,
-                                 mask_prob=cfg.mask_prob, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
-                                 rank=rank, world_size=world, num_workers=cfg.num_workers)
-    eval_data = []
-    if cfg.eval_every > 0:
-        eval_data = data.eval_batches(cfg.data, cfg.seq_len, cfg.data_mode, cfg.eval_batch_size,
-                                      cfg.eval_batches, mask_prob=0.15, seed=cfg.seed)
     if ckpt is not None:
-        per_rank = ckpt.get("data_per_rank")
-        same_world = per_rank is not None and len(per_rank) == world
-        stream.load_state_dict(per_rank[rank] if same_world else ckpt["data"])
-        rngs = ckpt.get("rng_per_rank")
-        set_rng_state(rngs[rank] if rngs is not None and len(rngs) == world else ckpt["rng"])
-        if not same_world:
-            print0(f"note: the checkpoint was written by {len(per_rank or [1])} ranks, this run has {world}")
+        stream.load_state_dict(ckpt["data"])  # raises DataError if it does not fit this data
+        rngs = ckpt["rng_per_rank"]
+        set_rng_state(rngs[rank] if len(rngs) == world else ckpt["rng"])
+        if len(rngs) != world:
+            print0(f"note: the checkpoint was written by {len(rngs)} ranks, this run has {world}: "
+                   f"dropout masks will differ from the original run")
     else:
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout differs across ranks
         random.seed(cfg.seed + rank)
@@ -459,7 +461,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()
         if not bool(all_reduce(finite.float(), dist.ReduceOp.MIN).item()):
             raise TrainError(f"non-finite weights at step {at_step}; not saving. Lower --lr or set --grad_clip=1.0")
-        rngs, data_states = all_gather(rng_state()), all_gather(stream.state_dict())
+        rngs = all_gather(rng_state())
+        data_state = stream.state_dict(gather=True)  # a collective for streams: every rank's position, in one dict
+        total_tokens = tokens_seen + global_count(interval_tokens)  # collectives: every rank, before `if master`
         if master:
             path = checkpoint_path(cfg.out_dir, at_step)
             modeling.atomic_save({
@@ -470,9 +474,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                 "schedule": dict(name="linear_warmup_linear_decay", lr=cfg.lr, warmup_frac=cfg.warmup_frac,
                                  final_lr_frac=cfg.final_lr_frac, max_steps=cfg.max_steps, next_lr=lr_at(at_step, cfg)),
                 "step": at_step,
-                "tokens_seen": tokens_seen + global_count(interval_tokens),  # real tokens trained on
-                "data": data_states[0],
-                "data_per_rank": data_states,
+                "tokens_seen": total_tokens,  # real tokens trained on, all ranks
+                "data": data_state,
                 "rng": rngs[0],
                 "rng_per_rank": rngs,
                 "world_size": world,

@@ -288,21 +288,23 @@ def test_pair_truncation_matches_transformers(tmp_path):
     _make_vocab(tmp_path, ["hello world"], lower=True)
     theirs = transformers.BertTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     ours = glue.WordPieceTokenizer.from_folder(tmp_path)
-    for la in range(1, 10):
-        for lb in range(1, 10):
+    for la in range(1, 8):
+        for lb in range(1, 8):
             ex = glue.Examples([" ".join(["hello"] * la)], [" ".join(["world"] * lb)], np.zeros(1, np.int64), "t")
-            for max_len in range(3, 16):
+            for max_len in range(3, 13):
                 ids = glue.encode_examples(ex, ours, max_len).ids[0].tolist()
                 assert ids == theirs(ex.a[0], ex.b[0], truncation=True, max_length=max_len)["input_ids"]
 
 
 def test_wordpiece_accent_options(tmp_path):
-    _make_vocab(tmp_path, ["cafe café"], lower=False)
-    assert glue.WordPieceTokenizer(tmp_path / "vocab.txt", do_lower_case=False).tokenize("Café") == ["C", "##a", "##f",
-                                                                                                 "##é"]
-    stripped = glue.WordPieceTokenizer(tmp_path / "vocab.txt", do_lower_case=False, strip_accents=True)
-    assert stripped.tokenize("café") == ["cafe"]
-    assert glue.WordPieceTokenizer(tmp_path / "vocab.txt", do_lower_case=True).tokenize("CAFÉ") == ["cafe"]
+    _make_vocab(tmp_path, ["Cafe café"], lower=False)
+    vocab = tmp_path / "vocab.txt"
+    assert glue.WordPieceTokenizer(vocab, do_lower_case=False).tokenize("Café") == ["C", "##a", "##f", "##é"]
+    assert glue.WordPieceTokenizer(vocab, do_lower_case=False, strip_accents=True).tokenize("Café") == [
+        "C", "##a", "##f", "##e"]
+    assert glue.WordPieceTokenizer(vocab, do_lower_case=True).tokenize("CAFÉ!") == ["c", "##a", "##f", "##e", "[UNK]"]
+    assert glue.WordPieceTokenizer(vocab, do_lower_case=True, strip_accents=False).tokenize("CAFÉ") == [
+        "c", "##a", "##f", "##é"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,9 +332,9 @@ def test_checkpoint_mismatches_are_clear(tmp_path):
         glue.load_start(dataclasses.replace(cfg, ckpt=str(p)), "ckpt")
     wrong = model.build(model.ModelConfig.preset("mosaic-bert-tiny", n_layers=1)).state_dict()
     p = _save_ckpt(tmp_path / "w" / "ckpt_0000007.pt", tiny, state=wrong)
-    with pytest.raises(glue.GlueError, match=r"could not load checkpoint .*w/ckpt_0000007.pt.*Missing key"):
+    with pytest.raises(glue.GlueError, match=r"(?s)could not load checkpoint .*w/ckpt_0000007.pt.*Missing key"):
         glue.load_start(dataclasses.replace(cfg, ckpt=str(p)), "ckpt")
-    with pytest.raises(glue.GlueError, match=r"no pretrained checkpoint at .*nowhere.*python train.py"):
+    with pytest.raises(glue.GlueError, match=r"no pretrained checkpoint at .*nowhere: run `python train.py --out_dir=.*nowhere` first"):
         glue.load_start(dataclasses.replace(cfg, ckpt=str(tmp_path / "nowhere")), "ckpt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(glue.GlueError, match=r"no ckpt_\*.pt inside"):
@@ -342,7 +344,7 @@ def test_checkpoint_mismatches_are_clear(tmp_path):
 def test_demo_without_checkpoint_tells_to_run_train(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "glue.py"), f"--ckpt={tmp_path / 'none'}",
                         f"--out_dir={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "run `python train.py` first" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 1 and f"run `python train.py --out_dir={tmp_path / 'none'}` first" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, str(ROOT / "glue.py"), "--tasks=wnli"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "unknown task wnli" in r.stderr

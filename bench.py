@@ -1,0 +1,925 @@
+"""Speed claims, measured: what each MosaicBERT change buys, against BERT, Hugging Face and the machine.
+
+    python bench.py --quick                      # ~5 minutes on 2 CPU cores, base-size models
+    python bench.py                              # full mode: bigger batches, more repeats, ablations
+    python bench.py --quick --json=out/b.json    # (also `--json out/b.json`)
+    python bench.py --quick --size=tiny          # tiny presets: the smoke test
+
+One run times a full training step (forward, backward, fused AdamW step, zero_grad) of every row on
+the same batches, and reports real (non-pad) tokens/s, step time, speedup over `bert-base`, MFU and
+peak memory. Grep the names:
+
+    LADDER            bert-base, then one MosaicBERT change at a time, cumulatively:
+                        bert-base          padded, learned positions, GELU MLP, dense MLM head, fp32
+                        +bf16              bf16 autocast (LayerNorm still fp32)
+                        +unpad             every per-token layer runs on the nnz real tokens only
+                        +alibi             ALiBi instead of learned positions, fused attention backend
+                                           (kernels 'auto': sdpa on CPU, flex on CUDA). Also attention
+                                           dropout 0 (MosaicBERT's setting): with dropout the CPU's
+                                           SDPA falls back to its unfused math kernel.
+                        +geglu             GeGLU feed-forward
+                        +lowp-layernorm    LayerNorm in bf16 under autocast
+                        +sparse-pred       MLM head and loss on the masked tokens only
+                        mosaic-bert-base   + torch.compile (model.compile_model): the full model
+                      bf16 goes first on purpose: low-precision LayerNorm only does anything under
+                      autocast, and the paper trains its BERT baseline in bf16 too. ABLATIONS (full
+                      mode, or --ablations) add each change alone on top of bert-base+bf16.
+    hf-bert-base      the peer: transformers' BertForMaskedLM at the same size and vocabulary (50304),
+                      attn_implementation="sdpa", bf16 autocast (full mode also times fp32; the faster
+                      is the peer), dynamic padding to each batch's longest row.
+    WORKLOADS         pretrain: data.py's 'truncate' rows (the paper's mode) of the embedded Wikipedia
+                      sample, seq_len 128, 30% masking. glue: movie-review sentences
+                      (assets/rotten_tomatoes_train.tsv.gz) as [CLS] s [SEP], dynamically padded, the
+                      same MLM step. attention: kernels.attention's naive, sdpa and flex backends at
+                      sequence lengths 128..2048 (CPU: flex forward only; GPU: forward and backward).
+    measure           every row warms up on every shape first (compile time is reported apart), then
+                      rounds interleave all rows (rotating the order) so noise hits them alike; the
+                      median of the rounds is reported. Devices are synchronized around each step.
+    matmul peak       timed 2048^3 (CPU) / 8192^3 (GPU) matmuls in bf16 and fp32, one burst per round,
+                      interleaved with the rows: the MFU reference in the same run, device and dtype.
+                      On GPUs MFU is also given against the datasheet bf16 peak (train.GPU_PEAK_FLOPS).
+    peak memory       CUDA: max_memory_allocated above the allocation at the step's start. CPU: the
+                      resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs after
+                      malloc_trim) above the RSS at the step's start. Either way plus the row's own
+                      persistent state (its parameters and AdamW moments), measured on an untimed
+                      step after warm-up. Rows share one pool of parameters (see ParamPool), so the
+                      other rows' models do not count.
+    targets           computed from the measured numbers, printed as met / not met.
+    projection        the paper's recipe (70,000 steps x 4,096 x 128 tokens) on N devices like this one.
+
+Outputs: a Markdown table (stdout and --markdown), a JSON file (--json), a PNG chart (--png, when
+matplotlib is installed). transformers is a bench/test-only dependency; without it the peer rows
+carry note 'skipped: transformers not installed'.
+"""
+
+import ctypes
+import gc
+import gzip
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+import data
+import kernels
+import model as modeling
+from config import ConfigError, config_dict, main_guard, parse_config, print_config
+
+ROOT = Path(__file__).resolve().parent
+GLUE_SENTENCES = ROOT / "assets" / "rotten_tomatoes_train.tsv.gz"
+
+# The paper's recipe (mosaicml/examples v0.0.4 mosaic-bert-base-uncased.yaml; see train.py):
+PAPER_STEPS, PAPER_BATCH, PAPER_SEQ_LEN = 70_000, 4096, 128
+PAPER_LR, PAPER_BETAS, PAPER_EPS, PAPER_WD = 5e-4, (0.9, 0.98), 1e-6, 1e-5
+MASK_PROB = 0.3  # MosaicBERT's masking rate, used for every row's batches (dense heads do not care)
+
+
+# ----------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class BenchConfig:
+    quick: bool = False                 # smaller batches and fewer repeats (base-size models still)
+    size: str = "base"                  # 'base' | 'tiny' (bert-tiny / mosaic-bert-tiny / tiny HF: smoke tests)
+    workloads: str = "pretrain,glue,attention"
+    device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
+    threads: int = 0                    # torch.set_num_threads; 0 keeps torch's default
+    compile: bool = True                # the mosaic-bert-base row runs model.compile_model
+    hf: bool = True                     # time the Hugging Face peer
+    ablations: Optional[bool] = None    # each change alone on bert-base+bf16 (default: full mode only)
+    # None below means "the mode's default" (quick / full), printed once resolved
+    pretrain_batch: Optional[int] = None    # sequences of 128 per step (quick 4, full 32)
+    glue_batch: Optional[int] = None        # sentences per step (quick 16, full 128)
+    accum: int = 1                          # micro-batches per optimizer step (one autocast context)
+    n_batches: Optional[int] = None         # distinct batches per workload, cycled (quick 2, full 4)
+    repeats: Optional[int] = None           # timed rounds (quick 3, full 7)
+    attn_backends: str = "naive,sdpa,flex"
+    attn_lengths: str = "128,512,1024,2048"
+    attn_tokens: Optional[int] = None       # tokens per attention call: n = tokens // L sequences (quick 2048, full 8192)
+    n_devices: int = 8                      # the projection's device count
+    seed: int = 0
+    json: str = "out/bench/bench.json"
+    markdown: str = ""                      # default: the json path with .md
+    png: str = ""                           # default: the json path with .png
+
+
+QUICK = dict(pretrain_batch=4, glue_batch=16, n_batches=2, repeats=3, attn_tokens=2048, ablations=False)
+FULL = dict(pretrain_batch=32, glue_batch=128, n_batches=4, repeats=7, attn_tokens=8192, ablations=True)
+SIZES = {  # our presets and the HF peer's shape
+    "base": dict(bert="bert-base", mosaic="mosaic-bert-base", layers=12, d=768, heads=12, d_ff=3072),
+    "tiny": dict(bert="bert-tiny", mosaic="mosaic-bert-tiny", layers=2, d=128, heads=2, d_ff=512),
+}
+WORKLOADS = ("pretrain", "glue", "attention")
+
+
+def resolve(cfg: BenchConfig) -> BenchConfig:
+    """Fill the mode's defaults and check the choices."""
+    defaults = QUICK if cfg.quick else FULL
+    cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    if cfg.size not in SIZES:
+        raise ConfigError(f"--size={cfg.size}: choose one of {', '.join(SIZES)}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device={cfg.device}: choose auto, cpu or cuda")
+    bad = set(split_list(cfg.workloads)) - set(WORKLOADS)
+    if bad:
+        raise ConfigError(f"--workloads: unknown {sorted(bad)}; choose from {', '.join(WORKLOADS)}")
+    bad = set(split_list(cfg.attn_backends)) - {"naive", "sdpa", "flex"}
+    if bad:
+        raise ConfigError(f"--attn_backends: unknown {sorted(bad)}; choose from naive, sdpa, flex")
+    for key in ("pretrain_batch", "glue_batch", "accum", "n_batches", "repeats", "attn_tokens", "n_devices"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"--{key} must be positive, got {getattr(cfg, key)}")
+    try:
+        lengths = [int(x) for x in split_list(cfg.attn_lengths)]
+    except ValueError:
+        raise ConfigError(f"--attn_lengths={cfg.attn_lengths}: expected comma-separated integers") from None
+    if any(L <= 0 for L in lengths):
+        raise ConfigError("--attn_lengths must be positive")
+    return cfg
+
+
+def split_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Accept `--key VALUE` as well as config.py's `--key=VALUE` (the documented interface is `--json PATH`)."""
+    hints = typing.get_type_hints(BenchConfig)
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        key = a[2:].replace("-", "_")
+        takes_value = a.startswith("--") and "=" not in a and key in hints and hints[key] is not bool
+        if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring: synchronize, memory high-water mark, matmul peak
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_bytes(key: str) -> Optional[int]:
+    """A /proc/self/status field (kB) in bytes, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim():
+    """Give freed heap memory back to the OS (glibc), so that the RSS high-water mark sees the next step."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def high_water(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Run fn once; return the memory high-water mark above the level at its start (bytes), or None."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - start)
+    _malloc_trim()
+    if not _reset_hwm():
+        fn()
+        return None
+    start = _status_bytes("VmRSS")
+    fn()
+    peak = _status_bytes("VmHWM")
+    return None if start is None or peak is None else max(0, peak - start)
+
+
+class MatmulPeak:
+    """The matmul rate this device reaches, per dtype, measured in bursts interleaved with the rows."""
+
+    def __init__(self, device: torch.device, n: Optional[int] = None):
+        self.device = device
+        self.n = n or (8192 if device.type == "cuda" else 2048)
+        self.rates = {"bfloat16": [], "float32": []}
+        self._ab = {}
+
+    def burst(self, reps: int = 3):
+        for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+            if name not in self._ab:
+                a = torch.randn(self.n, self.n, device=self.device, dtype=dt)
+                b = torch.randn(self.n, self.n, device=self.device, dtype=dt)
+                self._ab[name] = (a, b)
+                a @ b  # warm-up
+            a, b = self._ab[name]
+            times = []
+            for _ in range(reps):
+                sync(self.device)
+                t0 = time.perf_counter()
+                a @ b
+                sync(self.device)
+                times.append(time.perf_counter() - t0)
+            self.rates[name].append(2 * self.n**3 / statistics.median(times))
+
+    def peak(self, dtype: str) -> float:
+        return statistics.median(self.rates[dtype])
+
+
+def datasheet_peak(device: torch.device) -> Optional[float]:
+    """The GPU's dense bf16 peak from train.py's table (None on CPU or for an unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    from train import GPU_PEAK_FLOPS  # noqa: PLC0415  (train.py owns the table)
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in GPU_PEAK_FLOPS if key in name), None)
+
+
+# ----------------------------------------------------------------------------------------
+# Workload batches (CPU tensors; moved to the device once)
+
+
+def pretrain_batches(cfg: BenchConfig) -> list[dict]:
+    """(a) data.py's 'truncate' rows ([CLS] doc [SEP], one document per row, the paper's mode) of the
+    embedded Wikipedia sample, exactly as train.py's stream builds them, 30% masking."""
+    stream = data.PretrainStream("default", split="train", seq_len=PAPER_SEQ_LEN, mode="truncate",
+                                 mask_prob=MASK_PROB, seed=cfg.seed, global_batch_size=cfg.pretrain_batch)
+    return [stream.next_batch() for _ in range(cfg.n_batches)]
+
+
+def glue_batches(cfg: BenchConfig) -> list[dict]:
+    """(b) GLUE-like short sentences: random movie-review sentences as [CLS] s [SEP] (at most 128
+    tokens), each batch padded to its longest row (dynamic padding), the same 30% MLM masking."""
+    with gzip.open(GLUE_SENTENCES, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1:]  # header: sentence<TAB>label; no quoting (GLUE TSV)
+    sentences = [line.split("\t")[0] for line in lines if line.strip()]
+    rng = np.random.default_rng(cfg.seed)
+    tok = data.get_tokenizer()
+    batches = []
+    for k in range(cfg.n_batches):
+        pick = rng.choice(len(sentences), cfg.glue_batch, replace=False)
+        rows = [[tok.cls_id] + t[: PAPER_SEQ_LEN - 2] + [tok.sep_id]
+                for t in tok.encode_batch([sentences[i] for i in pick], num_threads=1)]
+        S = max(len(r) for r in rows)
+        ids = np.full((len(rows), S), tok.pad_id, np.int64)
+        mask = np.zeros((len(rows), S), np.int64)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)], mask[r, :len(row)] = row, 1
+        inputs, labels = data.mlm_mask(ids, data.hash64(cfg.seed, 7, k, np.arange(len(rows))), MASK_PROB)
+        batches.append({"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(mask),
+                        "labels": torch.from_numpy(labels)})
+    return batches
+
+
+@dataclass
+class BatchStats:
+    """What the rows' numbers are normalized by, computed from the batches themselves."""
+    n_real: list           # real tokens per batch
+    n_masked: list         # masked tokens per batch
+    pad_frac: float        # padded positions / all positions
+    context: float         # average context a real token attends to: sum(len^2) / sum(len)
+    mask_frac: float       # masked / real tokens (the sparse head's share)
+    shape: str             # e.g. "4 x 128" or "16 x 41..47"
+
+    @classmethod
+    def of(cls, batches: list[dict]) -> "BatchStats":
+        lens = np.concatenate([(b["attention_mask"] != 0).sum(1).numpy() for b in batches])
+        n_real = [int((b["attention_mask"] != 0).sum()) for b in batches]
+        n_masked = [int((b["labels"] != -100).sum()) for b in batches]
+        cells = sum(b["attention_mask"].numel() for b in batches)
+        Ss = sorted({b["attention_mask"].shape[1] for b in batches})
+        S = str(Ss[0]) if len(Ss) == 1 else f"{Ss[0]}..{Ss[-1]}"
+        return cls(n_real, n_masked, 1 - sum(n_real) / cells, float((lens**2).sum() / lens.sum()),
+                   sum(n_masked) / sum(n_real), f"{batches[0]['attention_mask'].shape[0]} x {S}")
+
+
+# ----------------------------------------------------------------------------------------
+# Rows: one shared parameter pool, the optimizer, the training step
+
+
+class ParamPool:
+    """One set of parameters shared by every row's model, matched by (module path, name, shape).
+
+    The ladder's models differ only in switches and in which layers exist (GELU MLP or GeGLU,
+    position table or none), so each parameter exists once, with one AdamW state, however many rows
+    use it: memory stays at about one model and a half instead of one per row. Timing is unaffected
+    (a step's work does not depend on the weights' values; zero_grad(set_to_none=True) after every
+    step means each step updates exactly its own row's parameters). Tied weights stay tied.
+    """
+
+    def __init__(self):
+        self.params: dict = {}
+
+    def adopt(self, m: torch.nn.Module) -> torch.nn.Module:
+        for path, mod in m.named_modules(remove_duplicate=False):
+            for name, p in list(mod._parameters.items()):
+                if p is None:
+                    continue
+                key = (f"{path}.{name}", tuple(p.shape), p.dtype)
+                if key in self.params:
+                    mod._parameters[name] = self.params[key]
+                else:
+                    self.params[key] = p
+        return m
+
+    def unique(self) -> list:
+        seen, out = set(), []
+        for p in self.params.values():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+
+def make_optimizer(params: list) -> torch.optim.Optimizer:
+    """The paper's optimizer as train.py builds it: AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6, decoupled
+    weight decay 1e-5 (torch's AdamW decays lr * wd, hence wd / lr), no decay on biases and LayerNorms;
+    fused (one kernel over all tensors: on this CPU ~5x faster than foreach)."""
+    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=PAPER_WD / PAPER_LR),
+              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=PAPER_LR, betas=PAPER_BETAS, eps=PAPER_EPS, fused=True)
+
+
+def state_bytes(params: list, opt: torch.optim.Optimizer) -> int:
+    """Parameters plus their optimizer state (AdamW moments), counted once each."""
+    seen, total = set(), 0
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+        for t in opt.state.get(p, {}).values():
+            if torch.is_tensor(t):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def amp(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def mlm_step(model, opt, micro: list[dict], device, bf16: bool, hf: bool = False) -> int:
+    """One optimizer step over the micro-batches; returns the real tokens processed.
+
+    As train.py: the loss is sum(CE) / (masked tokens of the whole step), counted on the host before
+    the forward pass; all micro-steps run inside one autocast context (CPU autocast then casts each
+    fp32 weight to bf16 once per step, not once per micro-step).
+    """
+    n_masked = sum(b["n_masked"] for b in micro)
+    with amp(device, bf16):
+        for b in micro:
+            if hf:  # transformers returns the mean over this micro-batch's masked tokens
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+                (out.loss * (b["n_masked"] / n_masked)).backward()
+            else:
+                out = model(b["input_ids"], b["attention_mask"], b["labels"])
+                (out.loss_sum / n_masked).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return sum(b["n_real"] for b in micro)
+
+
+@dataclass
+class Row:
+    name: str
+    workload: str                       # pretrain | glue | attention
+    step: Callable[[int], int]          # runs step i (cycling its batches); returns real tokens
+    warm: list                          # step indices run untimed first: every shape
+    flops_per_token: float              # model training FLOPs per real token (model.flops_per_token)
+    dtype: str                          # 'bfloat16' | 'float32': the matmul rate MFU is taken against
+    state: Callable[[], int]            # persistent bytes this row owns (params + optimizer state)
+    note: str = ""
+    compiled: bool = False
+    info: dict = field(default_factory=dict)
+    skipped: str = ""                   # non-empty: not run; the reason
+    times: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    warm_times: list = field(default_factory=list)
+    step_mem: Optional[int] = None      # high-water mark above the step's start
+
+
+def skipped_row(name, workload, reason) -> Row:
+    return Row(name, workload, lambda i: 0, [], 0.0, "float32", lambda: 0, note=f"skipped: {reason}",
+               skipped=reason)
+
+
+def ladder(cfg: BenchConfig) -> list[tuple]:
+    """(row name, ModelConfig, bf16, compile, note) from bert-base to mosaic-bert-base, one change at a time."""
+    size = SIZES[cfg.size]
+    c = modeling.ModelConfig.preset(size["bert"])
+    rows = [("bert-base", c, False, False, "padded, learned positions, GELU, dense head, fp32")]
+    rows.append(("+bf16", c, True, False, "bf16 autocast, fp32 LayerNorm"))
+    steps = [("+unpad", dict(unpad=True), "real tokens only"),
+             ("+alibi", dict(position="alibi", attn_backend="auto", attn_dropout=0.0),
+              "ALiBi, fused attention (no attention dropout)"),
+             ("+geglu", dict(ffn="geglu"), "GeGLU MLP"),
+             ("+lowp-layernorm", dict(low_precision_layernorm=True), "bf16 LayerNorm"),
+             ("+sparse-pred", dict(sparse_prediction=True), "head on masked tokens only (= mosaic-bert-base eager)")]
+    for name, change, note in steps:
+        c = replace(c, **change)
+        rows.append((name, c, True, False, note))
+    mosaic = modeling.ModelConfig.preset(size["mosaic"])
+    assert c == mosaic, f"the ladder must end at the {size['mosaic']} preset:\n{c}\n!=\n{mosaic}"
+    rows.append(("mosaic-bert-base", mosaic, True, cfg.compile,
+                 "+ torch.compile: the full model" if cfg.compile else "eager (--compile=false)"))
+    return rows
+
+
+def ablations(cfg: BenchConfig) -> list[tuple]:
+    """Each change alone on top of bert-base + bf16 (unpad alone is the ladder's +unpad row)."""
+    base = modeling.ModelConfig.preset(SIZES[cfg.size]["bert"])
+    rows = [("bf16+alibi", replace(base, position="alibi", attn_backend="auto", attn_dropout=0.0), False),
+            ("bf16+geglu", replace(base, ffn="geglu"), False),
+            ("bf16+lowp-layernorm", replace(base, low_precision_layernorm=True), False),
+            ("bf16+sparse-pred", replace(base, sparse_prediction=True), False)]
+    if cfg.compile:
+        rows.append(("bf16+compile", base, True))
+    return [(n, c, True, comp, "one change alone on bert-base+bf16") for n, c, comp in rows]
+
+
+def hf_model(cfg: BenchConfig, vocab: int):
+    """transformers' BertForMaskedLM at our size and padded vocabulary, SDPA attention. None if not installed."""
+    try:
+        from transformers import BertConfig, BertForMaskedLM  # noqa: PLC0415  (bench/test-only dependency)
+    except ImportError:
+        return None
+    s = SIZES[cfg.size]
+    hcfg = BertConfig(vocab_size=vocab, hidden_size=s["d"], num_hidden_layers=s["layers"],
+                      num_attention_heads=s["heads"], intermediate_size=s["d_ff"], max_position_embeddings=512,
+                      type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                      layer_norm_eps=1e-12, attn_implementation="sdpa")
+    m = BertForMaskedLM(hcfg)
+    if getattr(m.config, "_attn_implementation", "sdpa") != "sdpa":
+        raise RuntimeError(f"transformers chose attention {m.config._attn_implementation!r}, not sdpa")
+    return m
+
+
+def to_device_batches(batches: list[dict], device, trim: bool = False) -> list[dict]:
+    """Batches on the device plus host-side counts. trim: cut to the batch's longest row (HF's dynamic padding)."""
+    out = []
+    for b in batches:
+        real = b["attention_mask"] != 0
+        S = int(real.sum(1).max()) if trim else real.shape[1]
+        d = {"input_ids": b["input_ids"][:, :S], "labels": b["labels"][:, :S],
+             "attention_mask": (real[:, :S].long() if trim else b["attention_mask"])}
+        d = {k: v.to(device) for k, v in d.items()}
+        d["n_real"], d["n_masked"] = int(real.sum()), int((b["labels"] != -100).sum())
+        d["shape"] = tuple(d["input_ids"].shape)
+        out.append(d)
+    return out
+
+
+def warm_indices(batches: list[dict], accum: int, every: bool) -> list[int]:
+    """Step indices that cover every micro-batch shape once (every: all batches, e.g. for compiled rows)."""
+    n = len(batches)
+    steps = math.ceil(n / accum)
+    if every:
+        return list(range(steps))
+    seen, out = set(), []
+    for i in range(steps):
+        shapes = {batches[(i * accum + j) % n]["shape"] for j in range(accum)}
+        if not shapes <= seen:
+            out.append(i)
+            seen |= shapes
+    return out
+
+
+def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[Row]:
+    """The ladder (+ ablations) on every MLM workload: one model per (config, compiled), one parameter pool."""
+    if not dev_batches:
+        return []
+    specs = ladder(cfg) + (ablations(cfg) if cfg.ablations else [])
+    pool, models = ParamPool(), {}
+    for _, mcfg, _, comp, _ in specs:
+        key = (json.dumps(asdict(mcfg), sort_keys=True), comp)
+        if key not in models:
+            m = pool.adopt(modeling.build(mcfg).to(device).train())
+            if comp:
+                modeling.compile_model(m)
+            models[key] = m
+    opt = make_optimizer(pool.unique())
+    quick_glue = {"bert-base", "+bf16", "+unpad", "mosaic-bert-base"}  # enough for the glue targets
+    rows = []
+    for workload, bs in dev_batches.items():
+        st = stats[workload]
+        for name, mcfg, bf16, comp, note in specs:
+            if workload == "glue" and cfg.quick and name not in quick_glue:
+                continue
+            m = models[(json.dumps(asdict(mcfg), sort_keys=True), comp)]
+            own = list(m.parameters())
+
+            def step(i, m=m, bs=bs, bf16=bf16):
+                return mlm_step(m, opt, [bs[(i * cfg.accum + j) % len(bs)] for j in range(cfg.accum)], device, bf16)
+
+            switches = ("unpad", "position", "ffn", "low_precision_layernorm", "sparse_prediction", "attn_dropout")
+            rows.append(Row(name, workload, step, warm_indices(bs, cfg.accum, every=comp),
+                            modeling.flops_per_token(mcfg, st.context, st.mask_frac),
+                            "bfloat16" if bf16 else "float32", lambda own=own: state_bytes(own, opt),
+                            note=note, compiled=comp,
+                            info=dict(bf16=bf16, compile=comp, **{k: getattr(mcfg, k) for k in switches},
+                                      attn_backend=kernels.resolve_backend(mcfg.attn_backend, device))))
+    return rows
+
+
+def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Row]:
+    """The peer on every MLM workload: bf16 autocast (full mode adds fp32), dynamic padding."""
+    mcfg = modeling.ModelConfig.preset(SIZES[cfg.size]["bert"])  # same shape and vocabulary: same FLOPs
+    precisions = [("hf-bert-base", True)] + ([] if cfg.quick else [("hf-bert-base-fp32", False)])
+    if not cpu_batches:
+        return []
+    m = hf_model(cfg, mcfg.padded_vocab_size)
+    if m is None:
+        return [skipped_row(name, w, "transformers not installed") for w in cpu_batches for name, _ in precisions]
+    import transformers  # noqa: PLC0415  (installed: hf_model found it)
+    m = m.to(device).train()
+    own = list(m.parameters())
+    opt = make_optimizer(own)
+    rows = []
+    for workload, cpu in cpu_batches.items():
+        bs = to_device_batches(cpu, device, trim=True)  # each batch cut to its longest row
+        st = stats[workload]
+        for name, bf16 in precisions:
+            def step(i, bs=bs, bf16=bf16):
+                return mlm_step(m, opt, [bs[(i * cfg.accum + j) % len(bs)] for j in range(cfg.accum)], device,
+                                bf16, hf=True)
+
+            rows.append(Row(name, workload, step, warm_indices(bs, cfg.accum, every=False),
+                            modeling.flops_per_token(mcfg, st.context, st.mask_frac),
+                            "bfloat16" if bf16 else "float32", lambda: state_bytes(own, opt),
+                            note=f"transformers {transformers.__version__}, sdpa, "
+                                 f"{'bf16 autocast' if bf16 else 'fp32'}, dynamic padding",
+                            info=dict(bf16=bf16, attn_implementation="sdpa")))
+    return rows
+
+
+def attention_rows(cfg: BenchConfig, device) -> list[Row]:
+    """(c) kernels.attention alone: packed qkv [nnz, 3, H, D] of n = tokens // L full sequences of
+    length L, ALiBi, bf16. The per-batch plan (mask / block mask) is built once, outside the timing,
+    as the model builds it once per batch for all its layers. CPU: flex forward only (no backward in
+    this torch), naive and sdpa both ways; GPU: all forward and backward."""
+    s = SIZES[cfg.size]
+    H, D = s["heads"], s["d"] // s["heads"]
+    slopes = kernels.alibi_slopes(H).to(device)
+    passes = [("fwd", False)] if device.type == "cpu" else []
+    rows = []
+    for L in [int(x) for x in split_list(cfg.attn_lengths)]:
+        n = max(1, cfg.attn_tokens // L)
+        cu = torch.arange(0, (n + 1) * L, L, dtype=torch.int32, device=device)  # (n+1,)
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        qkv0 = torch.randn(n * L, 3, H, D, generator=g, device=device).to(torch.bfloat16)  # (nnz, 3, H, D)
+        dout = torch.randn(n * L, H, D, generator=g, device=device).to(torch.bfloat16)  # (nnz, H, D)
+        for backend in split_list(cfg.attn_backends):
+            for label, backward in passes + [("fwd+bwd", True)]:
+                if backward and backend == "flex" and device.type == "cpu":
+                    continue
+                plan = kernels.plan_attention(cu, L, slopes, backend, (H, D), torch.bfloat16)
+                qkv = qkv0.clone().requires_grad_(backward)
+
+                def step(i, qkv=qkv, plan=plan, backward=backward, dout=dout):
+                    if backward:
+                        kernels.attend(qkv, plan).backward(dout)
+                        qkv.grad = None
+                    else:
+                        with torch.no_grad():
+                            kernels.attend(qkv, plan)
+                    return qkv.shape[0]
+
+                fpt = 4.0 * L * H * D * (3 if backward else 1)  # QK^T and PV: 2 x 2*L*d per token forward
+                nbytes = (qkv.numel() + dout.numel()) * 2
+                rows.append(Row(f"{backend}-{label}@{L}", "attention", step, [0], fpt, "bfloat16",
+                                lambda nbytes=nbytes: nbytes, note=f"{n} x {L} tokens, H={H} D={D}, ALiBi, bf16",
+                                compiled=backend == "flex",
+                                info=dict(backend=backend, seq_len=L, n_seqs=n, backward=backward)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# Running: warm-up, memory, interleaved timed rounds
+
+
+def dynamo_graphs() -> int:
+    try:
+        return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001  (a private counter: absent means unknown, not an error)
+        return -1
+
+
+def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log) -> dict:
+    live = [r for r in rows if not r.skipped]
+    t_start = time.perf_counter()
+    for r in live:  # warm-up: every shape (and every batch for compiled rows), then one step for memory
+        for i in r.warm:
+            sync(device)
+            t0 = time.perf_counter()
+            r.step(i)
+            sync(device)
+            r.warm_times.append(time.perf_counter() - t0)
+        r.step_mem = high_water(lambda r=r: r.step(0), device)
+        log(f"  warm-up {r.workload:9s} {r.name:22s} {sum(r.warm_times):7.1f} s")
+    graphs = dynamo_graphs()
+    peak.burst()
+    for k in range(repeats):
+        t0 = time.perf_counter()
+        order = live[k % len(live):] + live[:k % len(live)]  # rotate: no row always first or last
+        for r in order:
+            sync(device)
+            t = time.perf_counter()
+            n = r.step(k)  # round k: every row on the same batch
+            sync(device)
+            r.times.append(time.perf_counter() - t)
+            r.tokens.append(n)
+        peak.burst()
+        log(f"  round {k + 1}/{repeats}: {time.perf_counter() - t0:.1f} s")
+    recompiled = graphs >= 0 and dynamo_graphs() != graphs
+    return dict(total_s=time.perf_counter() - t_start, recompiled_during_timing=recompiled)
+
+
+# ----------------------------------------------------------------------------------------
+# Results: metrics, targets, projection, outputs
+
+
+def row_result(r: Row, peak: MatmulPeak, sheet: Optional[float]) -> dict:
+    base = dict(name=r.name, workload=r.workload, note=r.note)
+    if r.skipped:
+        return dict(base, tokens_per_s=None, step_ms=None, mfu=None, peak_mem_bytes=None, speedup=None)
+    tok_s = statistics.median(n / t for n, t in zip(r.tokens, r.times))
+    step_s = statistics.median(r.times)
+    flops = r.flops_per_token * tok_s
+    compile_s = max(0.0, sum(r.warm_times) - len(r.warm_times) * step_s) if r.compiled else None
+    mem = r.state() + (r.step_mem or 0)
+    out = dict(base, tokens_per_s=tok_s, step_ms=1000 * step_s, mfu=flops / peak.peak(r.dtype),
+               peak_mem_bytes=mem, speedup=None, dtype=r.dtype, flops_per_token=r.flops_per_token,
+               compile_s=compile_s, step_ms_all=[1000 * t for t in r.times], tokens_per_step=r.tokens[0],
+               step_mem_measured=r.step_mem is not None, **r.info)
+    if sheet:
+        out["mfu_datasheet"] = flops / sheet
+    return out
+
+
+def add_speedups(results: list[dict]):
+    for w in ("pretrain", "glue"):
+        base = next((x for x in results if x["workload"] == w and x["name"] == "bert-base"), None)
+        for x in results:
+            if x["workload"] == w and base and base["tokens_per_s"] and x["tokens_per_s"]:
+                x["speedup"] = x["tokens_per_s"] / base["tokens_per_s"]
+
+
+def targets(results: list[dict], stats: dict) -> list[dict]:
+    """The issue's targets, computed from this run's numbers (never hard-coded)."""
+    def get(w, name):
+        x = next((x for x in results if x["workload"] == w and x["name"] == name), None)
+        return x if x and x["tokens_per_s"] else None
+
+    def peer(w):
+        hf = [x for x in results if x["workload"] == w and x["name"].startswith("hf-bert-base") and x["tokens_per_s"]]
+        return max(hf, key=lambda x: x["tokens_per_s"]) if hf else None
+
+    out = []
+
+    def target(what, value, threshold, unit=""):
+        out.append(dict(target=what, value=value, threshold=threshold,
+                        met=None if value is None else bool(value >= threshold), unit=unit))
+
+    for w, ratio in (("pretrain", 2.0), ("glue", 3.0)):
+        m, p = get(w, "mosaic-bert-base"), peer(w)
+        target(f"{w}: mosaic-bert-base tokens/s >= {ratio:g}x the HF peer"
+               + (f" ({p['name']})" if p else ""), m["tokens_per_s"] / p["tokens_per_s"] if m and p else None,
+               ratio, "x")
+    m = get("pretrain", "mosaic-bert-base")
+    target("pretrain: mosaic-bert-base MFU >= 60% of the measured bf16 matmul rate",
+           m["mfu"] if m else None, 0.60, "mfu")
+    for w in ("pretrain", "glue"):
+        u, p = get(w, "+unpad"), get(w, "+bf16")
+        if w in stats:
+            need = 0.8 / (1 - stats[w].pad_frac)
+            target(f"{w}: +unpad >= 0.8 x 1/(1 - padding {stats[w].pad_frac:.1%}) = {need:.2f}x the padded +bf16 row",
+                   u["tokens_per_s"] / p["tokens_per_s"] if u and p else None, need, "x")
+    return out
+
+
+def projection(results: list[dict], stats: dict, n_devices: int) -> dict:
+    """The paper's recipe on n_devices like this one, from each pretrain row's real tokens/s
+    (assuming the recipe's rows are as full as this workload's and perfect scaling across devices)."""
+    if "pretrain" not in stats:
+        return {}
+    real = PAPER_STEPS * PAPER_BATCH * PAPER_SEQ_LEN * (1 - stats["pretrain"].pad_frac)
+    rows = {x["name"]: real / (x["tokens_per_s"] * n_devices) / 3600
+            for x in results if x["workload"] == "pretrain" and x["tokens_per_s"]}
+    return dict(n_devices=n_devices, steps=PAPER_STEPS, global_batch=PAPER_BATCH, seq_len=PAPER_SEQ_LEN,
+                real_tokens=real, hours=rows)
+
+
+def fmt_mem(b):
+    return "-" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
+
+
+def fmt_num(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(results: list[dict], tgts: list[dict], proj: dict, header: list[str], sheet) -> str:
+    lines = header + [""]
+    for w, title in (("pretrain", "(a) pretraining, seq_len 128"), ("glue", "(b) GLUE-like short sentences")):
+        sel = [x for x in results if x["workload"] == w]
+        if not sel:
+            continue
+        lines += [f"### {title}", "",
+                  "| row | real tok/s | step ms | speedup | MFU | " + ("MFU (datasheet) | " if sheet else "")
+                  + "peak mem | compile s | note |",
+                  "|---|---:|---:|---:|---:|" + ("---:|" if sheet else "") + "---:|---:|---|"]
+        for x in sel:
+            lines.append(f"| {x['name']} | {fmt_num(x['tokens_per_s'], ',.0f')} | {fmt_num(x['step_ms'], ',.0f')} | "
+                         f"{fmt_num(x['speedup'], '.2f')} | {fmt_num(x['mfu'], '.1%')} | "
+                         + (f"{fmt_num(x.get('mfu_datasheet'), '.1%')} | " if sheet else "")
+                         + f"{fmt_mem(x['peak_mem_bytes'])} | {fmt_num(x.get('compile_s'), '.1f')} | {x['note']} |")
+        lines.append("")
+    sel = [x for x in results if x["workload"] == "attention"]
+    if sel:
+        lines += ["### (c) attention alone (ALiBi, bf16)", "",
+                  "| backend | pass | seq len | tok/s | ms | MFU | peak mem | compile s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for x in sorted(sel, key=lambda x: (x["backend"], not x["backward"], x["seq_len"])):
+            lines.append(f"| {x['backend']} | {'fwd+bwd' if x['backward'] else 'fwd'} | {x['seq_len']} | "
+                         f"{fmt_num(x['tokens_per_s'], ',.0f')} | {fmt_num(x['step_ms'], ',.1f')} | "
+                         f"{fmt_num(x['mfu'], '.1%')} | {fmt_mem(x['peak_mem_bytes'])} | "
+                         f"{fmt_num(x.get('compile_s'), '.1f')} |")
+        lines.append("")
+    if tgts:
+        lines += ["### Targets", "", "| target | measured | needed | |", "|---|---:|---:|---|"]
+        for t in tgts:
+            v = None if t["value"] is None else (f"{t['value']:.1%}" if t["unit"] == "mfu" else f"{t['value']:.2f}x")
+            need = f"{t['threshold']:.0%}" if t["unit"] == "mfu" else f"{t['threshold']:.2f}x"
+            verdict = "not evaluated" if t["met"] is None else "met" if t["met"] else "NOT MET"
+            lines.append(f"| {t['target']} | {v or '-'} | {need} | {verdict} |")
+        lines.append("")
+    if proj:
+        lines += [f"### Projection: the paper's recipe ({proj['steps']:,} steps x {proj['global_batch']:,} x "
+                  f"{proj['seq_len']}, {proj['real_tokens'] / 1e9:.1f}B real tokens) on {proj['n_devices']} "
+                  "such devices, perfect scaling", ""]
+        lines += [f"- {name}: {h:,.1f} h ({h / 24:,.1f} days)" for name, h in proj["hours"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(results: list[dict], path: str) -> str:
+    """A PNG of tokens/s per row and workload; returns a note."""
+    try:
+        import matplotlib  # noqa: PLC0415
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return "chart skipped: matplotlib not installed"
+    panels = [w for w in ("pretrain", "glue", "attention") if any(x["workload"] == w and x["tokens_per_s"]
+                                                                    for x in results)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
+    for ax, w in zip(axes[0], panels):
+        sel = [x for x in results if x["workload"] == w and x["tokens_per_s"]]
+        if w == "attention":
+            for key in sorted({(x["backend"], x["backward"]) for x in sel}):
+                pts = sorted((x["seq_len"], x["tokens_per_s"]) for x in sel if (x["backend"], x["backward"]) == key)
+                ax.plot(*zip(*pts), marker="o", label=f"{key[0]} {'fwd+bwd' if key[1] else 'fwd'}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length")
+            ax.legend()
+        else:
+            ax.barh([x["name"] for x in sel][::-1], [x["tokens_per_s"] for x in sel][::-1])
+            ax.set_xlabel("real tokens/s")
+        ax.set_title(w)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"chart: {path}"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"cpu: {name} ({os.cpu_count()} logical cores)"
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+
+
+def bench(cfg: BenchConfig) -> dict:
+    cfg = resolve(cfg)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    torch.manual_seed(cfg.seed)
+    header = [f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+              f"{'quick' if cfg.quick else 'full'} mode, {cfg.size} size"]
+    print(header[0], flush=True)
+    print_config(cfg)
+    t_all = time.perf_counter()
+    wl = split_list(cfg.workloads)
+
+    cpu_batches, dev_batches, stats = {}, {}, {}
+    for w, make in (("pretrain", pretrain_batches), ("glue", glue_batches)):
+        if w in wl:
+            cpu_batches[w] = make(cfg)
+            dev_batches[w] = to_device_batches(cpu_batches[w], device)
+            st = stats[w] = BatchStats.of(cpu_batches[w])
+            line = (f"{w}: micro-batch {st.shape} x accum {cfg.accum}, {np.mean(st.n_real):,.0f} real tokens per "
+                    f"batch, padding {st.pad_frac:.1%}, mean context {st.context:.1f}, masked {st.mask_frac:.1%} "
+                    f"of real tokens, {cfg.n_batches} distinct batches")
+            header.append(line)
+            print(line, flush=True)
+
+    t0 = time.perf_counter()
+    rows = model_rows(cfg, device, dev_batches, stats)
+    if cfg.hf:
+        rows += hf_rows(cfg, device, cpu_batches, stats)
+    if "attention" in wl:
+        rows += attention_rows(cfg, device)
+    print(f"built {len(rows)} rows in {time.perf_counter() - t0:.1f} s; measuring "
+          f"({cfg.repeats} interleaved rounds after warm-up)", flush=True)
+
+    peak = MatmulPeak(device)
+    status = run(rows, cfg.repeats, device, peak, lambda s: print(s, flush=True))
+    sheet = datasheet_peak(device)
+    results = [row_result(r, peak, sheet) for r in rows]
+    add_speedups(results)
+    tgts = targets(results, stats)
+    proj = projection(results, stats, cfg.n_devices)
+    header.append(f"matmul peak (measured, median of {len(peak.rates['bfloat16'])} bursts of {peak.n}^3): "
+                  f"bf16 {peak.peak('bfloat16') / 1e9:,.0f} GFLOP/s, fp32 {peak.peak('float32') / 1e9:,.0f} GFLOP/s"
+                  + (f"; datasheet bf16 {sheet / 1e12:,.0f} TFLOP/s" if sheet else ""))
+    header.append("peak mem: the row's parameters + AdamW state + the step's high-water mark above its start ("
+                  + ("CUDA max_memory_allocated" if device.type == "cuda" else "CPU VmHWM via /proc/self/clear_refs")
+                  + ")")
+    if status["recompiled_during_timing"]:
+        header.append("WARNING: torch.compile recompiled during the timed rounds (TORCH_LOGS=recompiles shows why)")
+    md = markdown(results, tgts, proj, header, sheet)
+    print()
+    print(md)
+
+    out = dict(device=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
+               matmul_peak_flops=peak.peak("bfloat16"),
+               matmul_peak_flops_by_dtype={k: peak.peak(k) for k in peak.rates},
+               datasheet_peak_flops=sheet, config=config_dict(cfg),
+               workloads={w: asdict(s) for w, s in stats.items()}, rows=results, targets=tgts, projection=proj,
+               recompiled_during_timing=status["recompiled_during_timing"],
+               wall_s=time.perf_counter() - t_all)
+    if cfg.json:
+        path = Path(cfg.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+        md_path = Path(cfg.markdown) if cfg.markdown else path.with_suffix(".md")
+        md_path.write_text(md + "\n")
+        png = chart(results, str(Path(cfg.png) if cfg.png else path.with_suffix(".png")))
+        print(f"wrote {path} and {md_path}; {png}")
+    print(f"total {time.perf_counter() - t_all:.0f} s")
+    return out
+
+
+def main(argv: Optional[list[str]] = None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(BenchConfig, normalize_argv(argv))
+    bench(cfg)
+
+
+if __name__ == "__main__":
+    main_guard(main)

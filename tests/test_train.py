@@ -1,0 +1,275 @@
+"""train.py: the command-line interface, distributed and accumulation exactness, exact resume,
+atomic checkpoints, and clear errors on bad input. CPU only, tiny model, a few steps each.
+
+Most tests run train.py as a subprocess, because the interface (flags, exit status, stderr,
+out_dir/metrics.jsonl, checkpoints) is what they check.
+"""
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+
+ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# A 2-layer d=128 MosaicBERT on 32-token rows of the embedded sample; no evaluation unless asked.
+TINY = ["--preset=mosaic-bert-tiny", "--device=cpu", "--seq_len=32", "--global_batch_size=8",
+        "--micro_batch_size=4", "--log_every=1", "--eval_every=0", "--save_every=0"]
+FP32 = ["--dtype=float32"]
+
+
+def run(args, out_dir, nproc=1, timeout=300):
+    """Run train.py (under torchrun when nproc > 1) and return the CompletedProcess."""
+    launcher = [sys.executable, "train.py"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "train.py"]
+    return subprocess.run(launcher + args + [f"--out_dir={out_dir}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(p):
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    return p
+
+
+def rows(out_dir):
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(out_dir):
+    return [(r["step"], r["loss"]) for r in rows(out_dir) if "loss" in r]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def ckpts(out_dir):
+    return sorted(Path(out_dir).glob("ckpt_*.pt"))
+
+
+def assert_state_close(a: dict, b: dict, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+# ----------------------------------------------------------------------------------------
+# Exactness
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
+    """torchrun x2 (gloo, 2 micro-steps per rank) == 1 process with 4 micro-steps: same losses and weights.
+
+    Holds only if the loss is normalised by the global masked count and gradients are synced once per step.
+    """
+    args = TINY + FP32 + ["--dropout=0", "--micro_batch_size=2", "--max_steps=3"]
+    two = run(args, tmp_path / "ddp", nproc=2)
+    ok(two)
+    assert "micro 2 x 2 accumulation steps x 2 ranks" in two.stdout
+    one = ok(run(args, tmp_path / "one"))
+    assert "micro 2 x 4 accumulation steps x 1 rank" in one.stdout
+    l2, l1 = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert [s for s, _ in l1] == [1, 2, 3] and [s for s, _ in l2] == [1, 2, 3]
+    for (_, a), (_, b) in zip(l1, l2):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert_state_close(load(ckpts(tmp_path / "one")[-1])["model"], load(ckpts(tmp_path / "ddp")[-1])["model"], 1e-5)
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    """--stop_at_step=3 then --resume gives the same losses, weights and optimizer state as one run of 6 steps.
+
+    Dropout stays on, so this also checks that the RNG state travels with the checkpoint.
+    """
+    args = TINY + FP32 + ["--max_steps=6", "--dropout=0.1"]
+    ok(run(args, tmp_path / "full"))
+    stopped = ok(run(args + ["--stop_at_step=3"], tmp_path / "split"))
+    assert [p.name for p in ckpts(tmp_path / "split")] == ["ckpt_0000003.pt"]
+    assert "--resume" in stopped.stdout
+    ok(run(args + ["--resume"], tmp_path / "split"))
+
+    full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert [s for s, _ in split] == [1, 2, 3, 4, 5, 6]  # the resumed run appended to metrics.jsonl
+    for (_, a), (_, b) in zip(full, split):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+    # the LR schedule followed --max_steps=6, not the stop
+    assert [r["lr"] for r in rows(tmp_path / "full")] == [r["lr"] for r in rows(tmp_path / "split")]
+    a, b = load(tmp_path / "full" / "ckpt_0000006.pt"), load(tmp_path / "split" / "ckpt_0000006.pt")
+    assert_state_close(a["model"], b["model"], 1e-6)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert_state_close(sa, sb, 1e-6)
+    assert a["data"] == b["data"] and a["step"] == b["step"] == 6
+
+
+def test_checkpoint_format(tmp_path):
+    """The checkpoint is weights_only-loadable, holds the contract's keys and a plain state_dict."""
+    ok(run(TINY + ["--max_steps=2", "--save_every=1", "--keep_checkpoints=0"], tmp_path))
+    assert [p.name for p in ckpts(tmp_path)] == ["ckpt_0000001.pt", "ckpt_0000002.pt"]
+    ck = load(ckpts(tmp_path)[-1])
+    for key in ("model", "model_config", "train_config", "optimizer", "step", "data", "rng", "tokenizer", "schedule"):
+        assert key in ck, key
+    assert ck["step"] == 2 and ck["tokenizer"] == "gpt2"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    assert set(ck["rng"]) == {"torch", "cuda", "python", "numpy"}
+    assert ck["train_config"]["max_steps"] == 2
+    model, _ = train.modeling.load_pretrained(str(tmp_path))
+    assert_state_close(model.state_dict(), ck["model"], 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint safety
+
+
+def test_crash_while_writing_checkpoint_keeps_previous_one(tmp_path, monkeypatch):
+    """A failure half-way through writing checkpoint 2 leaves checkpoint 1 intact and loadable."""
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        half = buf.getvalue()[: len(buf.getvalue()) // 2]
+        if hasattr(f, "write"):
+            f.write(half)
+            f.flush()
+        else:
+            Path(f).write_bytes(half)
+        raise OSError("No space left on device (simulated)")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="simulated"):
+        train.main(TINY + ["--max_steps=3", "--save_every=1", f"--out_dir={out}"])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in ckpts(out)] == ["ckpt_0000001.pt"]  # no half-written ckpt_0000002.pt
+    ck = load(out / "ckpt_0000001.pt")
+    assert ck["step"] == 1
+    model, _ = train.modeling.load_pretrained(str(out))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_loss_stops_without_saving_nan_weights(tmp_path):
+    """lr=1e30 blows the weights up: the run stops with a clear error and no checkpoint holds NaN/inf."""
+    p = run(TINY + ["--max_steps=6", "--lr=1e30", "--save_every=1", "--log_every=5", "--keep_checkpoints=0"],
+            tmp_path)
+    assert p.returncode != 0
+    assert "non-finite" in p.stderr and "Traceback" not in p.stderr
+    for path in ckpts(tmp_path):
+        ck = load(path)
+        assert all(torch.isfinite(t).all() for t in ck["model"].values()), path.name
+    assert len(ckpts(tmp_path)) < 6
+
+
+# ----------------------------------------------------------------------------------------
+# Learning
+
+
+def test_short_run_lowers_mlm_loss(tmp_path):
+    """40 steps on the sample (bf16 autocast, the default) lower the MLM loss and raise accuracy;
+    the metrics file holds the training and evaluation rows the interface promises."""
+    p = ok(run(["--preset=mosaic-bert-tiny", "--device=cpu", "--seq_len=64", "--max_steps=40", "--lr=3e-3",
+                "--log_every=5", "--eval_every=40", "--save_every=0", "--eval_batches=2"], tmp_path))
+    assert "step 40/40 | loss" in p.stdout and "tok/s" in p.stdout and "mfu" in p.stdout
+    r = rows(tmp_path)
+    tr = [x for x in r if "loss" in x]
+    ev = [x for x in r if "eval_loss" in x]
+    for key in ("step", "loss", "mlm_acc", "lr", "tokens_per_s"):
+        assert key in tr[0], key
+    assert [x["step"] for x in tr] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert tr[-1]["loss"] < tr[0]["loss"] - 1.5, [x["loss"] for x in tr]
+    assert tr[-1]["mlm_acc"] > tr[0]["mlm_acc"]
+    assert len(ev) == 1 and ev[0]["step"] == 40 and "eval_mlm_acc" in ev[0]
+    assert ev[0]["eval_loss"] < math.log(50304) - 1.5
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: clear errors, non-zero exit
+
+
+@pytest.mark.parametrize("flag, expect", [
+    ("--no_such_flag=1", "Valid fields"),
+    ("--max_steps=many", "expected an integer"),
+    ("--preset=gpt-5", "unknown preset"),
+    ("--dtype=float16", "choose one of"),
+])
+def test_bad_flags_exit_2_with_a_message(tmp_path, flag, expect):
+    p = run(TINY + [flag], tmp_path)
+    assert p.returncode == 2 and expect in p.stderr, p.stderr
+
+
+def test_micro_batch_must_divide_the_per_rank_batch(tmp_path):
+    p = run(TINY + ["--global_batch_size=8", "--micro_batch_size=3"], tmp_path)
+    assert p.returncode == 2 and "--micro_batch_size=3 does not divide" in p.stderr, p.stderr
+
+
+def test_resume_checks_the_model_config(tmp_path):
+    """Resuming with a different model config names the differing fields; resuming nothing is an error too."""
+    p = run(TINY + ["--max_steps=1", "--resume"], tmp_path)
+    assert p.returncode != 0 and "no checkpoint" in p.stderr
+    ok(run(TINY + ["--max_steps=1"], tmp_path))
+    p = run(TINY + ["--max_steps=2", "--resume", "--model_overrides=n_layers=3"], tmp_path)
+    assert p.returncode != 0 and "n_layers: checkpoint 2, now 3" in p.stderr, p.stderr
+    assert [c.name for c in ckpts(tmp_path)] == ["ckpt_0000001.pt"]
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    """A missing path and an empty corpus exit 1 with data.py's message (no traceback, no checkpoint)."""
+    p = run(TINY + [f"--data={tmp_path / 'missing.jsonl'}"], tmp_path / "a")
+    assert p.returncode == 1 and p.stderr.startswith("error: --data=") and "Traceback" not in p.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    p = run(TINY + [f"--data={empty}"], tmp_path / "b")
+    assert p.returncode == 1 and "error:" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not ckpts(tmp_path / "a") and not ckpts(tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------------------
+# Pieces (in-process)
+
+
+def test_schedule_and_decoupled_weight_decay():
+    """6% linear warmup, linear decay to 0.02x; AdamW's weight_decay is wd/peak_lr (MosaicML's decoupled decay)."""
+    cfg = train.TrainConfig(lr=5e-4, max_steps=1000, warmup_frac=0.06, final_lr_frac=0.02, weight_decay=1e-5)
+    assert train.lr_at(0, cfg) == pytest.approx(5e-4 / 60)
+    assert train.lr_at(59, cfg) == pytest.approx(5e-4)
+    assert train.lr_at(1000, cfg) == pytest.approx(0.02 * 5e-4)
+    lrs = [train.lr_at(s, cfg) for s in range(60, 1000)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = train.build_optimizer(model, cfg, torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == pytest.approx(1e-5 / 5e-4) and len(decay["params"]) == 1
+    assert no_decay["weight_decay"] == 0 and len(no_decay["params"]) == 3  # bias, LN weight, LN bias
+
+
+def test_presets_resolve():
+    """Every preset builds a valid config; the paper's recipe has the paper's numbers."""
+    for name in train.TRAIN_PRESETS:
+        cfg = train.parse_config(train.TrainConfig, [f"--preset={name}"], presets=train.TRAIN_PRESETS)
+        train.model_config(cfg)
+    base = train.parse_config(train.TrainConfig, ["--preset=mosaic-bert-base"], presets=train.TRAIN_PRESETS)
+    assert (base.global_batch_size, base.micro_batch_size, base.max_steps, base.seq_len) == (4096, 128, 70_000, 128)
+    assert (base.lr, base.beta2, base.eps, base.weight_decay, base.mask_prob) == (5e-4, 0.98, 1e-6, 1e-5, 0.3)
+    assert train.check_config(base, world_size=8) == 4
+    bert = train.parse_config(train.TrainConfig, ["--preset=bert-base"], presets=train.TRAIN_PRESETS)
+    assert bert.mask_prob == 0.15 and train.model_config(bert).position == "learned"
+    demo = train.parse_config(train.TrainConfig, [], presets=train.TRAIN_PRESETS)
+    assert demo.preset == "demo" and demo.data == "default"
+    off = train.model_config(train.parse_config(train.TrainConfig, ["--dropout=0"]))
+    assert off.hidden_dropout == 0 and off.attn_dropout == 0
