@@ -28,10 +28,15 @@ peak memory. Grep the names:
                       attn_implementation="sdpa", bf16 autocast (full mode also times fp32; the faster
                       is the peer), dynamic padding to each batch's longest row.
     WORKLOADS         pretrain: data.py's 'truncate' rows (the paper's mode) of the embedded Wikipedia
-                      sample, seq_len 128, 30% masking. glue: movie-review sentences
+                      sample, seq_len 128, 30% masking (its articles are long: the rows are ~100% real
+                      tokens, so unpadding has nothing to remove here). glue: movie-review sentences
                       (assets/rotten_tomatoes_train.tsv.gz) as [CLS] s [SEP], dynamically padded, the
-                      same MLM step. attention: kernels.attention's naive, sdpa and flex backends at
-                      sequence lengths 128..2048 (CPU: flex forward only; GPU: forward and backward).
+                      same MLM step (quick mode: bert-base, +bf16, +unpad, mosaic-bert-base and the peer
+                      only). attention: kernels.attention's naive, sdpa and flex backends at sequence
+                      lengths 128..2048 (CPU: flex forward only; GPU: forward and backward).
+    batch sizes       quick: pretrain 4 x 128, glue 16 sentences, 3 rounds, 2048 tokens per attention call;
+                      full: pretrain 32 x 128, glue 128 sentences, 7 rounds, 8192 (QUICK, FULL). Small
+                      quick batches make fixed per-step costs (AdamW, autocast's weight casts) weigh more.
     measure           every row warms up on every shape first (compile time is reported apart), then
                       rounds interleave all rows (rotating the order) so noise hits them alike; the
                       median of the rounds is reported. Devices are synchronized around each step.
@@ -41,11 +46,14 @@ peak memory. Grep the names:
     peak memory       CUDA: max_memory_allocated above the allocation at the step's start. CPU: the
                       resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs after
                       malloc_trim) above the RSS at the step's start. Either way plus the row's own
-                      persistent state (its parameters and AdamW moments), measured on an untimed
-                      step after warm-up. Rows share one pool of parameters (see ParamPool), so the
-                      other rows' models do not count.
+                      persistent state just before that step (its parameters and AdamW moments),
+                      measured on the last (untimed) warm-up step, never the one that compiles. Rows
+                      share one pool of parameters (see ParamPool): other rows' models do not count.
     targets           computed from the measured numbers, printed as met / not met.
     projection        the paper's recipe (70,000 steps x 4,096 x 128 tokens) on N devices like this one.
+    threads           torch's default unless --threads. On a machine whose cores other jobs keep busy,
+                      a multi-threaded (OpenMP) step stalls at every barrier and the numbers turn to
+                      noise: measure on an idle machine, or compare rows at --threads=1.
 
 Outputs: a Markdown table (stdout and --markdown), a JSON file (--json), a PNG chart (--png, when
 matplotlib is installed). transformers is a bench/test-only dependency; without it the peer rows
@@ -64,7 +72,7 @@ import sys
 import time
 import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -107,7 +115,7 @@ class BenchConfig:
     repeats: Optional[int] = None           # timed rounds (quick 3, full 7)
     attn_backends: str = "naive,sdpa,flex"
     attn_lengths: str = "128,512,1024,2048"
-    attn_tokens: Optional[int] = None       # tokens per attention call: n = tokens // L sequences (quick 2048, full 8192)
+    attn_tokens: Optional[int] = None       # tokens per attention call, n = tokens // L (quick 2048, full 8192)
     n_devices: int = 8                      # the projection's device count
     seed: int = 0
     json: str = "out/bench/bench.json"
@@ -429,7 +437,8 @@ class Row:
     times: list = field(default_factory=list)
     tokens: list = field(default_factory=list)
     warm_times: list = field(default_factory=list)
-    step_mem: Optional[int] = None      # high-water mark above the step's start
+    peak_mem: Optional[int] = None      # state before the memory step + its high-water mark above its start
+    step_mem_measured: bool = False     # False: the high-water mark could not be read (state only)
 
 
 def skipped_row(name, workload, reason) -> Row:
@@ -504,11 +513,11 @@ def to_device_batches(batches: list[dict], device, trim: bool = False) -> list[d
 
 
 def warm_indices(batches: list[dict], accum: int, every: bool) -> list[int]:
-    """Step indices that cover every micro-batch shape once (every: all batches, e.g. for compiled rows)."""
+    """Step indices that cover every micro-batch shape once (every: all batches, for compiled rows)."""
     n = len(batches)
     steps = math.ceil(n / accum)
-    if every:
-        return list(range(steps))
+    if every:  # plus one more: the last warm-up step (memory) must not be the one that compiles
+        return list(range(steps)) + [0]
     seen, out = set(), []
     for i in range(steps):
         shapes = {batches[(i * accum + j) % n]["shape"] for j in range(accum)}
@@ -586,6 +595,25 @@ def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Ro
     return rows
 
 
+def tensor_bytes(*objs) -> int:
+    """Bytes of the tensors in objs and, one level down, in their attributes (an AttentionPlan, a BlockMask)."""
+    total, seen = 0, set()
+
+    def add(t):  # storage bytes, each storage once (an expanded mask costs its storage, not its view)
+        nonlocal total
+        if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+
+    for o in objs:
+        add(o)
+        for v in (vars(o).values() if hasattr(o, "__dict__") else ()):
+            add(v)
+            for w in (vars(v).values() if hasattr(v, "__dict__") and not torch.is_tensor(v) else ()):
+                add(w)
+    return total
+
+
 def attention_rows(cfg: BenchConfig, device) -> list[Row]:
     """(c) kernels.attention alone: packed qkv [nnz, 3, H, D] of n = tokens // L full sequences of
     length L, ALiBi, bf16. The per-batch plan (mask / block mask) is built once, outside the timing,
@@ -619,8 +647,9 @@ def attention_rows(cfg: BenchConfig, device) -> list[Row]:
                     return qkv.shape[0]
 
                 fpt = 4.0 * L * H * D * (3 if backward else 1)  # QK^T and PV: 2 x 2*L*d per token forward
-                nbytes = (qkv.numel() + dout.numel()) * 2
-                rows.append(Row(f"{backend}-{label}@{L}", "attention", step, [0], fpt, "bfloat16",
+                nbytes = tensor_bytes(qkv, dout, plan)  # inputs + the plan (sdpa's (n, H, L, L) mask, flex's block mask)
+                warm = [0, 0] if backend == "flex" else [0]  # flex compiles on its first call
+                rows.append(Row(f"{backend}-{label}@{L}", "attention", step, warm, fpt, "bfloat16",
                                 lambda nbytes=nbytes: nbytes, note=f"{n} x {L} tokens, H={H} D={D}, ALiBi, bf16",
                                 compiled=backend == "flex",
                                 info=dict(backend=backend, seq_len=L, n_seqs=n, backward=backward)))
@@ -641,14 +670,21 @@ def dynamo_graphs() -> int:
 def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log) -> dict:
     live = [r for r in rows if not r.skipped]
     t_start = time.perf_counter()
-    for r in live:  # warm-up: every shape (and every batch for compiled rows), then one step for memory
-        for i in r.warm:
-            sync(device)
-            t0 = time.perf_counter()
-            r.step(i)
-            sync(device)
-            r.warm_times.append(time.perf_counter() - t0)
-        r.step_mem = high_water(lambda r=r: r.step(0), device)
+    for r in live:  # warm-up: every shape (every batch for compiled rows); memory on the last warm-up step
+        for k, i in enumerate(r.warm):
+            def timed(i=i):
+                sync(device)
+                t0 = time.perf_counter()
+                r.step(i)
+                sync(device)
+                r.warm_times.append(time.perf_counter() - t0)
+            if k < len(r.warm) - 1:
+                timed()
+            else:  # persistent state before the step + the step's high-water mark above its start
+                before = r.state()
+                delta = high_water(timed, device)
+                r.peak_mem = before + (delta or 0)
+                r.step_mem_measured = delta is not None
         log(f"  warm-up {r.workload:9s} {r.name:22s} {sum(r.warm_times):7.1f} s")
     graphs = dynamo_graphs()
     peak.burst()
@@ -680,11 +716,10 @@ def row_result(r: Row, peak: MatmulPeak, sheet: Optional[float]) -> dict:
     step_s = statistics.median(r.times)
     flops = r.flops_per_token * tok_s
     compile_s = max(0.0, sum(r.warm_times) - len(r.warm_times) * step_s) if r.compiled else None
-    mem = r.state() + (r.step_mem or 0)
     out = dict(base, tokens_per_s=tok_s, step_ms=1000 * step_s, mfu=flops / peak.peak(r.dtype),
-               peak_mem_bytes=mem, speedup=None, dtype=r.dtype, flops_per_token=r.flops_per_token,
+               peak_mem_bytes=r.peak_mem, speedup=None, dtype=r.dtype, flops_per_token=r.flops_per_token,
                compile_s=compile_s, step_ms_all=[1000 * t for t in r.times], tokens_per_step=r.tokens[0],
-               step_mem_measured=r.step_mem is not None, **r.info)
+               step_mem_measured=r.step_mem_measured, **r.info)
     if sheet:
         out["mfu_datasheet"] = flops / sheet
     return out
@@ -877,7 +912,7 @@ def bench(cfg: BenchConfig) -> dict:
     print(f"built {len(rows)} rows in {time.perf_counter() - t0:.1f} s; measuring "
           f"({cfg.repeats} interleaved rounds after warm-up)", flush=True)
 
-    peak = MatmulPeak(device)
+    peak = MatmulPeak(device, n=1024 if cfg.size == "tiny" else None)
     status = run(rows, cfg.repeats, device, peak, lambda s: print(s, flush=True))
     sheet = datasheet_peak(device)
     results = [row_result(r, peak, sheet) for r in rows]
