@@ -25,6 +25,16 @@ FIX = Path(__file__).resolve().parent / "fixtures" / "glue"
 TINY = dict(init="scratch", ckpt="", model="mosaic-bert-tiny", max_steps=2, log_interval=1000, eval_batch_size=4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain little from a second thread, and on a machine whose two cores are shared, two OpenMP
+    threads waiting on each other were measured 20-50x slower per step (26 ms vs 580-1370 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # metrics
 
@@ -334,11 +344,31 @@ def test_checkpoint_mismatches_are_clear(tmp_path):
     p = _save_ckpt(tmp_path / "w" / "ckpt_0000007.pt", tiny, state=wrong)
     with pytest.raises(glue.GlueError, match=r"(?s)could not load checkpoint .*w/ckpt_0000007.pt.*Missing key"):
         glue.load_start(dataclasses.replace(cfg, ckpt=str(p)), "ckpt")
-    with pytest.raises(glue.GlueError, match=r"no pretrained checkpoint at .*nowhere: run `python train.py --out_dir=.*nowhere` first"):
+    with pytest.raises(glue.GlueError, match=r"no pretrained checkpoint at .*nowhere: "
+                                             r"run `python train.py --out_dir=.*nowhere` first"):
         glue.load_start(dataclasses.replace(cfg, ckpt=str(tmp_path / "nowhere")), "ckpt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(glue.GlueError, match=r"no ckpt_\*.pt inside"):
         glue.load_start(dataclasses.replace(cfg, ckpt=str(tmp_path / "empty")), "ckpt")
+
+
+def test_collapsed_pretraining_is_flagged(tmp_path, capsys):
+    """A checkpoint whose encoder gives every token the same vector (what a diverged or collapsed pretraining
+    leaves) gets a warning instead of a silent majority-class score."""
+    tiny = model.ModelConfig.preset("mosaic-bert-tiny")
+    torch.manual_seed(0)
+    m = model.build(tiny)
+    fresh = _save_ckpt(tmp_path / "fresh" / "ckpt_0000007.pt", tiny, state=m.state_dict())
+    with torch.no_grad():  # the last LayerNorm outputs its bias whatever the input
+        m.bert.layers[-1].mlp_norm.weight.zero_()
+        m.bert.layers[-1].mlp_norm.bias.fill_(1.0)
+    collapsed = _save_ckpt(tmp_path / "collapsed" / "ckpt_0000007.pt", tiny, state=m.state_dict())
+    cfg = glue.GlueConfig(ckpt=str(fresh), out_dir=str(tmp_path / "o"))
+    assert glue.token_cosine(glue.load_start(cfg, "ckpt")) < 0.9
+    assert glue.token_cosine(glue.load_start(dataclasses.replace(cfg, ckpt=str(collapsed)), "ckpt")) > 0.999
+    glue.run(dataclasses.replace(cfg, ckpt=str(collapsed), tasks="rte", glue_dir=str(FIX), seeds=1, max_steps=1,
+                                 log_interval=1000))
+    assert "maps every token to nearly the same vector" in capsys.readouterr().out
 
 
 def test_demo_without_checkpoint_tells_to_run_train(tmp_path):
@@ -441,7 +471,7 @@ def _tiny_hf_folder(folder: Path, vocab_extra=0):
     config = transformers.BertConfig(vocab_size=len(vocab) - vocab_extra, hidden_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
     torch.manual_seed(0)
-    transformers.BertForMaskedLM(config).save_pretrained(str(folder))
+    transformers.BertForPreTraining(config).save_pretrained(str(folder))  # as bert-base-uncased: with a pooler
 
 
 def test_hf_bert_folder_fine_tunes_with_its_wordpiece_vocab(tmp_path):
