@@ -76,6 +76,7 @@ class GlueConfig:
     max_train_examples: int = 0  # use a fixed random subset of the training set (demo, tests), 0: all
     max_len: int = 128           # recipe: sequences truncated to 128 tokens
     warmup: float = 0.06         # fraction of steps with linear warmup, then linear decay to 0
+    dropout: float = 0.1         # hidden dropout while fine-tuning (the paper's 0.1), whatever pretraining used
     eval_batch_size: int = 128
     dtype: str = "bfloat16"      # autocast dtype: bfloat16 | float32 (no autocast)
     device: str = "auto"         # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
@@ -725,7 +726,8 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
     """Fine-tune from `weights` (None: random init); return the final evaluation's metrics, speed, weights."""
     rec = effective_recipe(cfg, task)
     torch.manual_seed(seed)  # the head's init and dropout
-    clf = model.SequenceClassifier(start.model_config, task.num_labels)
+    clf = model.SequenceClassifier(dataclasses.replace(start.model_config, hidden_dropout=cfg.dropout),
+                                   task.num_labels)
     if weights is not None:
         clf.bert.load_state_dict(weights["bert"])
         if "pooler" in weights:

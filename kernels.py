@@ -299,8 +299,11 @@ def _sdpa_plan(cu_seqlens, L, slopes, dtype):
     seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (n,)
     nnz = int(cu_seqlens[-1])
     if nnz == n * L:  # no padding at all (e.g. full-length pretraining rows): no re-pad needed
-        mask = alibi_bias(slopes, L, cu_seqlens.device)[None] if slopes is not None else None
-        return None, None if mask is None else mask.to(dtype)
+        if slopes is None:
+            return None, None
+        mask = alibi_bias(slopes, L, cu_seqlens.device)[None].expand(n, -1, -1, -1).to(dtype)  # (n, H, L, L)
+        torch._dynamo.maybe_mark_dynamic(mask, 0)
+        return None, mask
     seq_of_token = torch.repeat_interleave(torch.arange(n, device=cu_seqlens.device), seqlens, output_size=nnz)
     pos = torch.arange(nnz, device=cu_seqlens.device) - cu_seqlens[:-1].long()[seq_of_token]
     pad_index = seq_of_token * L + pos  # (nnz,)

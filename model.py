@@ -283,10 +283,11 @@ class Bert(nn.Module):
         if lay.unpadded:  # unpad: embed only the real tokens
             flat = lay.real_indices
             h = self.embeddings(input_ids.reshape(-1)[flat], token_type_ids.reshape(-1)[flat], pos)  # (nnz, d)
-            torch._dynamo.maybe_mark_dynamic(h, 0)  # nnz varies per batch: compile once, dynamic in nnz
         else:
             h = self.embeddings(input_ids, token_type_ids, pos)  # (B, S, d)
         for layer in self.layers:
+            if lay.unpadded:  # nnz varies per batch: each (compiled) layer sees it as dynamic from the start
+                torch._dynamo.maybe_mark_dynamic(h, 0)
             h = layer(h, lay.attn)
         return h, lay
 
