@@ -1059,6 +1059,8 @@ def main(argv=None):
         if dist.master:
             demo_summary(res, control, describe(res["source"]))
             print(f"\ndone in {time.perf_counter() - t0:.0f} s; results in {Path(cfg.out_dir) / 'results.json'}")
+        if dist.world > 1:
+            torch.distributed.barrier()  # every rank done before any tears gloo down (else a rank may abort at exit)
     except GlueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -329,6 +329,8 @@ def main(argv: Optional[list[str]] = None):
     rank, world, device = init_distributed(cfg.device)
     try:
         train(cfg, rank, world, device)
+        if world > 1:
+            dist.barrier()  # every rank done before any tears the process group down
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
