@@ -34,7 +34,7 @@ peak memory. Grep the names:
                       same MLM step (quick mode: bert-base, +bf16, +unpad, mosaic-bert-base and the peer
                       only). attention: kernels.attention's naive, sdpa and flex backends at sequence
                       lengths 128..2048 (CPU: flex forward only; GPU: forward and backward).
-    batch sizes       quick: pretrain 4 x 128, glue 16 sentences, 3 rounds, 2048 tokens per attention call;
+    batch sizes       quick: pretrain 8 x 128, glue 32 sentences, 3 rounds, 2048 tokens per attention call;
                       full: pretrain 32 x 128, glue 128 sentences, 7 rounds, 8192 (QUICK, FULL). Small
                       quick batches make fixed per-step costs (AdamW, autocast's weight casts) weigh more.
     measure           every row warms up on every shape first (compile time is reported apart), then
@@ -123,7 +123,7 @@ class BenchConfig:
     png: str = ""                           # default: the json path with .png
 
 
-QUICK = dict(pretrain_batch=4, glue_batch=16, n_batches=2, repeats=3, attn_tokens=2048, ablations=False)
+QUICK = dict(pretrain_batch=8, glue_batch=32, n_batches=2, repeats=3, attn_tokens=2048, ablations=False)
 FULL = dict(pretrain_batch=32, glue_batch=128, n_batches=4, repeats=7, attn_tokens=8192, ablations=True)
 SIZES = {  # our presets and the HF peer's shape
     "base": dict(bert="bert-base", mosaic="mosaic-bert-base", layers=12, d=768, heads=12, d_ff=3072),
