@@ -800,9 +800,9 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
                 tok_window, t_window = 0, time.perf_counter()
     train_s = time.perf_counter() - t0
     result = {}
-    for split, data in evals.items():
-        pred = predict(clf, data, cfg, start.tokenizer.pad_id, dist, task.classes is None)
-        for m, v in compute_metrics(task.name, pred, data.labels).items():
+    for split, split_data in evals.items():
+        pred = predict(clf, split_data, cfg, start.tokenizer.pad_id, dist, task.classes is None)
+        for m, v in compute_metrics(task.name, pred, split_data.labels).items():
             result[m if len(evals) == 1 else f"{m}_{split}"] = v
     result.update(steps=total, train_seconds=round(train_s, 2), train_tokens=int(tokens),
                   train_tokens_per_s=round(tokens / max(train_s, 1e-9), 1))

@@ -17,9 +17,8 @@ maps them by rule (query/key/value are fused into one `Wqkv`).
 
 import glob
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch

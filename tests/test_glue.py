@@ -18,7 +18,6 @@ import torch
 
 import glue
 import model
-from config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).resolve().parent / "fixtures" / "glue"
