@@ -168,6 +168,21 @@ def scatter_rows(x: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Ten
     return _ScatterRows.apply(x, index, n_rows)
 
 
+def document_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The sequence (document) index of every packed token: int32 [nnz]."""
+    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    nnz = int(cu_seqlens[-1])
+    n = seqlens.numel()
+    return torch.repeat_interleave(torch.arange(n, device=cu_seqlens.device, dtype=torch.int32), seqlens,
+                                   output_size=nnz)
+
+
+def positions_in_sequence(cu_seqlens: torch.Tensor):
+    """(sequence index, position within that sequence) of every packed token: two int64 [nnz]."""
+    seq = document_ids(cu_seqlens).long()
+    return seq, torch.arange(seq.numel(), device=seq.device) - cu_seqlens.long()[seq]
+
+
 # ----------------------------------------------------------------------------------------
 # Per-batch attention plan
 
@@ -296,7 +311,6 @@ def sdpa(qkv: torch.Tensor, mask: torch.Tensor, dropout_p: float = 0.0) -> torch
 def _sdpa_plan(cu_seqlens, L, slopes, dtype):
     """pad_index[nnz]: where each packed token sits in the (n*L) padded layout; mask [n, H|1, L, L]."""
     n = cu_seqlens.numel() - 1
-    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (n,)
     nnz = int(cu_seqlens[-1])
     if nnz == n * L:  # no padding at all (e.g. full-length pretraining rows): no re-pad needed
         if slopes is None:
@@ -304,9 +318,9 @@ def _sdpa_plan(cu_seqlens, L, slopes, dtype):
         mask = alibi_bias(slopes, L, cu_seqlens.device)[None].expand(n, -1, -1, -1).to(dtype)  # (n, H, L, L)
         torch._dynamo.maybe_mark_dynamic(mask, 0)
         return None, mask
-    seq_of_token = torch.repeat_interleave(torch.arange(n, device=cu_seqlens.device), seqlens, output_size=nnz)
-    pos = torch.arange(nnz, device=cu_seqlens.device) - cu_seqlens[:-1].long()[seq_of_token]
+    seq_of_token, pos = positions_in_sequence(cu_seqlens)
     pad_index = seq_of_token * L + pos  # (nnz,)
+    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (n,)
     key_is_real = torch.arange(L, device=cu_seqlens.device)[None, :] < seqlens[:, None]  # (n, L)
     mask = torch.zeros(n, 1, 1, L, device=cu_seqlens.device, dtype=torch.float32)
     mask = mask.masked_fill(~key_is_real[:, None, None, :], MASK_VALUE)
@@ -357,15 +371,6 @@ def compiled_flex_attention(variant: tuple):
         fn = types.FunctionType(_flex_call.__code__.replace(co_name=name), _flex_call.__globals__, name)
         _compiled_flex[variant] = torch.compile(fn, dynamic=True)
     return _compiled_flex[variant]
-
-
-def document_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The sequence (document) index of every packed token: int32 [nnz]."""
-    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    nnz = int(cu_seqlens[-1])
-    n = seqlens.numel()
-    return torch.repeat_interleave(torch.arange(n, device=cu_seqlens.device, dtype=torch.int32), seqlens,
-                                   output_size=nnz)
 
 
 def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK):

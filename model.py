@@ -294,8 +294,7 @@ class Bert(nn.Module):
         """Position of each token within its own sequence (learned positions only; 0 at pads)."""
         if self.config.position != "learned":
             return None
-        seq = kernels.document_ids(lay.cu_seqlens).long()
-        pos = torch.arange(seq.numel(), device=seq.device) - lay.cu_seqlens.long()[seq]  # (nnz,)
+        _, pos = kernels.positions_in_sequence(lay.cu_seqlens)  # (nnz,)
         longest = int((lay.cu_seqlens[1:] - lay.cu_seqlens[:-1]).max())
         if longest > self.config.max_positions:
             raise ValueError(f"a sequence of {longest} tokens is longer than max_positions="
