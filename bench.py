@@ -25,8 +25,9 @@ peak memory. Grep the names:
                       autocast, and the paper trains its BERT baseline in bf16 too. ABLATIONS (full
                       mode, or --ablations) add each change alone on top of bert-base+bf16.
     hf-bert-base      the peer: transformers' BertForMaskedLM at the same size and vocabulary (50304),
-                      attn_implementation="sdpa", bf16 autocast (full mode also times fp32; the faster
-                      is the peer), dynamic padding to each batch's longest row.
+                      attn_implementation="sdpa", bf16 autocast, dynamic padding to each batch's longest
+                      row; hf-bert-base-eager the same with its eager attention (full mode adds fp32).
+                      The fastest of them is the peer the targets compare against.
     WORKLOADS         pretrain: data.py's 'truncate' rows (the paper's mode) of the embedded Wikipedia
                       sample, seq_len 128, 30% masking (its articles are long: the rows are ~100% real
                       tokens, so unpadding has nothing to remove here). glue: movie-review sentences
@@ -565,14 +566,18 @@ def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list
 
 
 def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Row]:
-    """The peer on every MLM workload: bf16 autocast (full mode adds fp32), dynamic padding."""
+    """The peer on every MLM workload, dynamic padding, in each of its configurations worth trying:
+    bf16 autocast with SDPA attention (transformers' default) and with its eager attention (faster
+    on some CPUs: with attention dropout the CPU's SDPA runs its fp32 math kernel), plus fp32 in
+    full mode. The targets compare against the fastest of them."""
     mcfg = modeling.ModelConfig.preset(SIZES[cfg.size]["bert"])  # same shape and vocabulary: same FLOPs
-    precisions = [("hf-bert-base", True)] + ([] if cfg.quick else [("hf-bert-base-fp32", False)])
+    variants = [("hf-bert-base", True, "sdpa"), ("hf-bert-base-eager", True, "eager")]
+    variants += [] if cfg.quick else [("hf-bert-base-fp32", False, "sdpa")]
     if not cpu_batches:
         return []
     m = hf_model(cfg, mcfg.padded_vocab_size)
     if m is None:
-        return [skipped_row(name, w, "transformers not installed") for w in cpu_batches for name, _ in precisions]
+        return [skipped_row(name, w, "transformers not installed") for w in cpu_batches for name, _, _ in variants]
     import transformers  # noqa: PLC0415  (installed: hf_model found it)
     m = m.to(device).train()
     own = list(m.parameters())
@@ -581,17 +586,19 @@ def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Ro
     for workload, cpu in cpu_batches.items():
         bs = to_device_batches(cpu, device, trim=True)  # each batch cut to its longest row
         st = stats[workload]
-        for name, bf16 in precisions:
-            def step(i, bs=bs, bf16=bf16):
+        for name, bf16, impl in variants:
+            def step(i, bs=bs, bf16=bf16, impl=impl):
+                if m.config._attn_implementation != impl:
+                    m.set_attn_implementation(impl)
                 return mlm_step(m, opt, [bs[(i * cfg.accum + j) % len(bs)] for j in range(cfg.accum)], device,
                                 bf16, hf=True)
 
             rows.append(Row(name, workload, step, warm_indices(bs, cfg.accum, every=False),
                             modeling.flops_per_token(mcfg, st.context, st.mask_frac),
                             "bfloat16" if bf16 else "float32", lambda: state_bytes(own, opt),
-                            note=f"transformers {transformers.__version__}, sdpa, "
+                            note=f"transformers {transformers.__version__}, {impl} attention, "
                                  f"{'bf16 autocast' if bf16 else 'fp32'}, dynamic padding",
-                            info=dict(bf16=bf16, attn_implementation="sdpa")))
+                            info=dict(bf16=bf16, attn_implementation=impl)))
     return rows
 
 

@@ -126,6 +126,35 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout with a faster mask on the CPU (on other devices it is nn.Dropout).
+
+    The CPU's generator is sequential, so a dropout mask costs one draw per element: F.dropout
+    (bernoulli_) takes ~4.7 ns per element on this CPU, 5% of a MosaicBERT-base training step.
+    Here one 64-bit draw gives four 16-bit uniforms, compared against p quantized to 1/65536
+    (p = 0.1 keeps with probability 1 - 6554/65536 = 0.89999), and the kept values are scaled by
+    the exact 1 / P(keep), so the layer stays unbiased: ~1.7 ns per element. Seeded by
+    torch.manual_seed like everything else; backward multiplies by the same saved mask.
+    """
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        return cpu_dropout(x, self.p)
+
+
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout with 16-bit uniforms, four per 64-bit draw (see Dropout)."""
+    drop = round(p * 65536)  # out of 65536
+    if drop >= 65536:
+        return torch.zeros_like(x)
+    n = x.numel()
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    uniform16 = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+    keep = uniform16 >= drop - 32768  # P(keep) = (65536 - drop) / 65536
+    return torch.where(keep, x * (65536 / (65536 - drop)), 0)  # the scale applied in fp32, then rounded
+
+
 class Embeddings(nn.Module):
     """Token + token-type (+ learned position) embeddings, then LayerNorm and dropout.
 
@@ -139,7 +168,7 @@ class Embeddings(nn.Module):
         if cfg.position == "learned":
             self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.d_model)
         self.LayerNorm = LayerNorm(cfg.d_model, cfg.layernorm_eps, cfg.low_precision_layernorm)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, input_ids, token_type_ids, position_ids):  # any shape (...,) -> (..., d)
         h = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
@@ -194,7 +223,7 @@ class EncoderLayer(nn.Module):
         self.attn_norm = LayerNorm(cfg.d_model, cfg.layernorm_eps, cfg.low_precision_layernorm)
         self.mlp = GeGLU(cfg) if cfg.ffn == "geglu" else GeluMLP(cfg)
         self.mlp_norm = LayerNorm(cfg.d_model, cfg.layernorm_eps, cfg.low_precision_layernorm)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, h, attn):
         H, D = self.n_heads, self.head_dim
@@ -393,7 +422,7 @@ class SequenceClassifier(nn.Module):
         self.config, self.num_labels = cfg, num_labels
         self.bert = Bert(cfg)
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         self.classifier = nn.Linear(cfg.d_model, num_labels)
         init_weights(self, cfg.init_std)
 

@@ -47,9 +47,10 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
     assert _finite_positive(j["matmul_peak_flops"])
 
     ladder = ["bert-base", "+bf16", "+unpad", "+alibi", "+geglu", "+lowp-layernorm", "+sparse-pred",
-              "mosaic-bert-base", "hf-bert-base"]
+              "mosaic-bert-base", "hf-bert-base", "hf-bert-base-eager"]
     expected = {("pretrain", n) for n in ladder}
-    expected |= {("glue", n) for n in ("bert-base", "+bf16", "+unpad", "mosaic-bert-base", "hf-bert-base")}
+    expected |= {("glue", n) for n in ("bert-base", "+bf16", "+unpad", "mosaic-bert-base", "hf-bert-base",
+                                       "hf-bert-base-eager")}
     expected |= {("attention", f"{b}-{p}@{L}") for b in ("naive", "sdpa") for p in ("fwd", "fwd+bwd") for L in (32, 64)}
     got = {(r["workload"], r["name"]) for r in j["rows"]}
     assert got == expected
@@ -156,7 +157,7 @@ def test_peer_without_transformers_is_a_skipped_row(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
     cfg = bench.resolve(bench.BenchConfig(quick=True, size="tiny"))
     rows = bench.hf_rows(cfg, torch.device("cpu"), {"pretrain": []}, {})
-    assert [(r.name, r.workload) for r in rows] == [("hf-bert-base", "pretrain")]
+    assert [(r.name, r.workload) for r in rows] == [("hf-bert-base", "pretrain"), ("hf-bert-base-eager", "pretrain")]
     res = bench.row_result(rows[0], peak=None, sheet=None)
     assert res["note"] == "skipped: transformers not installed" and res["tokens_per_s"] is None
 

@@ -1,5 +1,6 @@
 """kernels.py: every fast path against the naive reference, forward and gradients."""
 
+import contextlib
 import math
 
 import pytest
@@ -83,19 +84,33 @@ def random_batch(lengths, H, D, dtype=torch.float32, seed=0):
 
 
 lengths_st = st.lists(st.integers(1, 20), min_size=1, max_size=5)
+# The CPU sdpa path trains short sequences on SDPA's math kernel, longer ones on flash: test both.
+CPU_KERNELS = {"math": 10**9, "flash": 0}
 
 
+@contextlib.contextmanager
+def cpu_sdpa_kernel(name):
+    saved = K.CPU_MATH_MAX_SEQLEN
+    K.CPU_MATH_MAX_SEQLEN = CPU_KERNELS[name]
+    try:
+        yield
+    finally:
+        K.CPU_MATH_MAX_SEQLEN = saved
+
+
+@pytest.mark.parametrize("kernel", list(CPU_KERNELS))
 @FAST
 @given(lengths=lengths_st, H=st.sampled_from([1, 2, 3, 4, 6, 12]), D=st.sampled_from([4, 8, 16, 32]),
        alibi=st.booleans(), pad_extra=st.integers(0, 5))
-def test_sdpa_matches_naive_fp32_forward_and_grad(lengths, H, D, alibi, pad_extra):
-    """Varlen SDPA (re-pad, fused kernel, unpad) equals the explicit per-sequence reference in fp32.
-    Planning at a wider max_seqlen than needed (as the model does) changes nothing."""
+def test_sdpa_matches_naive_fp32_forward_and_grad(kernel, lengths, H, D, alibi, pad_extra):
+    """Varlen SDPA (re-pad, fused kernel, unpad) equals the explicit per-sequence reference in fp32,
+    on either CPU kernel. Planning at a wider max_seqlen than needed (as the model does) changes nothing."""
     qkv, cu, L = random_batch(lengths, H, D)
     slopes = K.alibi_slopes(H) if alibi else None
     q1, q2 = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
     ref = K.attention(q1, cu, L, slopes, "naive")
-    out = K.attention(q2, cu, L + pad_extra, slopes, "sdpa")
+    with cpu_sdpa_kernel(kernel):
+        out = K.attention(q2, cu, L + pad_extra, slopes, "sdpa")
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
     g = torch.randn_like(ref)
     ref.backward(g)
@@ -116,21 +131,43 @@ def test_sdpa_full_batch_without_padding(alibi):
     torch.testing.assert_close(q2.grad, q1.grad, atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.parametrize("kernel", list(CPU_KERNELS))
 @settings(deadline=None, max_examples=10)
 @given(lengths=lengths_st, H=st.sampled_from([2, 3, 12]), D=st.sampled_from([16, 32]))
-def test_sdpa_matches_naive_bf16(lengths, H, D):
-    """bf16 inputs: same answer as the fp32 reference within bf16 tolerance, forward and gradients."""
+def test_sdpa_matches_naive_bf16(kernel, lengths, H, D):
+    """bf16 inputs: same answer as the fp32 reference within bf16 tolerance, forward and gradients,
+    on either CPU kernel."""
     qkv, cu, L = random_batch(lengths, H, D)
     slopes = K.alibi_slopes(H)
     q32, q16 = qkv.clone().requires_grad_(), qkv.to(torch.bfloat16).requires_grad_()
     ref = K.attention(q32, cu, L, slopes, "naive")
-    out = K.attention(q16, cu, L, slopes, "sdpa")
+    with cpu_sdpa_kernel(kernel):
+        out = K.attention(q16, cu, L, slopes, "sdpa")
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
     g = torch.randn_like(ref)
     ref.backward(g)
     out.backward(g.to(torch.bfloat16))
     torch.testing.assert_close(q16.grad.float(), q32.grad, atol=6e-2, rtol=6e-2)
+
+
+def test_cpu_training_on_short_sequences_picks_the_math_kernel(monkeypatch):
+    """sdpa on the CPU asks for SDPA's math kernel exactly when it trains (grad needed) on sequences
+    of at most CPU_MATH_MAX_SEQLEN; evaluation and longer sequences keep SDPA's own choice."""
+    asked = []
+    real = K.sdpa_kernel
+
+    def spy(backends):
+        asked.append(backends)
+        return real(backends)
+
+    monkeypatch.setattr(K, "sdpa_kernel", spy)
+    L = K.CPU_MATH_MAX_SEQLEN
+    for S, grad, expect in ((L, True, [K.SDPBackend.MATH]), (L + 1, True, []), (L, False, [])):
+        asked.clear()
+        qkv = torch.randn(2, S, 3, 2, 8, dtype=torch.bfloat16, requires_grad=grad)
+        out = K.sdpa(qkv, torch.zeros(1, 1, S, S, dtype=torch.bfloat16))
+        assert out.shape == (2, S, 2, 8) and asked == expect, (S, grad, asked)
 
 
 def test_padding_never_leaks_through_padded_attention():

@@ -180,6 +180,59 @@ def test_bf16_autocast_forward_close_to_fp32():
 # ---------------------------------------------------------------------------- compile
 
 
+@settings(deadline=None, max_examples=25)
+@given(shape=st.lists(st.integers(1, 70), min_size=1, max_size=3), p=st.floats(0.0, 0.95),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_cpu_dropout_keeps_or_zeroes_and_scales_exactly(shape, p, bf16, seed):
+    """model.Dropout's fast CPU mask (16-bit uniforms) against the definition of dropout: every output
+    is 0 or x / P(keep) (P(keep) = 1 - p quantized to 1/65536), the gradient is the same mask times
+    the same scale, the same seed gives the same mask, and eval mode is the identity."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = (torch.rand(shape) + 0.5).to(dtype).requires_grad_()  # never 0: a dropped element is visible
+    drop = M.Dropout(p)
+    torch.manual_seed(seed)
+    y = drop(x)
+    keep_p = 1 - round(p * 65536) / 65536
+    kept = y != 0
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, torch.where(kept, x * (1 / keep_p), 0), atol=0, rtol=0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.where(kept, torch.full_like(x, 1 / keep_p), 0), atol=0, rtol=0)
+    torch.manual_seed(seed)
+    assert torch.equal(drop(x), y)
+    assert drop.eval()(x) is x
+
+
+def test_cpu_dropout_rate_and_unbiasedness():
+    """Over 4M elements the kept fraction and the mean of dropout(1) are within 5 sigma of 1 - p and 1,
+    for p from 0.05 to 0.9; p = 1 drops everything (as nn.Dropout)."""
+    n = 4_000_000
+    ones = torch.ones(n)
+    torch.manual_seed(0)
+    for p in (0.05, 0.1, 0.3, 0.5, 0.9):
+        y = M.Dropout(p)(ones)
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs((y != 0).float().mean().item() - (1 - p)) < 5 * sigma, p
+        assert abs(y.double().mean().item() - 1) < 5 * sigma / (1 - p), p
+    assert torch.equal(M.Dropout(1.0)(ones[:10]), torch.zeros(10))
+
+
+def test_cpu_dropout_compiles_without_graph_breaks():
+    """The fast mask traces into one graph (torch.randint, not the in-place random_ Dynamo breaks on)."""
+    from torch._dynamo.utils import counters
+    import torch._dynamo
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(M.Dropout(0.25), dynamic=True)
+    for n in (1000, 1003):
+        x = torch.rand(n, 8) + 0.5
+        y = f(x)
+        kept = y != 0
+        torch.testing.assert_close(y, torch.where(kept, x / 0.75, 0))
+        assert 0.6 < kept.float().mean() < 0.9
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_compiled_training_step_matches_eager_without_recompiles():
     """compile_model: same loss and gradients as eager, and no recompile as nnz changes (sdpa)."""
     from torch._dynamo.utils import counters
