@@ -7,6 +7,7 @@
 Everything a run does is in this file, top to bottom (grep the names):
     TrainConfig, TRAIN_PRESETS    one dataclass, --field=value flags, named recipes
     init_distributed              torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU
+    keep_freed_memory             CPU: glibc keeps freed memory, so steps do not page-fault it back in
     decoupled weight decay        MosaicML's DecoupledAdamW expressed with torch's AdamW
     lr_at                         linear warmup, then linear decay to final_lr_frac x peak
     global masked count           the MLM loss of a step is sum(CE) / (masked tokens in the whole global batch)
