@@ -35,7 +35,7 @@ peak memory. Grep the names:
                       same MLM step (quick mode: bert-base, +bf16, +unpad, mosaic-bert-base and the peer
                       only). attention: kernels.attention's naive, sdpa and flex backends at sequence
                       lengths 128..2048 (CPU: flex forward only; GPU: forward and backward).
-    batch sizes       quick: pretrain 8 x 128, glue 40 sentences, 3 rounds, 2048 tokens per attention call;
+    batch sizes       quick: pretrain 8 x 128, glue 32 sentences, 3 rounds, 2048 tokens per attention call;
                       full: pretrain 32 x 128, glue 128 sentences, 7 rounds, 8192 (QUICK, FULL). Small
                       quick batches make fixed per-step costs (AdamW, autocast's weight casts) weigh more.
     measure           every row warms up on every shape first (compile time is reported apart), then
@@ -83,7 +83,6 @@ import torch
 import data
 import kernels
 import model as modeling
-import train
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
 ROOT = Path(__file__).resolve().parent
@@ -111,9 +110,9 @@ class BenchConfig:
     ablations: Optional[bool] = None    # each change alone on bert-base+bf16 (default: full mode only)
     # None below means "the mode's default" (quick / full), printed once resolved
     pretrain_batch: Optional[int] = None    # sequences of 128 per step (quick 8, full 32)
-    glue_batch: Optional[int] = None        # sentences per step (quick 40, full 128)
+    glue_batch: Optional[int] = None        # sentences per step (quick 32, full 128)
     accum: int = 1                          # micro-batches per optimizer step (one autocast context)
-    n_batches: Optional[int] = None         # distinct batches per workload, cycled (quick 2, full 4)
+    n_batches: Optional[int] = None         # distinct batches per workload, cycled (quick 1, full 4)
     repeats: Optional[int] = None           # timed rounds (quick 3, full 7)
     attn_backends: str = "naive,sdpa,flex"
     attn_lengths: str = "128,512,1024,2048"
@@ -125,7 +124,7 @@ class BenchConfig:
     png: str = ""                           # default: the json path with .png
 
 
-QUICK = dict(pretrain_batch=8, glue_batch=40, n_batches=2, repeats=3, attn_tokens=2048, ablations=False)
+QUICK = dict(pretrain_batch=8, glue_batch=32, n_batches=1, repeats=3, attn_tokens=2048, ablations=False)
 FULL = dict(pretrain_batch=32, glue_batch=128, n_batches=4, repeats=7, attn_tokens=8192, ablations=True)
 SIZES = {  # our presets and the HF peer's shape
     "base": dict(bert="bert-base", mosaic="mosaic-bert-base", layers=12, d=768, heads=12, d_ff=3072),
@@ -274,8 +273,9 @@ def datasheet_peak(device: torch.device) -> Optional[float]:
     """The GPU's dense bf16 peak from train.py's table (None on CPU or for an unknown GPU)."""
     if device.type != "cuda":
         return None
+    from train import GPU_PEAK_FLOPS  # noqa: PLC0415  (train.py owns the table)
     name = torch.cuda.get_device_name(device)
-    return next((f for key, f in train.GPU_PEAK_FLOPS if key in name), None)
+    return next((f for key, f in GPU_PEAK_FLOPS if key in name), None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -891,11 +891,8 @@ def bench(cfg: BenchConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     torch.manual_seed(cfg.seed)
-    # as train.py and glue.py run on the CPU: freed memory stays in the heap (no page faults per step)
-    kept = device.type == "cpu" and train.keep_freed_memory()
     header = [f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-              f"{'quick' if cfg.quick else 'full'} mode, {cfg.size} size"
-              + (" | glibc keeps freed memory (train.keep_freed_memory)" if kept else "")]
+              f"{'quick' if cfg.quick else 'full'} mode, {cfg.size} size"]
     print(header[0], flush=True)
     print_config(cfg)
     t_all = time.perf_counter()

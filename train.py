@@ -7,7 +7,7 @@
 Everything a run does is in this file, top to bottom (grep the names):
     TrainConfig, TRAIN_PRESETS    one dataclass, --field=value flags, named recipes
     init_distributed              torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU
-    keep_freed_memory             CPU: glibc keeps freed memory, so steps do not page-fault it back in
+    keep_freed_memory             CPU opt-in: glibc keeps freed memory (no page faults per step, growing RSS)
     decoupled weight decay        MosaicML's DecoupledAdamW expressed with torch's AdamW
     lr_at                         linear warmup, then linear decay to final_lr_frac x peak
     global masked count           the MLM loss of a step is sum(CE) / (masked tokens in the whole global batch)
@@ -83,7 +83,7 @@ class TrainConfig:
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
     dtype: str = "bfloat16"            # autocast dtype: 'bfloat16' | 'float32' (no autocast)
     compile: bool = False
-    keep_freed_memory: bool = True     # CPU: glibc keeps freed memory (faster steps, more RSS; see keep_freed_memory)
+    keep_freed_memory: bool = False    # CPU: glibc keeps freed memory (faster steps, growing RSS; see keep_freed_memory)
     seed: int = 0
     # logging, evaluation, checkpoints
     out_dir: str = "out/demo"
@@ -175,17 +175,19 @@ def model_config(cfg: TrainConfig) -> modeling.ModelConfig:
 
 
 def keep_freed_memory() -> bool:
-    """CPU runs: let glibc keep freed memory for reuse instead of handing it back to the kernel.
+    """Opt-in for CPU runs (--keep_freed_memory): glibc keeps freed memory instead of returning it.
 
     A training step frees and re-allocates the same large tensors every step (gradients, activations,
     autocast's bf16 weight copies, logits). glibc serves big blocks with mmap and unmaps them on free,
     so every step page-faults all of that memory back in, zero-filled by the kernel. On this project's
-    2-core CI machine that was over half the wall time of the demo (`python train.py`: 827 -> 556 ms
-    per step with this on) and ~10% of a MosaicBERT-base step. PyTorch's CPU tuning guide points at
-    jemalloc/tcmalloc for the same effect; mallopt gets it from glibc alone: no mmap for big blocks,
-    no trimming of the heap's top. The price: the heap keeps its high-water mark and fragments when
-    batch shapes vary (the demo's peak RSS went from 2.6 to 5.2 GB). Turn it off with
-    --keep_freed_memory=false when memory is tight. Returns whether it applied (glibc only).
+    2-core CI machine that was a third of the demo's step time (`python train.py`: 827 -> 556 ms per
+    step with this on) and ~10% of a MosaicBERT-base step. mallopt gets the memory kept from glibc
+    alone (no mmap for big blocks, no trimming of the heap's top); PyTorch's CPU tuning guide reaches
+    for jemalloc/tcmalloc instead. Why it is not the default: without mmap, big blocks whose sizes
+    change from step to step (the sparse head's logits follow the masked-token count) fragment the
+    heap, and the resident set keeps growing (the demo: 3.8 GB after 10 steps, 7.6 GB after 250;
+    bench.py's full mode, with many models and shapes in one process, ran out of 24 GB). Fine for a
+    short run with memory to spare. Returns whether it applied (glibc only).
     """
     if platform.libc_ver()[0] != "glibc":
         return False
@@ -197,7 +199,7 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def init_distributed(device_flag: str, keep_freed: bool = True):
+def init_distributed(device_flag: str, keep_freed: bool = False):
     """Read torchrun's env vars; without them this is one process. Returns (rank, world, device).
     keep_freed: on the CPU, apply keep_freed_memory."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
