@@ -130,10 +130,10 @@ class Dropout(nn.Dropout):
     """nn.Dropout with a faster mask on the CPU (on other devices it is nn.Dropout).
 
     The CPU's generator is sequential, so a dropout mask costs one draw per element: F.dropout
-    (bernoulli_) takes ~4.7 ns per element on this CPU, 5% of a MosaicBERT-base training step.
+    (bernoulli_) takes ~5.5 ns per element on this CPU, 5% of a MosaicBERT-base training step.
     Here one 64-bit draw gives four 16-bit uniforms, compared against p quantized to 1/65536
     (p = 0.1 keeps with probability 1 - 6554/65536 = 0.89999), and the kept values are scaled by
-    the exact 1 / P(keep), so the layer stays unbiased: ~1.7 ns per element. Seeded by
+    the exact 1 / P(keep), so the layer stays unbiased: ~2.3 ns per element. Seeded by
     torch.manual_seed like everything else; backward multiplies by the same saved mask.
     """
 
