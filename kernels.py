@@ -32,6 +32,7 @@ For speed the per-batch work (pad indices, the additive mask, the block mask) is
 `plan_attention` and shared by every layer; `attention()` is the one-call convenience form.
 """
 
+import contextlib
 import math
 import types
 from dataclasses import dataclass
@@ -318,11 +319,9 @@ def sdpa(qkv: torch.Tensor, mask: torch.Tensor, dropout_p: float = 0.0) -> torch
     Forward-only calls (evaluation) keep flash, which wins there. GPUs choose for themselves.
     """
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, D)
-    if (qkv.device.type == "cpu" and qkv.shape[1] <= CPU_MATH_MAX_SEQLEN
-            and torch.is_grad_enabled() and qkv.requires_grad):
-        with sdpa_kernel(SDPBackend.MATH):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    else:
+    cpu_training_short = (qkv.device.type == "cpu" and qkv.shape[1] <= CPU_MATH_MAX_SEQLEN
+                          and torch.is_grad_enabled() and qkv.requires_grad)
+    with sdpa_kernel(SDPBackend.MATH) if cpu_training_short else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, S, D)
     return out.transpose(1, 2)  # (B, S, H, D)
 

@@ -156,20 +156,19 @@ def test_wrong_column_count_names_file_line_and_fix(tmp_path):
         glue.load_task(glue.TASKS["cola"], str(tmp_path))
 
 
-def test_bad_labels(tmp_path):
-    d = _copy_task(tmp_path, "STS-B")
-    _append(d / "dev.tsv", "6\tmain-captions\tMSRvid\t2012test\t0007\tnone\tnone\tA man.\tA woman.\tabout four")
-    with pytest.raises(glue.GlueError, match=r"STS-B/dev.tsv, line 8: the stsb score 'about four' is not a number"):
-        glue.load_task(glue.TASKS["stsb"], str(tmp_path))
-    d = _copy_task(tmp_path, "RTE")
-    _append(d / "dev.tsv", "6\tA man sleeps.\tA man is awake.\tcontradiction")
-    with pytest.raises(glue.GlueError, match=r"RTE/dev.tsv, line 8: label 'contradiction' is not one of "
-                                             r"entailment, not_entailment"):
-        glue.load_task(glue.TASKS["rte"], str(tmp_path))
-    d = _copy_task(tmp_path, "SST-2")
-    _append(d / "train.tsv", "a fine film\tpositive")
-    with pytest.raises(glue.GlueError, match=r"SST-2/train.tsv, line 10: label 'positive' is not one of 0, 1"):
-        glue.load_task(glue.TASKS["sst2"], str(tmp_path))
+@pytest.mark.parametrize("folder, task, file, row, error", [
+    ("STS-B", "stsb", "dev.tsv", "6\tmain-captions\tMSRvid\t2012test\t0007\tnone\tnone\tA man.\tA woman.\tabout four",
+     r"STS-B/dev.tsv, line 8: the stsb score 'about four' is not a number"),
+    ("RTE", "rte", "dev.tsv", "6\tA man sleeps.\tA man is awake.\tcontradiction",
+     r"RTE/dev.tsv, line 8: label 'contradiction' is not one of entailment, not_entailment"),
+    ("SST-2", "sst2", "train.tsv", "a fine film\tpositive",
+     r"SST-2/train.tsv, line 10: label 'positive' is not one of 0, 1"),
+])
+def test_bad_labels(tmp_path, folder, task, file, row, error):
+    d = _copy_task(tmp_path, folder)
+    _append(d / file, row)
+    with pytest.raises(glue.GlueError, match=error):
+        glue.load_task(glue.TASKS[task], str(tmp_path))
 
 
 def test_missing_task_file(tmp_path):
