@@ -250,3 +250,64 @@ def test_attention_dropout_only_in_sdpa_and_naive():
     out = K.attention(qkv, cu, L, None, "sdpa", dropout_p=0.5)
     assert torch.isfinite(out).all() and not math.isclose(
         out.abs().sum().item(), K.attention(qkv, cu, L, None, "sdpa").abs().sum().item())
+
+
+# ---------------------------------------------------------------------------- fused decoder + cross-entropy
+
+
+def _lce_case(M, d, V, n_ignored, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, d, generator=g)
+    w = torch.randn(V, d, generator=g) * 0.5
+    b = torch.randn(V, generator=g)
+    labels = torch.randint(0, V, (M,), generator=g)
+    labels[torch.randperm(M, generator=g)[:n_ignored]] = -100
+    return x, w, b, labels
+
+
+def _lce_grads(fn, x, w, b, labels, scale=1.0):
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    loss, correct = fn(x, w, b, labels)
+    (loss * scale).backward()
+    return loss.detach(), correct, x.grad, w.grad, b.grad
+
+
+@FAST
+@given(M=st.integers(1, 40), d=st.integers(1, 12), V=st.integers(1, 70), chunk=st.integers(1, 17),
+       ignored=st.integers(0, 40), seed=st.integers(0, 2**16))
+def test_linear_cross_entropy_matches_naive_fp32(M, d, V, chunk, ignored, seed):
+    """Loss, exact top-1 count and the gradients of x, the weight and the bias, any chunking."""
+    x, w, b, labels = _lce_case(M, d, V, min(ignored, M), seed)
+    fused = _lce_grads(lambda *a: K.linear_cross_entropy(*a, chunk_rows=chunk), x, w, b, labels, scale=0.37)
+    ref = _lce_grads(K.linear_cross_entropy_naive, x, w, b, labels, scale=0.37)
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-4)
+    assert fused[1].item() == ref[1].item()
+    for got, want in zip(fused[2:], ref[2:]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@FAST
+@given(M=st.integers(1, 40), chunk=st.integers(1, 17), seed=st.integers(0, 2**16))
+def test_linear_cross_entropy_matches_naive_bf16_autocast(M, chunk, seed):
+    """Under bf16 autocast both run the matmuls in bf16: the top-1 count is exact (same logits), the rest close."""
+    x, w, b, labels = _lce_case(M, 32, 200, M // 4, seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _lce_grads(lambda *a: K.linear_cross_entropy(*a, chunk_rows=chunk), x.bfloat16(), w, b, labels)
+        ref = _lce_grads(K.linear_cross_entropy_naive, x.bfloat16(), w, b, labels)
+    torch.testing.assert_close(fused[0], ref[0], rtol=2e-3, atol=1e-2)
+    assert fused[1].item() == ref[1].item()
+    assert fused[2].dtype == torch.bfloat16 and fused[3].dtype == fused[4].dtype == torch.float32
+    for got, want in zip(fused[2:], ref[2:]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_linear_cross_entropy_all_ignored_and_no_grad():
+    x, w, b, labels = _lce_case(6, 4, 9, 6, 0)
+    loss, correct, gx, gw, gb = _lce_grads(K.linear_cross_entropy, x, w, b, labels)
+    assert loss.item() == 0 and correct.item() == 0
+    assert not gx.any() and not gw.any() and not gb.any()
+    with torch.no_grad():  # evaluation: same numbers
+        x, w, b, labels = _lce_case(6, 4, 9, 2, 1)
+        got, want = K.linear_cross_entropy(x, w, b, labels), K.linear_cross_entropy_naive(x, w, b, labels)
+    torch.testing.assert_close(got[0], want[0])
+    assert got[1].item() == want[1].item()

@@ -134,6 +134,30 @@ def test_sparse_prediction_equals_dense_logits_at_masked_positions(unpad):
     torch.testing.assert_close(sparse_out.loss_sum, ref, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_fused_head_loss_and_gradients_equal_the_plain_head(monkeypatch, sparse):
+    """kernels.linear_cross_entropy in the model = F.linear + fp32 cross-entropy + argmax: loss, top-1
+    count and every parameter's gradient, the word embedding (tied to the decoder) and the head bias included."""
+    cfg = replace(TINY, sparse_prediction=sparse)
+    fused = M.build(cfg).train()
+    plain = twin(cfg, fused).train()
+    ids, mask, labels, _ = batch(4, 12, seed=3)
+    a = fused(ids, mask, labels)
+    monkeypatch.setattr(M.kernels, "linear_cross_entropy", kernels_naive)
+    b = plain(ids, mask, labels)
+    torch.testing.assert_close(a.loss_sum, b.loss_sum, atol=1e-4, rtol=1e-5)
+    assert a.n_correct == b.n_correct and a.n_masked == b.n_masked
+    a.loss_sum.backward()
+    b.loss_sum.backward()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert fused.head.bias.grad.abs().sum() > 0
+
+
+def kernels_naive(x, weight, bias, labels):
+    return M.kernels.linear_cross_entropy_naive(x, weight, bias, labels)
+
+
 def test_classifier_and_regression_heads():
     mlm = M.build(TINY).eval()
     ids, mask, _, types = batch(3, 7)
