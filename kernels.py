@@ -464,26 +464,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, labels, chunk_rows, dtype, grad):  # (M, d), (V, d), (V,), (M,)
-        M = x.shape[0]
+        (M, _), V = x.shape, weight.shape[0]
         xc, wc, bc = x.to(dtype), weight.to(dtype), bias.to(dtype)
-        G = torch.empty(M, weight.shape[0], dtype=dtype, device=x.device) if grad else None  # (M, V)
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)  # (V,)
+        c = min(chunk_rows, M)
+        logits_buf = torch.empty(c, V, dtype=dtype, device=x.device)  # (c, V), reused by every chunk
+        z_buf = torch.empty(c, V, dtype=torch.float32, device=x.device)  # (c, V) fp32, reused
+        # G's rows rounded up to a whole chunk: fewer distinct allocation sizes from step to step
+        G = torch.empty(-(-M // c) * c, V, dtype=dtype, device=x.device)[:M] if grad else None  # (M, V)
+        grad_bias = torch.zeros(V, dtype=torch.float32, device=x.device) if grad else None  # (V,)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         n_correct = torch.zeros((), dtype=torch.int64, device=x.device)
-        for start in range(0, M, chunk_rows):
-            sl = slice(start, min(start + chunk_rows, M))
-            y = labels[sl]  # (c,)
+        for start in range(0, M, c):
+            sl = slice(start, min(start + c, M))
+            n = sl.stop - start
+            y = labels[sl]  # (n,)
             valid = y != -100
-            target = y.clamp(min=0)[:, None]  # (c, 1)
-            logits = torch.addmm(bc, xc[sl], wc.t())  # (c, V) in the compute dtype
-            n_correct += ((logits.argmax(-1) == y) & valid).sum()
-            z = logits.float()  # (c, V) fp32: one chunk at a time
-            lse = torch.logsumexp(z, -1, keepdim=True)  # (c, 1)
-            loss += ((lse - z.gather(1, target)).squeeze(1) * valid).sum()
-            if grad:
-                g = z.sub_(lse).exp_()  # softmax, in place
-                g.scatter_add_(1, target, torch.full_like(lse, -1.0))  # - onehot
-                g.mul_(valid[:, None])  # ignored rows contribute nothing
+            target = y.clamp(min=0)[:, None]  # (n, 1)
+            logits = torch.addmm(bc, xc[sl], wc.t(), out=logits_buf[:n])  # (n, V) in the compute dtype
+            z = z_buf[:n].copy_(logits)  # (n, V) fp32, exactly the logits' values
+            mx = z.amax(-1, keepdim=True)  # (n, 1)
+            z_label = z.gather(1, target)  # (n, 1)
+            # exact top-1: the label's logit is the row's max and no earlier class ties it (argmax's
+            # first-index rule); argmax runs only on the few rows whose label logit reaches the max
+            top = (z_label == mx).squeeze(1) & valid
+            rows = top.nonzero().squeeze(1)
+            if rows.numel():
+                n_correct += (z[rows].argmax(-1) == y[rows]).sum()
+            g = z.sub_(mx).exp_()  # (n, V): exp(z - max)
+            total = g.sum(-1, keepdim=True)  # (n, 1)
+            lse = mx + total.log()
+            loss += ((lse - z_label).squeeze(1) * valid).sum()
+            if grad:  # softmax - onehot = (exp(z - max) - total * onehot) / total; ignored rows zero
+                g.scatter_add_(1, target, -total)
+                g.mul_(valid[:, None] / total)
                 grad_bias += g.sum(0)
                 G[sl] = g
         if grad:
@@ -513,13 +526,13 @@ def linear_cross_entropy(x, weight, bias, labels, chunk_rows: int = 0):
     the fp32 loss sum (differentiable in x, weight and bias) and the int64 count of rows whose logits'
     argmax (first index on ties) equals the label. Under autocast the matmuls run in its dtype, as
     F.linear would; the log-sum-exp is fp32 either way. chunk_rows: rows per chunk (0: enough for
-    ~32 MB of fp32 logits). Reference: linear_cross_entropy_naive. At d=256 and V=50304 (the CPU
+    ~16 MB of fp32 logits, below glibc's largest mmap threshold). Reference: linear_cross_entropy_naive. At d=256 and V=50304 (the CPU
     demo) the head is about half the step's FLOPs and most of its memory traffic.
     """
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if chunk_rows <= 0:
-        chunk_rows = max(16, (1 << 23) // weight.shape[0])
+        chunk_rows = max(16, (1 << 22) // weight.shape[0])
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))  # no G in evaluation
     with torch.autocast(dev, enabled=False):
         return _LinearCrossEntropy.apply(x, weight, bias, labels, chunk_rows, dtype, grad)

@@ -35,7 +35,7 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--quick", "--size=tiny", "--json", str(out), "--compile=false",
            "--attn_backends=naive,sdpa", "--attn_lengths=32,64", "--attn_tokens=128", "--pretrain_batch=2",
-           "--glue_batch=4", "--n_batches=1", "--repeats=2", "--threads=1"]
+           "--glue_batch=4", "--demo_batch=2", "--n_batches=1", "--repeats=2", "--threads=1"]
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -51,6 +51,7 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
     expected = {("pretrain", n) for n in ladder}
     expected |= {("glue", n) for n in ("bert-base", "+bf16", "+unpad", "mosaic-bert-base", "hf-bert-base",
                                        "hf-bert-base-eager")}
+    expected |= {("demo", "mosaic-bert-small (demo)")}
     expected |= {("attention", f"{b}-{p}@{L}") for b in ("naive", "sdpa") for p in ("fwd", "fwd+bwd") for L in (32, 64)}
     got = {(r["workload"], r["name"]) for r in j["rows"]}
     assert got == expected
@@ -71,7 +72,7 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
         if r["workload"] in ("pretrain", "glue") and r["name"] == "bert-base":
             assert r["speedup"] == pytest.approx(1.0)
 
-    assert len(j["targets"]) == 5
+    assert len(j["targets"]) == 6
     for t in j["targets"]:
         if "HF peer" in t["target"] and not have_hf:
             assert t["met"] is None
