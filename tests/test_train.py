@@ -295,3 +295,22 @@ def test_keep_freed_memory_stops_page_faulting_reallocations():
         counts[mode] = int(proc.stdout.split()[-1])
     pages_per_step = (2 * 64 + 12) * 2**20 // 4096
     assert counts["off"] > 4 * pages_per_step and counts["on"] < counts["off"] / 4, counts
+
+
+def test_bounded_heap_trims_kept_memory_past_its_bound():
+    """train.BoundedHeap: freed memory stays resident (kept for reuse) until the resident set passes
+    growth x its level after the warm-up steps; then the heap is trimmed and the resident set falls back."""
+    probe = ("import torch, train\n"
+             "heap = train.BoundedHeap(True, growth=1.2, warmup=2)\n"
+             "assert heap.active\n"
+             "small = lambda: torch.ones(8 * 2**20).sum()\n"  # a 32 MiB working set
+             "for _ in range(2): small(); heap.after_step()\n"
+             "limit = heap.limit\n"
+             "big = torch.ones(256 * 2**20); del big\n"  # 1 GiB, freed but kept by glibc
+             "kept = train.resident_bytes()\n"
+             "heap.after_step()\n"
+             "print(kept > limit, heap.trims, train.resident_bytes() < limit)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "1", "True"], proc.stdout
