@@ -55,6 +55,9 @@ peak memory. Grep the names:
                       share one pool of parameters (see ParamPool): other rows' models do not count.
     targets           computed from the measured numbers, printed as met / not met.
     projection        the paper's recipe (70,000 steps x 4,096 x 128 tokens) on N devices like this one.
+    heap              CPU: every row runs under train.py's default heap (train.BoundedHeap: glibc keeps freed
+                      memory for the next step instead of page-faulting it back in; trimmed past 1.2x the
+                      resident set after all warm-ups). --keep_freed_memory=false gives glibc's default.
     threads           torch's default unless --threads. On a machine whose cores other jobs keep busy,
                       a multi-threaded (OpenMP) step stalls at every barrier and the numbers turn to
                       noise: measure on an idle machine, or compare rows at --threads=1.
@@ -86,6 +89,7 @@ import torch
 import data
 import kernels
 import model as modeling
+import train
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
 ROOT = Path(__file__).resolve().parent
@@ -108,6 +112,7 @@ class BenchConfig:
     workloads: str = "pretrain,glue,demo,attention"
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
     threads: int = 0                    # torch.set_num_threads; 0 keeps torch's default
+    keep_freed_memory: bool = True      # CPU: train.py's default heap (train.BoundedHeap) for every row, the peer's too
     compile: bool = True                # the mosaic-bert-base row runs model.compile_model
     hf: bool = True                     # time the Hugging Face peer
     ablations: Optional[bool] = None    # each change alone on bert-base+bf16 (default: full mode only)
@@ -714,9 +719,11 @@ def dynamo_graphs() -> int:
         return -1
 
 
-def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log) -> dict:
+def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log, keep_freed: bool = False) -> dict:
     live = [r for r in rows if not r.skipped]
     t_start = time.perf_counter()
+    # train.py's CPU heap: freed memory kept for the next step; its bound is set after every row's warm-up
+    heap = train.BoundedHeap(keep_freed and device.type == "cpu", warmup=sum(len(r.warm) for r in live))
     for r in live:  # warm-up: every shape (every batch for compiled rows); memory on the last warm-up step
         for k, i in enumerate(r.warm):
             def timed(i=i):
@@ -725,6 +732,7 @@ def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log) -> dict:
                 r.step(i)
                 sync(device)
                 r.warm_times.append(time.perf_counter() - t0)
+                heap.after_step()
             if k < len(r.warm) - 1:
                 timed()
             else:  # persistent state before the step + the step's high-water mark above its start
@@ -745,10 +753,11 @@ def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log) -> dict:
             sync(device)
             r.times.append(time.perf_counter() - t)
             r.tokens.append(n)
+            heap.after_step()
         peak.burst()
         log(f"  round {k + 1}/{repeats}: {time.perf_counter() - t0:.1f} s")
     recompiled = graphs >= 0 and dynamo_graphs() != graphs
-    return dict(total_s=time.perf_counter() - t_start, recompiled_during_timing=recompiled)
+    return dict(total_s=time.perf_counter() - t_start, recompiled_during_timing=recompiled, heap_trims=heap.trims)
 
 
 # ----------------------------------------------------------------------------------------
@@ -966,7 +975,7 @@ def bench(cfg: BenchConfig) -> dict:
           f"({cfg.repeats} interleaved rounds after warm-up)", flush=True)
 
     peak = MatmulPeak(device, n=1024 if cfg.size == "tiny" else None)
-    status = run(rows, cfg.repeats, device, peak, lambda s: print(s, flush=True))
+    status = run(rows, cfg.repeats, device, peak, lambda s: print(s, flush=True), cfg.keep_freed_memory)
     sheet = datasheet_peak(device)
     results = [row_result(r, peak, sheet) for r in rows]
     add_speedups(results)
@@ -989,7 +998,7 @@ def bench(cfg: BenchConfig) -> dict:
                matmul_peak_flops_by_dtype={k: peak.peak(k) for k in peak.rates},
                datasheet_peak_flops=sheet, config=config_dict(cfg),
                workloads={w: asdict(s) for w, s in stats.items()}, rows=results, targets=tgts, projection=proj,
-               recompiled_during_timing=status["recompiled_during_timing"],
+               recompiled_during_timing=status["recompiled_during_timing"], heap_trims=status["heap_trims"],
                wall_s=time.perf_counter() - t_all)
     if cfg.json:
         path = Path(cfg.json)
