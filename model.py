@@ -401,8 +401,9 @@ class BertForMaskedLM(nn.Module):
             picked = torch.nonzero(labels != -100, as_tuple=False).flatten()  # (M,)
             h, labels = h[picked], labels[picked]  # (M, d), (M,)
             torch._dynamo.maybe_mark_dynamic(h, 0)
-        # The decoder and the loss fused, chunk by chunk (kernels.linear_cross_entropy): the same loss,
-        # gradients and exact top-1 count as self._loss(self.head(h), labels), without the fp32 (M, V) logits.
+        # The decoder and the loss fused, chunk by chunk (kernels.linear_cross_entropy): the loss and
+        # gradients of self._loss(self.head(h), labels) and the exact top-1 (argmax) count, without
+        # ever holding the fp32 (M, V) logits.
         loss_sum, n_correct = kernels.linear_cross_entropy(self.head.transform(h), self.head.decoder_weight,
                                                            self.head.bias, labels)
         return MLMOutput(loss_sum, n_correct, (labels != -100).sum())
