@@ -243,7 +243,8 @@ def test_stream_resume_cost_does_not_grow_with_position(tmp_path, monkeypatch):
         resumed.load_state_dict(states[k])
         assert all(_equal(batches[j], resumed.next_batch()) for j in range(k, k + 3))
         cost[k] = sum(reads)
-    assert cost[1] <= 80 and cost[33] <= 80, cost    # the position's file and the next: not the ~290 before
+    # the position's file, the 64 documents tokenized ahead and the 24 rows: not the ~290 records before the position
+    assert cost[33] <= cost[1] + 40 and cost[33] <= 160, cost
 
 
 # ---------------------------------------------------------------------------------------------------------------
