@@ -46,6 +46,7 @@ import lzma
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -649,7 +650,9 @@ class _StreamReader(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         p, n = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:
-            try:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):     # preemption is the training process's to handle
+                signal.signal(sig, signal.SIG_IGN)           # (train.py finishes the step and saves); a worker
+            try:                                             # killed by the signal would fail the next batch
                 import fsspec.asyn
                 fsspec.asyn.reset_lock()                     # as datasets does in workers (fsspec hangs otherwise)
             except Exception:
