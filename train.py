@@ -57,6 +57,9 @@ class TrainError(RuntimeError):
 # Exit status after a preemption signal once the checkpoint is saved: EX_TEMPFAIL of <sysexits.h>, "try again
 # later". A requeue script tells it from success (0), bad flags (2) and failures (1, or a signal's 128+n).
 PREEMPTED_EXIT = 75
+# torchrun turns any worker's non-zero status into its own exit 1, so rank 0 also leaves this file in out_dir
+# (holding the step); the next start of train.py in that out_dir removes it.
+PREEMPTED_MARKER = "PREEMPTED"
 # Process-group timeout: a collective waits this long for the slowest rank. torch's default is 10 min for NCCL;
 # a rank's first batch (DataLoader start-up, a resumed stream re-reading part of one C4 file) may take minutes.
 DIST_TIMEOUT = datetime.timedelta(hours=1)
@@ -548,6 +551,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(cfg.out_dir, PREEMPTED_MARKER)):
+            os.remove(os.path.join(cfg.out_dir, PREEMPTED_MARKER))
         if ckpt is None and os.path.exists(metrics_path):  # (no checkpoints here: see autoresume above)
             print(f"note: {metrics_path} holds the rows of a run that saved no checkpoint; starting afresh", flush=True)
             os.remove(metrics_path)
@@ -705,6 +710,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         if preempt is not None and step < end and preempt.agreed():
             if not saved:
                 save_checkpoint(step)
+            if master:
+                with open(os.path.join(cfg.out_dir, PREEMPTED_MARKER), "w") as f:
+                    f.write(f"{step}\n")
             print0(f"preempted ({preempt.received or 'a signal to another rank'}): checkpoint at step {step} saved; "
                    f"exiting with status {PREEMPTED_EXIT}. Continue with --resume (or the same command again)")
             raise Preempted(step)
