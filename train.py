@@ -402,7 +402,8 @@ class PreemptionFlag:
     """Preemption: SIGTERM (what schedulers and torchrun send before a kill) or SIGUSR1 (SLURM's --signal) only
     sets a flag; the loop reads it at the end of every step through `agreed`, so every rank stops after the same
     step, rank 0 saves a checkpoint, and the job exits with PREEMPTED_EXIT. The previous handlers come back on exit.
-    Under torchrun a SIGTERM to torchrun reaches every worker, which then have torchrun's 30 s grace to save."""
+    Under torchrun a SIGTERM to torchrun reaches every worker, which then have torchrun's 30 s grace to save
+    (SIGUSR1 only with TORCHELASTIC_SIGNALS_TO_HANDLE listing it)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
