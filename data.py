@@ -21,7 +21,8 @@ Top to bottom:
              hash, not a stateful RNG, so any world size, worker count or resume draws the same masks.
   order      local sources: one global order, reshuffled each epoch with a seeded permutation; global batch k holds
              the same samples on 1 or 8 processes, rank r taking the r-th contiguous slice. Streams: per-shard order.
-  resume     state_dict()/load_state_dict(): the next batches are exactly those of the uninterrupted run.
+  resume     state_dict()/load_state_dict(): the next batches are exactly those of the uninterrupted run. A stream's
+             position names its file, so a resume opens that file directly (cost: at most one file's records).
 
 Bad input raises DataError (a ValueError) saying what to do, never a silent drop:
   errors         missing path, unknown file type, no `text` field, no documents left, a document over
