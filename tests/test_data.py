@@ -247,6 +247,24 @@ def test_stream_resume_cost_does_not_grow_with_position(tmp_path, monkeypatch):
     assert cost[33] <= cost[1] + 40 and cost[33] <= 160, cost
 
 
+def test_stream_workers_ignore_preemption_signals(tmp_path):
+    """A scheduler's SIGTERM/SIGUSR1 to the whole process group must not kill DataLoader workers: train.py finishes
+    the step (which needs the next batch) and saves before it exits."""
+    import os
+    import signal
+    import time
+    for f in range(2):
+        _write_jsonl(tmp_path / f"w{f}.jsonl", [_words(40 * f + i, 8) for i in range(20)])
+    s = data.PretrainStream(f"stream:{tmp_path}/w*.jsonl", mode="truncate", seq_len=32, global_batch_size=2,
+                            num_workers=2)
+    s.next_batch()
+    for w, sig in zip(s._impl._it._workers, (signal.SIGTERM, signal.SIGUSR1)):
+        os.kill(w.pid, sig)
+    time.sleep(0.5)
+    for _ in range(4):                                # both workers' batches (round robin)
+        assert s.next_batch()["input_ids"].shape == (2, 32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rows: truncate, chunk, pack
 # ---------------------------------------------------------------------------------------------------------------
