@@ -56,7 +56,7 @@ peak memory. Grep the names:
     targets           computed from the measured numbers, printed as met / not met.
     projection        the paper's recipe (70,000 steps x 4,096 x 128 tokens) on N devices like this one.
     heap              CPU: every row runs under train.py's default heap (train.BoundedHeap: glibc keeps freed
-                      memory for the next step instead of page-faulting it back in; trimmed past 1.2x the
+                      memory for the next step instead of page-faulting it back in; trimmed past 1.15x the
                       resident set after all warm-ups). --keep_freed_memory=false gives glibc's default.
     threads           torch's default unless --threads. On a machine whose cores other jobs keep busy,
                       a multi-threaded (OpenMP) step stalls at every barrier and the numbers turn to

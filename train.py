@@ -246,7 +246,7 @@ class BoundedHeap:
     or /proc is missing, or when not enabled (glibc's default behaviour then).
     """
 
-    def __init__(self, enabled: bool, growth: float = 1.2, warmup: int = 20):
+    def __init__(self, enabled: bool, growth: float = 1.15, warmup: int = 20):
         self.active = enabled and keep_freed_memory() and resident_bytes() is not None
         self.growth, self.warmup, self.steps, self.limit, self.trims = growth, warmup, 0, None, 0
 
