@@ -405,9 +405,8 @@ class BertForMaskedLM(nn.Module):
     def _loss(logits, labels) -> MLMOutput:  # (M, V), (M,)
         loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
         masked = labels != -100
-        with torch.no_grad():  # correct = the label's logit is the largest (amax is a cheaper reduction than argmax)
-            label_logit = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
-            n_correct = ((label_logit >= logits.amax(-1)) & masked).sum()
+        with torch.no_grad():  # exact top-1: a label that only ties another token's maximum (common in bf16) is wrong
+            n_correct = ((logits.argmax(-1) == labels) & masked).sum()
         return MLMOutput(loss_sum, n_correct, masked.sum())
 
 
