@@ -265,20 +265,45 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------
-# MFU: model FLOPs utilisation against the device's bf16 peak
+# MFU: model FLOPs utilisation against the device's peak in the run's dtype
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets. Checked in order: first match wins.
-GPU_PEAK_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-]
+# Dense (no sparsity) peaks per GPU in TFLOP/s from the vendors' data sheets: (bf16 tensor core, fp32).
+# fp32 is the plain (non-tensor-core) rate torch's default float32 matmul precision ("highest") runs at;
+# with TF32 allowed (torch.set_float32_matmul_precision("high")) float32 matmuls get half the bf16 peak.
+# Names are matched as whole words, longest first: "L40" never matches "L4", "GB200" never "B200".
+GPU_PEAK_TFLOPS = {
+    "A100": (312, 19.5),
+    "H100": (989, 67), "H100 PCIe": (756, 51), "H100 NVL": (835, 60),
+    "H200": (989, 67), "H200 NVL": (835, 60), "GH200": (989, 67),
+    "L4": (121, 30.3), "L40": (181, 90.5), "L40S": (362, 91.6),
+    "B200": (2250, 75), "GB200": (2500, 80),
+}
+
+
+def _words(name: str) -> list[str]:
+    return name.upper().replace("-", " ").replace("_", " ").split()
+
+
+def datasheet_peak(device_name: str, dtype: str) -> Optional[float]:
+    """Dense peak FLOP/s of a GPU (torch.cuda.get_device_name) for the run's dtype, or None when the
+    name is not in GPU_PEAK_TFLOPS. The longest table key whose words appear, in order and whole, in
+    the name wins: "NVIDIA H100 NVL" is the NVL part, "NVIDIA A100-SXM4-80GB" an A100."""
+    words = _words(device_name)
+    for key in sorted(GPU_PEAK_TFLOPS, key=lambda k: (len(_words(k)), len(k)), reverse=True):
+        kw = _words(key)
+        if any(words[i:i + len(kw)] == kw for i in range(len(words) - len(kw) + 1)):
+            bf16, fp32 = GPU_PEAK_TFLOPS[key]
+            if dtype == "bfloat16":
+                return bf16 * 1e12
+            tf32 = torch.get_float32_matmul_precision() != "highest"
+            return (bf16 / 2 if tf32 else fp32) * 1e12
+    return None
 
 
 def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
-    """FLOP/s one rank can reach: the GPU's table entry, or on CPU a timed matmul in the run's dtype."""
+    """FLOP/s one rank can reach: the GPU's data-sheet peak for `dtype`, or on CPU a timed matmul in it."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((f for key, f in GPU_PEAK_FLOPS if key in name), None)
+        return datasheet_peak(torch.cuda.get_device_name(device), dtype)
     dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     n = 2048  # ~17 GFLOP per matmul: long enough to reach the CPU's sustained rate
     g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched
@@ -533,8 +558,10 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     flops_per_token = modeling.flops_per_token(mcfg, cfg.seq_len, cfg.mask_prob)
     peak = peak_flops(device, cfg.dtype)
     if peak:
-        print0(f"MFU reference: {peak / 1e12:.2f} TFLOP/s per rank "
-               f"({'measured ' + cfg.dtype + ' matmul' if device.type == 'cpu' else 'bf16 dense peak'})")
+        source = f"measured {cfg.dtype} matmul" if device.type == "cpu" else f"data-sheet dense {cfg.dtype} peak"
+        print0(f"MFU reference: {peak / 1e12:.2f} TFLOP/s per rank ({source})")
+    else:
+        print0(f"MFU: no data-sheet peak for {torch.cuda.get_device_name(device)!r}; add it to train.GPU_PEAK_TFLOPS")
     end = cfg.max_steps if cfg.stop_at_step <= 0 else min(cfg.stop_at_step, cfg.max_steps)
     if step >= end:
         print0(f"nothing to do: the checkpoint is at step {step} and the run ends at step {end}")

@@ -24,3 +24,38 @@ def test_mlm_accuracy_is_exact_top1_and_ties_are_wrong():
     labels = torch.tensor([2, 1, 3, -100, 0])
     out = M.BertForMaskedLM._loss(logits, labels)
     assert out.n_correct.item() == 2 and out.n_masked.item() == 4
+
+
+# ---------------------------------------------------------------------------- MFU: the data-sheet peak table
+
+
+@pytest.mark.parametrize("name,bf16,fp32", [
+    ("NVIDIA A100-SXM4-80GB", 312, 19.5), ("NVIDIA A100-PCIE-40GB", 312, 19.5),
+    ("NVIDIA H100 80GB HBM3", 989, 67), ("NVIDIA H100 PCIe", 756, 51), ("NVIDIA H100 NVL", 835, 60),
+    ("NVIDIA H200", 989, 67), ("NVIDIA H200 NVL", 835, 60), ("NVIDIA GH200 480GB", 989, 67),
+    ("NVIDIA L4", 121, 30.3), ("NVIDIA L40", 181, 90.5), ("NVIDIA L40S", 362, 91.6),
+    ("NVIDIA B200", 2250, 75), ("NVIDIA GB200", 2500, 80),
+])
+def test_datasheet_peak_matches_whole_names_longest_first_per_dtype(name, bf16, fp32, monkeypatch):
+    """Each data-sheet name gets its own entry ("L40" is not an "L4", "GB200" not a "B200", the NVL parts
+    not the SXM figure) and float32 runs are measured against the fp32 peak (TF32 when allowed)."""
+    import train
+    assert train.datasheet_peak(name, "bfloat16") == bf16 * 1e12
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert train.datasheet_peak(name, "float32") == fp32 * 1e12
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert train.datasheet_peak(name, "float32") == bf16 / 2 * 1e12
+
+
+def test_unknown_gpu_has_no_peak_and_train_and_bench_share_the_table(monkeypatch):
+    """An unknown name (or a near miss) gives None, not a neighbour's figure; bench.py reads train.py's
+    table through the same function, for the device name torch reports."""
+    import bench
+    import train
+    for name in ("NVIDIA GeForce RTX 4090", "NVIDIA L20", "NVIDIA H20", "NVIDIA A10"):
+        assert train.datasheet_peak(name, "bfloat16") is None, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    assert bench.datasheet_peak(torch.device("cuda")) == {"bfloat16": 362e12, "float32": train.datasheet_peak(
+        "NVIDIA L40S", "float32")}
+    assert train.peak_flops(torch.device("cuda"), "bfloat16") == 362e12
+    assert bench.datasheet_peak(torch.device("cpu")) is None
