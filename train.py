@@ -328,8 +328,10 @@ def evaluate(model, batches, device, amp, rank, world):
     tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked
     for b in batches[rank::world]:
         b = {k: to_device(v, device) for k, v in b.items()}
-        # eager even under --compile: evaluation's no_grad mode and batch shapes would recompile every region
-        with amp(), torch.compiler.set_stance("force_eager"):
+        # Never under set_stance("force_eager"): that also turns off the compiled flex_attention, and eager
+        # flex builds the whole (1, H, nnz, nnz) score matrix (~43 GB a layer at the paper's eval batch).
+        # Under --compile each region compiles once more, for no_grad; nnz stays dynamic.
+        with amp():
             out = model(b["input_ids"], b["attention_mask"], b["labels"])
         tot += torch.stack([out.loss_sum.float(), out.n_correct.float(), out.n_masked.float()]).double()
     model.train()

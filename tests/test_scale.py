@@ -59,3 +59,56 @@ def test_unknown_gpu_has_no_peak_and_train_and_bench_share_the_table(monkeypatch
         "NVIDIA L40S", "float32")}
     assert train.peak_flops(torch.device("cuda"), "bfloat16") == 362e12
     assert bench.datasheet_peak(torch.device("cpu")) is None
+
+
+# ---------------------------------------------------------------------------- evaluation through the compiled flex
+
+
+@pytest.fixture
+def flex_warnings(monkeypatch):
+    """Records every time flex_attention runs outside torch.compile (it then warns "flex_attention called
+    without torch.compile()" and builds the full score matrix). The compiled flex function is swapped for
+    one compiled with dynamo's "eager" backend: the same tracing as inductor's, without its 30 s C++ build."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    import kernels as K
+    seen = []
+    real = flex_module._warn_once
+    monkeypatch.setattr(flex_module, "_warn_once", lambda warning_id, *a, **k: (seen.append(warning_id),
+                                                                                  real(warning_id, *a, **k)))
+    fn = torch.compile(K._flex_call, backend="eager", dynamic=True)
+    monkeypatch.setattr(K, "compiled_flex_attention", lambda variant: fn)
+    return seen
+
+
+def test_evaluate_runs_flex_compiled(flex_warnings):
+    """train.evaluate with attn_backend="flex" goes through the compiled flex_attention: no eager flex call
+    (set_stance("force_eager") used to switch it off)."""
+    import contextlib
+
+    import train
+    from test_model import TINY, batch
+    net = M.build(M.ModelConfig(**{**TINY.__dict__, "attn_backend": "flex"}))
+    batches = []
+    for seed in range(2):
+        ids, mask, labels, _ = batch(3, 20, seed=seed)
+        batches.append(dict(input_ids=ids, attention_mask=mask, labels=labels))
+    loss, acc = train.evaluate(net, batches, torch.device("cpu"), contextlib.nullcontext, 0, 1)
+    assert 0 < loss < 20 and 0 <= acc <= 1 and net.training
+    assert "flex_attention_performance" not in flex_warnings
+
+
+def test_glue_predict_runs_flex_compiled(flex_warnings):
+    """glue.predict (GLUE dev scoring) likewise stays on the compiled flex function."""
+    import numpy as np
+
+    import glue
+    from test_model import TINY
+    clf = M.SequenceClassifier(M.ModelConfig(**{**TINY.__dict__, "attn_backend": "flex"}), 2)
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(5, 300, n).astype(np.int32) for n in (7, 12, 3, 9)]
+    enc = glue.Encoded(ids, np.array([3, 5, 2, 4]), np.array([0, 1, 0, 1]))
+    cfg = glue.GlueConfig(eval_batch_size=2, dtype="bfloat16")
+    pred = glue.predict(clf, enc, cfg, 0, glue.Dist(), regression=False)
+    assert pred.shape == (4,) and set(pred.tolist()) <= {0, 1}
+    assert "flex_attention_performance" not in flex_warnings
