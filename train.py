@@ -12,7 +12,7 @@ Everything a run does is in this file, top to bottom (grep the names):
     lr_at                         linear warmup, then linear decay to final_lr_frac x peak
     global masked count           the MLM loss of a step is sum(CE) / (masked tokens in the whole global batch)
     no_sync                       gradients are all-reduced once per step, on the last micro-step
-    --compile                     torch.compile in one place; the uncompiled module saves and evaluates
+    --compile                     torch.compile in one place, on by default on CUDA (resolve_compile)
     MFU                           against a peak-FLOP table on GPUs, a measured matmul rate on CPUs
     save_checkpoint / resume      atomic, weights_only-loadable, exact continuation (data, RNG, schedule)
 
@@ -82,7 +82,7 @@ class TrainConfig:
     # system
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
     dtype: str = "bfloat16"            # autocast dtype: 'bfloat16' | 'float32' (no autocast)
-    compile: bool = False
+    compile: Optional[bool] = None     # None (auto): compile on CUDA, eager on the CPU; true/false forces it
     keep_freed_memory: bool = False    # CPU: glibc keeps freed memory (faster steps, growing RSS; see keep_freed_memory)
     seed: int = 0
     # logging, evaluation, checkpoints
@@ -152,6 +152,17 @@ def check_config(cfg: TrainConfig, world_size: int) -> int:
                           f"{per_rank} (= --global_batch_size={cfg.global_batch_size} / {world_size} ranks); "
                           f"use a divisor of {per_rank}, e.g. {hint}")
     return per_rank // cfg.micro_batch_size
+
+
+def resolve_compile(flag: Optional[bool], device: torch.device) -> tuple[bool, str]:
+    """--compile: true/false as given; unset (None), compile where it pays: on CUDA the regional compile
+    (fused GeGLU, LayerNorm and dropout, the fused flex kernel) is worth its one-off cost; on the CPU
+    it buys a few % for tens of seconds of compiling, so the CPU demo stays eager. Returns (on, why)."""
+    if flag is not None:
+        return flag, f"--compile={str(flag).lower()}"
+    if device.type == "cuda":
+        return True, "default on CUDA; --compile=false to run eagerly"
+    return False, f"default on {device.type}; --compile=true to compile"
 
 
 def model_config(cfg: TrainConfig) -> modeling.ModelConfig:
@@ -456,7 +467,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         optimizer.load_state_dict(ckpt["optimizer"])
         step, tokens_seen = ckpt["step"], ckpt.get("tokens_seen", 0)
     model = raw_model
-    if cfg.compile:
+    use_compile, why = resolve_compile(cfg.compile, device)
+    print0(f"compile: {'on' if use_compile else 'off'} ({why})")
+    if use_compile:
         # The one compile site. model.compile_model compiles each encoder layer and the MLM head in
         # place (regional compilation; unpadding stays eager, nnz is marked dynamic), so the state_dict
         # keeps its plain names. See recompiles with TORCH_LOGS=recompiles.
@@ -622,7 +635,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                    f"lr {f'{lr:.1e}'.replace('e-0', 'e-')} | {ms:,.0f} ms | {tok_s:,.0f} tok/s | "
                    f"mfu {f'{mfu:.0%}' if mfu is not None else 'n/a'} | eta {fmt_time(eta)}")
             if step == first_step + 1:
-                print0(f"(the first step includes warm-up{' and torch.compile' if cfg.compile else ''}: "
+                print0(f"(the first step includes warm-up{' and torch.compile' if use_compile else ''}: "
                        f"{dt:.1f} s)")
             check_finite(step)
             log_metrics(dict(step=step, loss=loss, mlm_acc=acc, lr=lr, tokens_per_s=tok_s, ms_per_step=ms,

@@ -112,3 +112,31 @@ def test_glue_predict_runs_flex_compiled(flex_warnings):
     pred = glue.predict(clf, enc, cfg, 0, glue.Dist(), regression=False)
     assert pred.shape == (4,) and set(pred.tolist()) <= {0, 1}
     assert "flex_attention_performance" not in flex_warnings
+
+
+# ---------------------------------------------------------------------------- compile by default where it pays
+
+
+def test_paper_presets_compile_on_cuda_by_default_with_an_opt_out():
+    """--preset=mosaic-bert-base compiles on CUDA unless --compile=false; the CPU stays eager by default;
+    an explicit --compile (bare or =true) always compiles."""
+    import train
+    from config import parse_config
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for preset in ("mosaic-bert-base", "bert-base"):
+        cfg = parse_config(train.TrainConfig, [f"--preset={preset}"], presets=train.TRAIN_PRESETS)
+        assert train.resolve_compile(cfg.compile, cuda)[0] is True
+        assert train.resolve_compile(cfg.compile, cpu)[0] is False
+        off = parse_config(train.TrainConfig, [f"--preset={preset}", "--compile=false"], presets=train.TRAIN_PRESETS)
+        on, why = train.resolve_compile(off.compile, cuda)
+        assert on is False and "--compile=false" in why
+    bare = parse_config(train.TrainConfig, ["--compile"], presets=train.TRAIN_PRESETS)
+    assert train.resolve_compile(bare.compile, cpu)[0] is True
+
+
+def test_startup_log_says_whether_it_compiles(tmp_path, capsys):
+    import train
+    train.main(["--preset=mosaic-bert-tiny", "--device=cpu", "--seq_len=32", "--global_batch_size=4",
+                "--micro_batch_size=4", "--max_steps=1", "--eval_every=0", "--save_every=0",
+                f"--out_dir={tmp_path}"])
+    assert "compile: off (default on cpu; --compile=true to compile)" in capsys.readouterr().out
