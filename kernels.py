@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.nn.attention.flex_attention as flex_module
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("naive", "sdpa", "flex", "auto")
@@ -438,11 +439,16 @@ def _flex_plan(cu_seqlens, slopes):
 
 
 def _flex(qkv, plan):
-    if qkv.device.type == "cpu" and torch.is_grad_enabled() and qkv.requires_grad:
-        raise NotImplementedError(
-            "the flex attention backend has no backward pass on the CPU in this torch (FlexAttention "
-            "does not support backward on CPU); use attn_backend='sdpa' to train on the CPU, or run "
-            "flex under torch.no_grad() for inference")
     q, k, v = qkv.permute(1, 2, 0, 3)[:, None].unbind(0)  # each (1, H, nnz, D)
+    if qkv.device.type == "cpu" and torch.is_grad_enabled() and qkv.requires_grad:
+        # torch refuses flex's CPU backward in this one device check (tests lift it to check the gradients
+        # of the dense eager implementation underneath); asked here, eagerly, so that the error says what to do.
+        try:
+            flex_module._validate_device(q, k, v)
+        except NotImplementedError as e:
+            raise NotImplementedError(
+                "the flex attention backend has no backward pass on the CPU in this torch (FlexAttention "
+                "does not support backward on CPU); use attn_backend='sdpa' to train on the CPU, or run "
+                "flex under torch.no_grad() for inference") from e
     out = plan.flex_fn(q, k, v, plan.score_mod, plan.block_mask)  # (1, H, nnz, D)
     return out[0].transpose(0, 1)  # (nnz, H, D)
