@@ -258,13 +258,13 @@ class Layout:
     real_indices: torch.Tensor
     cu_seqlens: torch.Tensor
     attn: object
+    n_counted: int = 0  # Bert.layout's `count`: its set entries among the positions the model keeps
 
     def cls_rows(self):
-        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states."""
+        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states (every row
+        must hold one). A sorted search, not a nonzero: no host sync."""
         row_of = torch.div(self.real_indices, self.S, rounding_mode="floor")  # (nnz,)
-        first = torch.ones_like(row_of, dtype=torch.bool)
-        first[1:] = row_of[1:] != row_of[:-1]
-        idx = torch.nonzero(first, as_tuple=False).flatten()  # (B,) when every row has a token
+        idx = torch.searchsorted(row_of, torch.arange(self.B, device=row_of.device))  # (B,)
         return idx if self.unpadded else self.real_indices[idx]
 
 
@@ -278,26 +278,39 @@ class Bert(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.n_layers)])
         self.register_buffer("alibi_slopes", kernels.alibi_slopes(cfg.n_heads), persistent=False)
 
-    def layout(self, attention_mask, dtype) -> Layout:
-        """Unpad and plan attention for this batch: eager, one host sync, done before the layers run."""
+    def layout(self, attention_mask, dtype, count=None) -> Layout:
+        """Unpad and plan attention for this batch: eager, done before the layers run.
+
+        Its one host sync reads three counts together: the real tokens (nnz), the documents that start
+        inside a row (packed ids), and the set entries of `count` (bool [B, S], e.g. the masked tokens
+        sparse prediction keeps) among the positions the model keeps. Every data-dependent shape after
+        that is built from these ints (nonzero_static, output_size) without waiting on the device again.
+        """
         cfg = self.config
         B, S = attention_mask.shape
         slopes = self.alibi_slopes if cfg.position == "alibi" else None
-        real_indices = torch.nonzero(attention_mask.reshape(-1) != 0, as_tuple=False).flatten()  # (nnz,)
-        if real_indices.numel() == 0:
+        real = attention_mask.reshape(-1) != 0  # (B*S,)
+        starts = kernels.document_starts(attention_mask)  # (B, S)
+        counted = torch.zeros((), dtype=torch.long, device=real.device) if count is None else (
+            (count.reshape(-1) & real) if cfg.unpad else count.reshape(-1)).sum()
+        nnz, n_inner, n_counted = torch.stack([real.sum(), starts.sum(), counted]).tolist()  # THE host sync
+        if nnz == 0:
             raise ValueError("the batch has no real tokens: attention_mask is all zero")
-        cu_seqlens = kernels.seqlens_from_mask(attention_mask, real_indices)
+        real_indices = torch.nonzero_static(real, size=nnz).flatten()  # (nnz,)
+        cu_seqlens = kernels.seqlens_from_mask(attention_mask, real_indices, n_inner)
         if cfg.unpad:
             # Plan attention at the padded width S, not the batch's true longest sequence:
             # the shapes then depend only on (B, S), which torch.compile can treat as static.
             p = cfg.attn_dropout if self.training else 0.0
-            attn = kernels.plan_attention(cu_seqlens, S, slopes, cfg.attn_backend, (cfg.n_heads, cfg.head_dim), dtype, p)
+            attn = kernels.plan_attention(cu_seqlens, S, slopes, cfg.attn_backend, (cfg.n_heads, cfg.head_dim), dtype, p,
+                                          nnz=nnz)
         else:
             attn = kernels.padded_attention_mask(attention_mask, slopes, dtype)
-        return Layout(B, S, cfg.unpad, real_indices, cu_seqlens, attn)
+        return Layout(B, S, cfg.unpad, real_indices, cu_seqlens, attn, n_counted)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        """input_ids, attention_mask, token_type_ids: [B, S] -> (hidden [nnz, d] or [B, S, d], Layout)."""
+    def forward(self, input_ids, attention_mask, token_type_ids=None, count=None):
+        """input_ids, attention_mask, token_type_ids: [B, S] -> (hidden [nnz, d] or [B, S, d], Layout).
+        count: an optional bool [B, S] whose set entries the layout counts in its one host sync."""
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
                              f"{tuple(attention_mask.shape)} must both be [B, S]")
@@ -306,7 +319,7 @@ class Bert(nn.Module):
         dev = input_ids.device
         dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                  else self.embeddings.word_embeddings.weight.dtype)
-        lay = self.layout(attention_mask, dtype)
+        lay = self.layout(attention_mask, dtype, count)
         pos = self._positions(lay)
         if lay.unpadded:  # unpad: embed only the real tokens
             flat = lay.real_indices
@@ -323,11 +336,11 @@ class Bert(nn.Module):
         """Position of each token within its own sequence (learned positions only; 0 at pads)."""
         if self.config.position != "learned":
             return None
-        _, pos = kernels.positions_in_sequence(lay.cu_seqlens)  # (nnz,)
-        longest = int((lay.cu_seqlens[1:] - lay.cu_seqlens[:-1]).max())
-        if longest > self.config.max_positions:
-            raise ValueError(f"a sequence of {longest} tokens is longer than max_positions="
+        # checked on the padded width S (no sequence is longer), not the longest sequence: no host sync
+        if lay.S > self.config.max_positions:
+            raise ValueError(f"rows of {lay.S} tokens are longer than max_positions="
                              f"{self.config.max_positions}; shorten seq_len or use position='alibi'")
+        _, pos = kernels.positions_in_sequence(lay.cu_seqlens, lay.real_indices.numel())  # (nnz,)
         return pos if lay.unpadded else kernels.pad(pos, lay.real_indices, lay.B, lay.S)
 
 
@@ -392,11 +405,12 @@ class BertForMaskedLM(nn.Module):
         model at V=50304) only on the ~15-30% of tokens that are masked, instead of on all of
         them and discarding the rest. Same loss, a fraction of the head's FLOPs and memory.
         """
-        h, lay = self.bert(input_ids, attention_mask, token_type_ids)
+        sparse = self.config.sparse_prediction
+        h, lay = self.bert(input_ids, attention_mask, token_type_ids, count=(labels != -100) if sparse else None)
         h = h.reshape(-1, h.shape[-1])  # (T, d), T = nnz or B*S
         labels = labels.reshape(-1)[lay.real_indices] if lay.unpadded else labels.reshape(-1)  # (T,)
-        if self.config.sparse_prediction:
-            picked = torch.nonzero(labels != -100, as_tuple=False).flatten()  # (M,)
+        if sparse:  # M, the masked-token count, was read in the layout's host sync
+            picked = torch.nonzero_static(labels != -100, size=lay.n_counted).flatten()  # (M,)
             h, labels = h[picked], labels[picked]  # (M, d), (M,)
             torch._dynamo.maybe_mark_dynamic(h, 0)
         return self._loss(self.head(h), labels)

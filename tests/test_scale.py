@@ -232,3 +232,101 @@ def test_flex_training_on_cpu_keeps_its_clear_error():
     mask = torch.ones(1, 5, dtype=torch.long)
     with pytest.raises(NotImplementedError, match="attn_backend='sdpa'"):
         flex_vs_naive(mask, 2, 8, True, torch.float32, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------- host syncs per forward
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+# aten ops whose output (shape or value) the host must wait for
+SYNC_OPS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::masked_select",
+            "aten::unique_consecutive", "aten::_unique2", "aten::unique_dim", "aten::allclose"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the host-syncing calls made inside it: the aten ops above, repeat_interleave without an
+    output_size, and Tensor.tolist (which on the CPU reads memory without any aten op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in SYNC_OPS or (name == "aten::repeat_interleave" and kwargs.get("output_size") is None
+                                and (len(args) < 4 or args[3] is None)):
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        real, calls = torch.Tensor.tolist, self.calls
+
+        def tolist(t):
+            calls.append("Tensor.tolist")
+            return real(t)
+        self._patch = mock.patch.object(torch.Tensor, "tolist", tolist)
+        self._patch.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._patch.__exit__(*exc)
+        return super().__exit__(*exc)
+
+
+def sync_batch(B=4, S=24):
+    """A batch with padding, an empty-ish short row and a packed row (document ids 1, 2)."""
+    from test_model import batch
+    ids, mask, labels, types = batch(B, S, lengths=[S, 5, 17, 1])
+    mask[2, 9:17] = 2
+    return ids, mask, labels, types
+
+
+@pytest.mark.parametrize("preset,backend", [("mosaic-bert-tiny", "sdpa"), ("bert-tiny", "sdpa")])
+def test_mlm_forward_makes_one_host_sync(preset, backend):
+    """One host sync per micro-step: an MLM forward (unpadding, packed documents, sparse prediction) reads
+    the device once; a new .item(), int(), nonzero or bool-mask index in the forward makes this fail."""
+    net = M.build(M.ModelConfig.preset(preset, vocab_size=300, attn_backend=backend, sparse_prediction=True))
+    ids, mask, labels, _ = sync_batch()
+    with SyncCounter() as c:
+        out = net(ids, mask, labels)
+    assert c.calls == ["Tensor.tolist"], c.calls
+    dense = net.logits(ids, mask)[labels != -100]  # the picked rows are the masked tokens
+    assert out.n_masked.item() == dense.shape[0]
+
+
+def test_classifier_forward_and_flex_plan_make_one_host_sync():
+    """The GLUE classifier's forward ([CLS] rows found without a nonzero) and the flex plan (block mask
+    built from cu_seqlens and the known nnz) add no sync of their own."""
+    cfg = M.ModelConfig.preset("mosaic-bert-tiny", vocab_size=300)
+    clf = M.SequenceClassifier(cfg, 3)
+    ids, mask, _, types = sync_batch()
+    with SyncCounter() as c:
+        logits, loss = clf(ids, mask, types, labels=torch.tensor([0, 1, 2, 0]))
+    assert c.calls == ["Tensor.tolist"], c.calls
+    flex = M.Bert(M.ModelConfig.preset("mosaic-bert-tiny", vocab_size=300, attn_backend="flex")).eval()
+    with SyncCounter() as c:
+        lay = flex.layout(mask, torch.float32)
+    assert c.calls == ["Tensor.tolist"], c.calls
+    ref = K.document_block_mask(lay.cu_seqlens)  # nnz read from cu_seqlens: the same mask
+    assert torch.equal(lay.attn.block_mask.to_dense(), ref.to_dense())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+def test_mlm_forward_makes_one_host_sync_on_cuda():
+    """The same count from CUDA itself: torch.cuda.set_sync_debug_mode warns on every synchronizing call."""
+    import warnings
+    net = M.build(M.ModelConfig.preset("mosaic-bert-tiny", vocab_size=300)).cuda()
+    ids, mask, labels, _ = (t.cuda() for t in sync_batch())
+    net(ids, mask, labels)  # warm-up: compile the flex kernel, allocate
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            net(ids, mask, labels)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(x.message)[:200] for x in w if "synchroniz" in str(x.message)]
+    assert len(syncs) <= 1, syncs
