@@ -30,13 +30,15 @@ def test_step_commands_parse_with_the_scripts_own_configs():
 
 def test_gpu_path_never_imports_datasets(tmp_path):
     """With `datasets` absent (the GPU machines have none), every module imports, the dry run lists the steps,
-    and a training run on the embedded sample with the check's data flags works."""
+    a training run on the embedded sample with the check's data flags works, and pytest collects the CUDA tests."""
     code = NO_DATASETS + f"""
 import gpu_check, train, bench, glue, data, model, kernels
 assert gpu_check.main(["--dry_run"]) == 0
 train.main(["--preset=mosaic-bert-tiny", "--data=default", "--data_mode=chunk", "--seq_len=32",
             "--global_batch_size=4", "--micro_batch_size=4", "--max_steps=2", "--eval_every=0",
             "--save_every=0", "--device=cpu", "--out_dir={tmp_path}"])
+import pytest
+assert pytest.main(["--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"]) == 0
 """
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
