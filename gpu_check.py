@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent
 class GpuCheckConfig:
     out_dir: str = "out/gpu_check"
     dry_run: bool = False        # print the steps' commands and exit
-    tests_timeout: int = 240     # seconds per step: 240 + 180 + 150 = 9.5 minutes at the very most
-    bench_timeout: int = 180
+    tests_timeout: int = 280     # seconds per step: 280 + 160 + 150 = 9.8 minutes at the very most
+    bench_timeout: int = 160
     train_timeout: int = 150
     train_steps: int = 50
 

@@ -17,7 +17,7 @@ import torch
 
 import model as M
 from conftest import NO_CUDA
-from test_scale import flex_vs_naive
+from test_scale import FLEX_HEADS, flex_vs_naive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_flex_compiled_matches_naive_at_block_boundaries_cuda(nnz, dtype, alibi)
         for i, n in enumerate(r, start=1):
             mask[b, at:at + n] = i
             at += n
-    (out, ref), (g_flex, g_ref) = flex_vs_naive(mask, 4, 64, alibi, dtype, torch.device("cuda"))
+    (out, ref), (g_flex, g_ref) = flex_vs_naive(mask, *FLEX_HEADS, alibi, dtype, torch.device("cuda"))
     # fp32: loose enough for TF32 inside the kernel; a wrong mask or bias is off by O(1)
     tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.float32 else dict(atol=4e-2, rtol=4e-2)
     torch.testing.assert_close(out, ref, **tol)
