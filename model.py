@@ -482,19 +482,25 @@ def build(config: ModelConfig) -> BertForMaskedLM:
     return BertForMaskedLM(config)
 
 
-def compile_model(model: nn.Module) -> nn.Module:
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """torch.compile, regionally: each encoder layer and the MLM head, in place.
 
     Unpadding and planning attention (data-dependent shapes, one host sync) stay eager, so the
     compiled regions see only the varying token count nnz, marked dynamic: one compile per
     region, reused by all 12 layers, and no recompiles as nnz changes from batch to batch.
-    Check with TORCH_LOGS=recompiles. Returns the same module (its state_dict keys unchanged).
+    With FlexAttention the regions compile with dynamic=True: its BlockMask carries nnz as Python
+    ints (seq_lengths), which a default compile specializes on the first batch, recompiling on the
+    second. Check with TORCH_LOGS=recompiles. Returns the same module (its state_dict keys unchanged).
+    `backend`: torch.compile's ("eager" lets tests count graphs without building kernels).
     """
     bert = model.bert if hasattr(model, "bert") else model
+    cfg, device = bert.config, next(model.parameters()).device
+    flex = cfg.unpad and kernels.resolve_backend(cfg.attn_backend, device) == "flex"
+    options = dict(backend=backend, dynamic=True if flex else None)
     for layer in bert.layers:
-        layer.compile()
+        layer.compile(**options)
     if isinstance(model, BertForMaskedLM):
-        model.head.compile()
+        model.head.compile(**options)
     return model
 
 

@@ -333,3 +333,21 @@ def test_mlm_forward_makes_one_host_sync_on_cuda():
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(x.message)[:200] for x in w if "synchroniz" in str(x.message)]
     assert len(syncs) <= 1, syncs
+
+
+def test_compiled_flex_regions_do_not_recompile_as_nnz_changes():
+    """model.compile_model with FlexAttention: one graph per region (encoder layer, MLM head) over batches of
+    different real-token counts. Dynamo's guards do not depend on the backend, so the "eager" backend counts
+    the same graphs inductor would build (on CUDA, tests/test_cuda.py counts them with inductor, training)."""
+    from torch._dynamo.utils import counters
+
+    from test_cuda import tiny_batch
+    torch._dynamo.reset()
+    counters.clear()
+    net = M.build(M.ModelConfig.preset("mosaic-bert-tiny", vocab_size=300, attn_backend="flex")).eval()
+    M.compile_model(net, backend="eager")
+    with torch.no_grad():
+        for seed in range(4):
+            net(*tiny_batch("cpu", B=8, S=128, seed=seed))
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch._dynamo.reset()
