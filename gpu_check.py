@@ -64,7 +64,8 @@ def steps(cfg: GpuCheckConfig) -> list[Step]:
         Step("train", [py, "train.py", "--preset=mosaic-bert-base", "--data=default", "--data_mode=chunk",
                        "--num_workers=2", "--global_batch_size=256", "--micro_batch_size=128",
                        f"--max_steps={cfg.train_steps}", "--log_every=10", "--eval_every=0", "--save_every=0",
-                       "--keep_checkpoints=1", f"--out_dir={out / 'train'}"], cfg.train_timeout),
+                       "--keep_checkpoints=1", f"--out_dir={out / time.strftime('train-%Y%m%d-%H%M%S')}"],
+             cfg.train_timeout),  # a new out_dir each time: train.py would autoresume (and skip) a finished run
     ]
 
 
