@@ -344,8 +344,9 @@ def gpt2_tokenizer_json():
     the merges recovered from the ranks (a token of rank r is the merge BPE makes with the ranks below r),
     GPT-2's split regex (ByteLevel pre-tokenizer), <|endoftext|> and [CLS] [SEP] [PAD] [MASK] as special tokens
     with data.py's ids, and a post-processor that wraps a text as [CLS] text [SEP] (pairs: [CLS] a [SEP] b [SEP],
-    token types 0 then 1). One difference from data.Tokenizer, on purpose: a literal "[MASK]" in the text is the
-    mask token here (the fill-mask pipeline needs that), where data.Tokenizer encodes it as ordinary text."""
+    token types 0 then 1). One difference from data.Tokenizer, on purpose: a literal "[MASK]" (or another special)
+    in the text is the special token here, with the space before "[MASK]" dropped as fillmask.encode_masked does
+    (the fill-mask pipeline needs that), where data.Tokenizer encodes it as ordinary text."""
     import data
     from tiktoken.load import load_tiktoken_bpe
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -360,8 +361,8 @@ def gpt2_tokenizer_json():
     tk.decoder = decoders.ByteLevel()
     specials = {"<|endoftext|>": data.EOT_ID, "[CLS]": data.CLS_ID, "[SEP]": data.SEP_ID, "[PAD]": data.PAD_ID,
                 "[MASK]": data.MASK_ID}
-    for tok, i in sorted(specials.items(), key=lambda x: x[1]):
-        tk.add_special_tokens([AddedToken(tok, special=True, normalized=False)])
+    for tok, i in sorted(specials.items(), key=lambda x: x[1]):  # [MASK] takes the space before it, as fillmask.py
+        tk.add_special_tokens([AddedToken(tok, special=True, normalized=False, lstrip=tok == "[MASK]")])
         _require(tk.token_to_id(tok) == i, f"tokenizer.json: {tok} got id {tk.token_to_id(tok)}, data.py says {i}")
     tk.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -373,7 +374,7 @@ def _write_gpt2_tokenizer(folder: Path, max_len: int):
     gpt2_tokenizer_json().save(str(folder / "tokenizer.json"))
     conf = {"tokenizer_class": "PreTrainedTokenizerFast", "cls_token": "[CLS]", "sep_token": "[SEP]",
             "pad_token": "[PAD]", "mask_token": "[MASK]", "model_max_length": max_len,
-            "clean_up_tokenization_spaces": False}
+            "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
     (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 
@@ -611,6 +612,26 @@ def export(ckpt, folder) -> Path:
         raise ValueError(f"{ckpt} was trained with tokenizer {ck.get('tokenizer')!r}; the export writes the GPT-2 "
                          f"BPE tokenizer.json of train.py checkpoints only")
     return export_model(mlm, folder)
+
+
+def load_folder(folder):
+    """Any model folder this file knows -> (our BertForMaskedLM, tokenizer): an export of ours (config.json holds
+    our model_config; the GPT-2 tokenizer), MosaicML's MosaicBERT or a HF BERT folder (their vocab.txt)."""
+    import data
+    hf_cfg = json.loads((Path(folder) / "config.json").read_text())
+    if "model_config" in hf_cfg:  # ours, exported
+        cfg = model.config_from_dict(hf_cfg["model_config"])
+        mlm = BertForMaskedLM(cfg)
+        if hf_cfg.get("model_type") == "bert":
+            mlm.load_state_dict(from_hf_bert(folder).state_dict())
+        else:
+            _, sd = _read_folder(folder)
+            mlm.load_state_dict(sd, strict=False)  # head.decoder_weight is the tied word embedding
+            missing = set(mlm.state_dict()) - set(sd) - {"head.decoder_weight"}
+            _require(not missing, f"{folder}: model.safetensors lacks {sorted(missing)[:5]}")
+        return mlm, data.get_tokenizer()
+    mlm = from_mosaicml(folder) if is_mosaicml(folder) else from_hf_bert(folder)
+    return mlm, WordPiece.from_folder(folder)
 
 
 def load_line(folder, cfg: ModelConfig) -> str:
