@@ -311,3 +311,16 @@ def test_export_cli_prints_the_folder_and_the_loading_line(exported, capsys):
     out = capsys.readouterr().out
     assert str((ckpt_dir / "cli").resolve()) in out and "AutoModelForMaskedLM.from_pretrained(" in out
     assert ("trust_remote_code=True" in out) == (kind == "mosaic")
+
+
+def test_fillmask_cli_on_folders(exported, tmp_path, capsys):
+    """fillmask.py --hf=FOLDER: an export of ours (GPT-2 tokenizer) prints our top_k; a MosaicML folder runs with
+    its WordPiece vocabulary."""
+    kind, ours, folder = exported
+    text = "The capital of France is [MASK]."
+    fillmask.main([f"--hf={folder}", "--k=3", text])
+    want = fillmask.format_predictions(text, fillmask.top_k(ours, data.get_tokenizer(), text, k=3))
+    assert want in capsys.readouterr().out
+    _save_mosaicml_folder(tmp_path / "mosaic", _mosaicml_state_dict())
+    fillmask.main([f"--hf={tmp_path / 'mosaic'}", "--k=2", "w1 w2 [MASK] w3"])
+    assert "[MASK] #1: w" in capsys.readouterr().out
