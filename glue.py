@@ -704,7 +704,7 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
     if dist.master:
         print(f"{tag} | final: " + ", ".join(f"{m} {result[m] * 100:.2f}" for m in metric_names(task))
               + f" | {result['train_tokens_per_s']:,.0f} tok/s over {train_s:.0f} s", flush=True)
-    return {"metrics": result, "weights": encoder_weights(clf)}
+    return {"metrics": result, "weights": encoder_weights(clf), "classifier": clf.classifier.state_dict()}
 
 
 def majority_baseline(task: Task, train: Examples, evals: dict) -> Optional[dict]:
@@ -906,7 +906,8 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
             if dist.master:
                 if name == "mnli" and seed == seeds[0]:  # the encoder RTE, MRPC, STS-B start from
                     model.atomic_save({"weights": out["weights"], "model_config": config_dict(start.model_config),
-                                       "source": start.source, "seed": seed}, str(mnli_encoder_path(out_dir)))
+                                       "source": start.source, "seed": seed, "classifier": out["classifier"]},
+                                      str(mnli_encoder_path(out_dir)))  # the classifier: for hf.export only
                 tr["seeds"][str(seed)] = out["metrics"]
                 atomic_write_json(summarize(res), out_dir / "results.json")
             if dist.world > 1:

@@ -370,11 +370,26 @@ def gpt2_tokenizer_json():
     return tk
 
 
-def _write_gpt2_tokenizer(folder: Path, max_len: int):
-    gpt2_tokenizer_json().save(str(folder / "tokenizer.json"))
+def wordpiece_tokenizer_json(wp: "WordPiece"):
+    """A WordPiece vocabulary (hf.WordPiece) as a tokenizer.json with BERT's [CLS] a [SEP] b [SEP] post-processor."""
+    from tokenizers import AddedToken, Tokenizer, processors
+    tk = Tokenizer.from_str(wp.tk.to_str())
+    specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in wp.vocab]
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=t == "[MASK]") for t in specials])
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", wp.cls_id), ("[SEP]", wp.sep_id)])
+    return tk
+
+
+def _write_tokenizer(folder: Path, tk, max_len: int, unk: bool = False):
+    """tokenizer.json and a tokenizer_config.json that AutoTokenizer reads as a fast tokenizer."""
+    tk.save(str(folder / "tokenizer.json"))
     conf = {"tokenizer_class": "PreTrainedTokenizerFast", "cls_token": "[CLS]", "sep_token": "[SEP]",
             "pad_token": "[PAD]", "mask_token": "[MASK]", "model_max_length": max_len,
             "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+    if unk:
+        conf["unk_token"] = "[UNK]"
     (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 
@@ -399,6 +414,8 @@ def _ours_to_hf(name: str) -> list[str]:
     fixed = {"head.bias": "cls.predictions.bias", "head.decoder_weight": "cls.predictions.decoder.weight"}
     if name in fixed:
         return [fixed[name]]
+    if name.startswith("classifier."):  # BertForSequenceClassification's names are ours
+        return [name]
     for old, new in [("bert.embeddings.", "bert.embeddings."), ("pooler.", "bert.pooler.dense."),
                      ("head.dense.", "cls.predictions.transform.dense."),
                      ("head.LayerNorm.", "cls.predictions.transform.LayerNorm.")]:
@@ -413,10 +430,12 @@ def is_bert_shaped(cfg: ModelConfig) -> bool:
     return cfg.position == "learned" and cfg.ffn == "gelu"
 
 
-def _export_bert(mlm: BertForMaskedLM, folder: Path):
-    cfg = mlm.config
+def _export_bert(module, pad_id: int):
+    """BertForMaskedLM, or a SequenceClassifier as BertForSequenceClassification."""
+    cfg = module.config
+    clf = isinstance(module, model.SequenceClassifier)
     sd = {}
-    for name, t in mlm.state_dict().items():
+    for name, t in module.state_dict().items():
         if name == "head.decoder_weight":  # tied to the word embedding: transformers re-ties it on load
             continue
         hf_names = _ours_to_hf(name)
@@ -424,20 +443,18 @@ def _export_bert(mlm: BertForMaskedLM, folder: Path):
         for n, part in zip(hf_names, t.chunk(len(hf_names), 0)):
             sd[n] = part.contiguous()
     config = {
-        "architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": cfg.padded_vocab_size,
+        "architectures": ["BertForSequenceClassification" if clf else "BertForMaskedLM"], "model_type": "bert",
+        "vocab_size": cfg.padded_vocab_size,
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "intermediate_size": cfg.d_ff, "hidden_act": "gelu", "hidden_dropout_prob": cfg.hidden_dropout,
         "attention_probs_dropout_prob": cfg.attn_dropout, "max_position_embeddings": cfg.max_positions,
         "type_vocab_size": cfg.type_vocab_size, "initializer_range": cfg.init_std,
         "layer_norm_eps": cfg.layernorm_eps, "position_embedding_type": "absolute", "tie_word_embeddings": True,
-        "pad_token_id": _pad_id(), "model_config": asdict(cfg),
+        "pad_token_id": pad_id, "model_config": asdict(cfg),
     }
+    if clf:
+        config["num_labels"] = module.num_labels
     return sd, config
-
-
-def _pad_id():
-    import data
-    return data.PAD_ID
 
 
 # ----------------------------------------------------------------------------------------
@@ -554,7 +571,7 @@ def _copy_source(name: str, folder: Path):
     (folder / name).write_text(f"# Copied from {name} of MosaicBERT in pure PyTorch by hf.export.\n" + src)
 
 
-def _export_mosaic(module, folder: Path):
+def _export_mosaic(module, folder: Path, pad_id: int):
     cfg = module.config
     sd = {k: v.contiguous() for k, v in module.state_dict().items() if k != "head.decoder_weight"}
     clf = isinstance(module, model.SequenceClassifier)
@@ -566,7 +583,7 @@ def _export_mosaic(module, folder: Path):
                      "AutoModelForMaskedLM": "modeling_mosaicbert.MosaicBertForMaskedLM",
                      "AutoModelForSequenceClassification": "modeling_mosaicbert.MosaicBertForSequenceClassification"},
         "vocab_size": cfg.padded_vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "tie_word_embeddings": True, "pad_token_id": _pad_id(),
+        "num_attention_heads": cfg.n_heads, "tie_word_embeddings": True, "pad_token_id": pad_id,
     }
     if clf:
         config["num_labels"] = module.num_labels
@@ -580,33 +597,64 @@ def _export_mosaic(module, folder: Path):
 # Export: the entry points
 
 
-def export_model(module, folder, tokenizer: bool = True) -> Path:
-    """Write our BertForMaskedLM (or, MosaicBERT configs only, a SequenceClassifier) as a transformers folder:
-    config.json, model.safetensors, tokenizer.json (our GPT-2 BPE) and, for MosaicBERT, the modelling code."""
+def export_model(module, folder, tokenizer=True) -> Path:
+    """Write our BertForMaskedLM or SequenceClassifier as a transformers folder: config.json, model.safetensors,
+    tokenizer.json and, for MosaicBERT configs, the modelling code. tokenizer: True for our GPT-2 BPE, a
+    hf.WordPiece for a BERT vocabulary, False for none."""
     from safetensors.torch import save_file
+    import data
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = module.config
-    if is_bert_shaped(cfg) and isinstance(module, BertForMaskedLM):
-        sd, config = _export_bert(module, folder)
+    pad_id = tokenizer.pad_id if isinstance(tokenizer, WordPiece) else data.PAD_ID
+    if is_bert_shaped(cfg):
+        sd, config = _export_bert(module, pad_id)
     else:
-        sd, config = _export_mosaic(module, folder)
+        sd, config = _export_mosaic(module, folder, pad_id)
     save_file({k: v.detach().cpu() for k, v in sd.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer:
-        _write_gpt2_tokenizer(folder, cfg.max_positions if cfg.position == "learned" else 512)
+    max_len = cfg.max_positions if cfg.position == "learned" else 512
+    if isinstance(tokenizer, WordPiece):
+        _write_tokenizer(folder, wordpiece_tokenizer_json(tokenizer), max_len, unk=True)
+    elif tokenizer:
+        _write_tokenizer(folder, gpt2_tokenizer_json(), max_len)
     return folder
 
 
-def export(ckpt, folder) -> Path:
-    """A train.py checkpoint (ckpt_*.pt or the out_dir holding them) -> a folder transformers loads offline.
+def _glue_classifier(ck: dict, path) -> tuple:
+    """glue.py's mnli_encoder.pt -> (SequenceClassifier, tokenizer): the MNLI-fine-tuned classifier and the
+    tokenizer of what it was fine-tuned from (our GPT-2 BPE, or the HF / MosaicML folder's WordPiece)."""
+    if "classifier" not in ck:
+        raise ValueError(f"{path} has no classifier (written by an older glue.py): run the MNLI fine-tuning again")
+    cfg = model.config_from_dict(ck["model_config"])
+    clf = model.SequenceClassifier(cfg, ck["classifier"]["weight"].shape[0])
+    clf.bert.load_state_dict(ck["weights"]["bert"])
+    if "pooler" in ck["weights"]:
+        clf.pooler.load_state_dict(ck["weights"]["pooler"])
+    clf.classifier.load_state_dict(ck["classifier"])
+    source = ck.get("source", {})
+    source = source.get("vocab", source)  # a scratch control of a HF run records the HF folder under "vocab"
+    if source.get("init") in ("hf", "mosaicml"):
+        return clf, WordPiece.from_folder(source["path"])
+    return clf, True
 
-    BERT-shaped configs (learned positions, GELU MLP; the bert-* presets) become a plain BertForMaskedLM with
-    model_type "bert": AutoModelForMaskedLM.from_pretrained(folder), no remote code. MosaicBERT configs get
-    config.json with an auto_map, model.safetensors, modeling_mosaicbert.py and copies of model.py and kernels.py:
+
+def export(ckpt, folder) -> Path:
+    """A train.py checkpoint (ckpt_*.pt or the out_dir holding them), or glue.py's mnli_encoder.pt, -> a folder
+    transformers loads offline.
+
+    BERT-shaped configs (learned positions, GELU MLP; the bert-* presets) become a plain BertForMaskedLM (or
+    BertForSequenceClassification) with model_type "bert": no remote code. MosaicBERT configs get config.json with
+    an auto_map, model.safetensors, modeling_mosaicbert.py and copies of model.py and kernels.py:
     AutoModelForMaskedLM / AutoModel / AutoModelForSequenceClassification .from_pretrained(folder,
-    trust_remote_code=True). Both get tokenizer.json, so AutoTokenizer gives data.Tokenizer's ids."""
+    trust_remote_code=True). Both get a tokenizer.json: AutoTokenizer then gives data.Tokenizer's ids."""
+    p = Path(ckpt)
+    if p.is_file() and not p.name.startswith("ckpt_"):  # perhaps glue.py's
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+        if isinstance(ck.get("weights"), dict) and "bert" in ck["weights"]:
+            clf, tok = _glue_classifier(ck, p)
+            return export_model(clf, folder, tokenizer=tok)
     mlm, ck = model.load_pretrained(str(ckpt))
     if ck.get("tokenizer", "gpt2") != "gpt2":
         raise ValueError(f"{ckpt} was trained with tokenizer {ck.get('tokenizer')!r}; the export writes the GPT-2 "
@@ -634,15 +682,18 @@ def load_folder(folder):
     return mlm, WordPiece.from_folder(folder)
 
 
-def load_line(folder, cfg: ModelConfig) -> str:
+def load_line(folder) -> str:
     """The one line of Python that loads an export."""
-    remote = "" if is_bert_shaped(cfg) else ", trust_remote_code=True"
-    return f'AutoModelForMaskedLM.from_pretrained("{folder}"{remote})'
+    conf = json.loads((Path(folder) / "config.json").read_text())
+    auto = "AutoModelForSequenceClassification" if "SequenceClassification" in conf["architectures"][0] \
+        else "AutoModelForMaskedLM"
+    remote = ", trust_remote_code=True" if "auto_map" in conf else ""
+    return f'from transformers import {auto}; model = {auto}.from_pretrained("{folder}"{remote})'
 
 
 @dataclass
 class ExportConfig:
-    ckpt: str = "out/demo"    # a train.py checkpoint (.pt) or its out_dir (latest checkpoint)
+    ckpt: str = "out/demo"    # a train.py checkpoint (.pt) or its out_dir (latest checkpoint), or glue's mnli_encoder.pt
     out: str = ""             # the folder to write; empty: <ckpt's out_dir>/hf
 
 
@@ -656,11 +707,9 @@ def main(argv=None):
         print(f"error: no checkpoint at {ck}: run `python train.py` first, or pass --ckpt=PATH", file=sys.stderr)
         sys.exit(1)
     folder = export(cfg.ckpt, out)
-    mcfg = ModelConfig(**json.loads((folder / "config.json").read_text())["model_config"])
     print(f"wrote {folder.resolve()}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
-    print("load it with:")
-    print(f"    from transformers import AutoModelForMaskedLM, AutoTokenizer; "
-          f"model = {load_line(folder, mcfg)}; tok = AutoTokenizer.from_pretrained(\"{folder}\")")
+    print("load it with (tokenizer: AutoTokenizer.from_pretrained on the same folder):")
+    print(f"    {load_line(folder.resolve())}")
 
 
 if __name__ == "__main__":

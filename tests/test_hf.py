@@ -265,7 +265,7 @@ def test_export_sequence_classifier(tmp_path):
 def test_tokenizer_json_gives_data_tokenizer_ids_on_the_embedded_corpus(tmp_path):
     """AutoTokenizer on an export == [CLS] + data.Tokenizer.encode + [SEP], on all 106 articles and the whole
     sentiment sample (batch encoding: a few seconds); pairs get [SEP] between and token types 0 then 1."""
-    hf._write_gpt2_tokenizer(tmp_path, 512)
+    hf._write_tokenizer(tmp_path, hf.gpt2_tokenizer_json(), 512)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     ours = data.get_tokenizer()
     with gzip.open(data.ASSETS / "enwiki_sample.jsonl.gz", "rt") as f:
@@ -310,6 +310,10 @@ def test_export_cli_prints_the_folder_and_the_loading_line(exported, capsys):
     hf.main([f"--ckpt={ckpt_dir}", f"--out={ckpt_dir / 'cli'}"])
     out = capsys.readouterr().out
     assert str((ckpt_dir / "cli").resolve()) in out and "AutoModelForMaskedLM.from_pretrained(" in out
+    line = out.strip().splitlines()[-1].strip()  # the printed line runs
+    scope = {}
+    exec(line, scope)
+    assert type(scope["model"]).__name__ == ("BertForMaskedLM" if kind == "bert" else "MosaicBertForMaskedLM")
     assert ("trust_remote_code=True" in out) == (kind == "mosaic")
 
 
@@ -324,3 +328,46 @@ def test_fillmask_cli_on_folders(exported, tmp_path, capsys):
     _save_mosaicml_folder(tmp_path / "mosaic", _mosaicml_state_dict())
     fillmask.main([f"--hf={tmp_path / 'mosaic'}", "--k=2", "w1 w2 [MASK] w3"])
     assert "[MASK] #1: w" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["mosaic", "bert"])
+def test_export_glue_mnli_classifier(tmp_path, kind):
+    """glue.py's mnli_encoder.pt (now with its classifier) exports as a 3-label classifier: transformers' own
+    BertForSequenceClassification for BERT configs, ours (remote code) for MosaicBERT; same logits as ours."""
+    import glue
+    from test_glue import FIX
+    preset = "mosaic-bert-tiny" if kind == "mosaic" else "bert-tiny"
+    cfg = glue.GlueConfig(tasks="mnli", glue_dir=str(FIX), init="scratch", ckpt="", model=preset,
+                          out_dir=str(tmp_path / "o"), seeds=1, max_steps=1, log_interval=1000, eval_batch_size=4)
+    glue.run(cfg)
+    path = glue.mnli_encoder_path(tmp_path / "o")
+    hf.main([f"--ckpt={path}", f"--out={tmp_path / 'hf'}"])
+    ck = torch.load(path, weights_only=True)
+    ours, tok = hf._glue_classifier(ck, path)
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf",
+                                                                             trust_remote_code=kind == "mosaic")
+    assert theirs.config.num_labels == 3
+    if kind == "bert":
+        assert type(theirs).__module__.startswith("transformers.models.bert")
+    enc = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(["A premise.", "Short"], ["A hypothesis here.",
+                                                                      "one"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = theirs.eval()(**enc).logits
+        ref = ours.eval()(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[0]
+    assert (got - ref).abs().max() < 1e-4 and enc["attention_mask"][1].sum() < enc["attention_mask"][0].sum()
+
+
+def test_wordpiece_tokenizer_json_matches_wordpiece(tmp_path):
+    """The tokenizer.json written for models fine-tuned from a HF / MosaicML folder: AutoTokenizer gives
+    [CLS] + hf.WordPiece ids + [SEP], and pairs as glue.encode_examples builds them."""
+    import glue
+    from test_glue import SENTENCES, _make_vocab
+    _make_vocab(tmp_path / "v", SENTENCES, lower=True)
+    wp = hf.WordPiece.from_folder(tmp_path / "v")
+    hf._write_tokenizer(tmp_path, hf.wordpiece_tokenizer_json(wp), 128, unk=True)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert theirs(SENTENCES)["input_ids"] == [[wp.cls_id, *ids, wp.sep_id] for ids in wp.encode_batch(SENTENCES)]
+    import numpy as np
+    ex = glue.Examples(SENTENCES[:-1], SENTENCES[1:], np.zeros(len(SENTENCES) - 1, np.int64), "t")
+    enc = glue.encode_examples(ex, wp, max_len=512)
+    assert theirs(ex.a, ex.b)["input_ids"] == [x.tolist() for x in enc.ids]
