@@ -1,6 +1,7 @@
 """Hugging Face interop, both directions. model.py knows nothing of Hugging Face; everything that does is here.
 
     python hf.py --ckpt=out/demo --out=hf_demo          # export a train.py checkpoint as a transformers folder
+    python fillmask.py --hf=hf_demo "The capital of France is [MASK]."
     python glue.py --init=hf --hf=path/to/bert-base-uncased           # fine-tune a HF BERT folder here
     python glue.py --init=mosaicml --hf=path/to/mosaic-bert-base      # ... or MosaicML's published MosaicBERT
 
@@ -11,9 +12,11 @@ Top to bottom:
     WordPiece         BERT's tokenizer for those folders' vocab.txt, run by the `tokenizers` library (Rust)
     gpt2_tokenizer_json   our pretraining tokenizer (tiktoken GPT-2 BPE + [CLS] [SEP] [PAD] [MASK]) as a
                       tokenizer.json that AutoTokenizer loads and that gives data.Tokenizer's ids
-    export            a train.py checkpoint -> a folder transformers loads offline: BERT-shaped configs as a
-                      plain BertForMaskedLM (no remote code), MosaicBERT configs with modelling code generated
-                      from this project's own model.py and kernels.py (trust_remote_code=True)
+    export            a train.py checkpoint (or glue.py's MNLI classifier) -> a folder transformers loads
+                      offline: BERT-shaped configs as plain BERT (no remote code), MosaicBERT configs with
+                      modelling code generated from this project's own model.py and kernels.py
+                      (trust_remote_code=True)
+    load_folder       any of those folders back as our model, with its tokenizer (fillmask.py --hf=FOLDER)
 
 Which library does what: tiktoken encodes for pretraining (the fastest here); `tokenizers` runs WordPiece for HF
 vocabularies and the byte-level BPE inside the exported tokenizer.json; safetensors holds the weights;
@@ -22,8 +25,6 @@ transformers is needed only to load an export (and by the tests), never to impor
 
 import functools
 import json
-import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -468,12 +469,16 @@ the same sdpa / flex paths as training (attn_backend in config.json's model_conf
 """
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
 from . import kernels
 from .kernels import alibi_slopes  # noqa: F401  (this line names kernels.py, so that transformers copies it)
 from .model import Bert, BertForMaskedLM, MLMHead, ModelConfig, SequenceClassifier, to_padded
+
+try:
+    from transformers import initialization as init  # transformers 5: leaves the weights a checkpoint loaded alone
+except ImportError:  # transformers 4 initialises before loading
+    import torch.nn.init as init
 
 
 class MosaicBertConfig(PretrainedConfig):
@@ -511,7 +516,8 @@ class MosaicBertPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MLMHead):
             init.zeros_(module.bias)
         elif isinstance(module, Bert):
-            init.copy_(module.alibi_slopes, kernels.alibi_slopes(module.config.n_heads))
+            slopes = kernels.alibi_slopes(module.config.n_heads)
+            init.copy_(module.alibi_slopes, slopes) if hasattr(init, "copy_") else module.alibi_slopes.copy_(slopes)
 
 
 class MosaicBertModel(MosaicBertPreTrainedModel):
@@ -663,17 +669,20 @@ def export(ckpt, folder) -> Path:
 
 
 def load_folder(folder):
-    """Any model folder this file knows -> (our BertForMaskedLM, tokenizer): an export of ours (config.json holds
-    our model_config; the GPT-2 tokenizer), MosaicML's MosaicBERT or a HF BERT folder (their vocab.txt)."""
+    """Any masked-LM folder this file knows -> (our BertForMaskedLM, tokenizer): an export of ours (config.json
+    holds our model_config; the GPT-2 tokenizer), MosaicML's MosaicBERT or a HF BERT folder (their vocab.txt).
+    A folder without an MLM head (BertModel, a classifier) is refused rather than given a random head."""
     import data
-    hf_cfg = json.loads((Path(folder) / "config.json").read_text())
+    hf_cfg, sd = _read_folder(folder)
+    head = ("head.dense.weight", "cls.predictions.transform.dense.weight")
+    _require(any(k in sd for k in head), f"{folder} has no MLM head ({', '.join(hf_cfg.get('architectures', []))}): "
+                                         f"fill-mask needs a masked-language model, not an encoder or a classifier")
     if "model_config" in hf_cfg:  # ours, exported
         cfg = model.config_from_dict(hf_cfg["model_config"])
         mlm = BertForMaskedLM(cfg)
         if hf_cfg.get("model_type") == "bert":
             mlm.load_state_dict(from_hf_bert(folder).state_dict())
         else:
-            _, sd = _read_folder(folder)
             mlm.load_state_dict(sd, strict=False)  # head.decoder_weight is the tied word embedding
             missing = set(mlm.state_dict()) - set(sd) - {"head.decoder_weight"}
             _require(not missing, f"{folder}: model.safetensors lacks {sorted(missing)[:5]}")

@@ -355,6 +355,8 @@ def test_export_glue_mnli_classifier(tmp_path, kind):
         got = theirs.eval()(**enc).logits
         ref = ours.eval()(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[0]
     assert (got - ref).abs().max() < 1e-4 and enc["attention_mask"][1].sum() < enc["attention_mask"][0].sum()
+    with pytest.raises(ValueError, match="no MLM head"):  # fill-mask refuses it rather than invent a head
+        hf.load_folder(tmp_path / "hf")
 
 
 def test_wordpiece_tokenizer_json_matches_wordpiece(tmp_path):
