@@ -12,7 +12,8 @@ What is here, top to bottom:
   6% warmup then linear decay to 0, bf16 autocast, max length 128) and the metrics, in numpy;
 - readers for GLUE's distributed TSV layouts (csv.QUOTE_NONE: the sentences contain `"`) and for the hub;
 - tokenization: data.get_tokenizer() (GPT-2 BPE) for our checkpoints, hf.WordPiece (the `tokenizers` library)
-  for HF and MosaicML checkpoints; pairs become [CLS] a [SEP] b [SEP] (token types 0, 1), longest segment truncated first;
+  for HF and MosaicML checkpoints; pairs become [CLS] a [SEP] b [SEP] (token types 0, 1), longest segment
+  truncated first;
 - one fine-tuning run per (task, seed), DDP under torchrun, batches padded to their longest row (the model unpads);
 - RTE, MRPC and STS-B start from the MNLI-fine-tuned encoder, as in the paper;
 - out_dir/results.json, updated atomically after every finished (task, seed): an interrupted sweep resumes.
@@ -481,7 +482,8 @@ def load_start(cfg: GlueConfig, init: str) -> Start:
                             f"vocab_size={mlm.config.vocab_size}: the vocabulary does not match the weights. Use the "
                             f"vocab.txt saved with this checkpoint.")
         src = {"init": init, "path": str(Path(cfg.hf).resolve())}
-        return Start(mlm.config, encoder_weights(mlm), tok, src, f"{'HF BERT' if init == 'hf' else 'MosaicBERT'} {cfg.hf}")
+        label = f"{'HF BERT' if init == 'hf' else 'MosaicBERT'} {cfg.hf}"
+        return Start(mlm.config, encoder_weights(mlm), tok, src, label)
 
     if init == "scratch" and cfg.hf:  # the control of a HF run: its architecture and vocabulary, random weights
         start = load_start(cfg, "mosaicml" if hf.is_mosaicml(cfg.hf) else "hf")

@@ -261,7 +261,8 @@ class WordPiece:
         if missing:
             raise ValueError(f"{vocab_file}: no {', '.join(missing)} in the vocabulary; is it a BERT vocab.txt?")
         self.lower = do_lower_case
-        self.tk = Tokenizer(models.WordPiece(self.vocab, unk_token="[UNK]", max_input_chars_per_word=max_chars_per_word))
+        self.tk = Tokenizer(models.WordPiece(self.vocab, unk_token="[UNK]",
+                                             max_input_chars_per_word=max_chars_per_word))
         self.tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=tokenize_chinese_chars,
                                                         strip_accents=strip_accents, lowercase=do_lower_case)
         self.tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -388,7 +389,8 @@ def _write_tokenizer(folder: Path, tk, max_len: int, unk: bool = False):
     tk.save(str(folder / "tokenizer.json"))
     conf = {"tokenizer_class": "PreTrainedTokenizerFast", "cls_token": "[CLS]", "sep_token": "[SEP]",
             "pad_token": "[PAD]", "mask_token": "[MASK]", "model_max_length": max_len,
-            "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+            "clean_up_tokenization_spaces": False,
+            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
     if unk:
         conf["unk_token"] = "[UNK]"
     (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
@@ -702,7 +704,7 @@ def load_line(folder) -> str:
 
 @dataclass
 class ExportConfig:
-    ckpt: str = "out/demo"    # a train.py checkpoint (.pt) or its out_dir (latest checkpoint), or glue's mnli_encoder.pt
+    ckpt: str = "out/demo"    # a train.py checkpoint (.pt), its out_dir (latest checkpoint), or glue's mnli_encoder.pt
     out: str = ""             # the folder to write; empty: <ckpt's out_dir>/hf
 
 

@@ -118,8 +118,8 @@ def _published_forward(sd, ids, mask, types):
     D = d // H
     ln = lambda x, p: F.layer_norm(x, (d,), sd[p + ".weight"], sd[p + ".bias"], 1e-12)  # noqa: E731
     lin = lambda x, p: x @ sd[p + ".weight"].T + (sd[p + ".bias"] if p + ".bias" in sd else 0)  # noqa: E731
-    x = ln(sd["bert.embeddings.word_embeddings.weight"][ids] + sd["bert.embeddings.token_type_embeddings.weight"][types],
-           "bert.embeddings.LayerNorm")  # [B, S, d]
+    emb = sd["bert.embeddings.word_embeddings.weight"][ids] + sd["bert.embeddings.token_type_embeddings.weight"][types]
+    x = ln(emb, "bert.embeddings.LayerNorm")  # [B, S, d]
     B, S = ids.shape
     pos = torch.arange(S)
     alibi = -torch.tensor(_published_slopes(H))[:, None, None] * (pos[None, :] - pos[:, None]).abs()  # [H, S, S]
@@ -204,7 +204,8 @@ def _trained_like(cfg, seed=0):
 def exported(request, tmp_path_factory):
     ours = _trained_like(EXPORT_CONFIGS[request.param])
     folder = tmp_path_factory.mktemp(request.param)
-    M.atomic_save({"model": ours.state_dict(), "model_config": asdict(ours.config), "step": 1}, folder / "ckpt_0000001.pt")
+    M.atomic_save({"model": ours.state_dict(), "model_config": asdict(ours.config), "step": 1},
+                  folder / "ckpt_0000001.pt")
     hf.export(folder, folder / "hf")
     return request.param, ours, folder / "hf"
 
