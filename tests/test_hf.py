@@ -210,12 +210,15 @@ def exported(request, tmp_path_factory):
     return request.param, ours, folder / "hf"
 
 
-def test_export_round_trip_gives_identical_weights(exported):
+def test_export_round_trip_gives_identical_weights(exported, tmp_path):
+    """ours -> export -> transformers (from_pretrained, then its own save_pretrained) -> ours: identical weights."""
     kind, ours, folder = exported
     conf = json.loads((folder / "config.json").read_text())
     assert conf["model_type"] == ("bert" if kind == "bert" else "mosaicbert")
     assert ("auto_map" in conf) == (kind == "mosaic")
-    back, tok = hf.load_folder(folder)
+    theirs = transformers.AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=kind == "mosaic")
+    theirs.save_pretrained(tmp_path)
+    back, tok = hf.load_folder(tmp_path)
     assert back.config == ours.config and isinstance(tok, data.Tokenizer)
     assert back.state_dict().keys() == ours.state_dict().keys()
     for k, v in ours.state_dict().items():
