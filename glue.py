@@ -475,7 +475,7 @@ def load_start(cfg: GlueConfig, init: str) -> Start:
         try:
             tok = hf.WordPiece.from_folder(cfg.hf)
             mlm = hf.from_hf_bert(cfg.hf) if init == "hf" else hf.from_mosaicml(cfg.hf)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:
             raise GlueError(f"could not load {what} from {cfg.hf}: {type(e).__name__}: {e}") from None
         if tok.n_tokens > mlm.config.vocab_size:
             raise GlueError(f"{Path(cfg.hf) / 'vocab.txt'} has {tok.n_tokens} tokens but {cfg.hf}/config.json says "
