@@ -11,12 +11,11 @@ Walk from BERT-base to MosaicBERT one change at a time (each a ModelConfig field
 
 Shape legend: B batch, S padded length, d model dim, H heads, D head dim, nnz real tokens,
 V padded vocabulary, T tokens in the current layout (nnz when unpadded, else B*S).
-Module and parameter names follow Hugging Face BERT closely enough that `from_hf_bert`
-maps them by rule (query/key/value are fused into one `Wqkv`).
+Module and parameter names follow Hugging Face BERT closely enough that `hf.from_hf_bert`
+maps them by rule (query/key/value are fused into one `Wqkv`). This file knows nothing of Hugging Face.
 """
 
 import glob
-import json
 import os
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -51,7 +50,7 @@ class ModelConfig:
     attn_dropout: float = 0.0
     layernorm_eps: float = 1e-12
     init_std: float = 0.02
-    pooler: bool = False              # keep a pretrained [CLS] pooler (set by from_hf_bert)
+    pooler: bool = False              # keep a pretrained [CLS] pooler (set by hf.from_hf_bert)
 
     def __post_init__(self):
         checks = [
@@ -581,97 +580,3 @@ def load_pretrained(path: str, map_location="cpu"):
     model = build(config_from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model, ckpt
-
-
-# ----------------------------------------------------------------------------------------
-# Hugging Face BERT import
-
-
-def _hf_to_ours(name: str) -> str | None:
-    """Map one HF BERT parameter name to ours (None: not used). q/k/v are fused separately."""
-    name = name.removeprefix("bert.")
-    name = name.replace(".gamma", ".weight").replace(".beta", ".bias")
-    rules = [
-        ("embeddings.", "bert.embeddings."),
-        ("pooler.dense.", "pooler."),
-        ("cls.predictions.transform.dense.", "head.dense."),
-        ("cls.predictions.transform.LayerNorm.", "head.LayerNorm."),
-    ]
-    if name == "cls.predictions.bias":
-        return "head.bias"
-    if name.startswith("embeddings.position_ids") or "decoder" in name or "seq_relationship" in name:
-        return None
-    for old, new in rules:
-        if name.startswith(old):
-            return new + name[len(old):]
-    if name.startswith("encoder.layer."):
-        i, rest = name[len("encoder.layer."):].split(".", 1)
-        sub = {
-            "attention.output.dense.": "attn_out.",
-            "attention.output.LayerNorm.": "attn_norm.",
-            "intermediate.dense.": "mlp.intermediate.",
-            "output.dense.": "mlp.output.",
-            "output.LayerNorm.": "mlp_norm.",
-        }
-        for old, new in sub.items():
-            if rest.startswith(old):
-                return f"bert.layers.{i}.{new}{rest[len(old):]}"
-    return None
-
-
-def from_hf_bert(folder: str) -> BertForMaskedLM:
-    """Load a Hugging Face BERT folder (config.json + model.safetensors or pytorch_model.bin, from
-    BertModel or BertForMaskedLM) as our model in the matching 'bert-base'-style config.
-
-    The vocabulary is padded up to a multiple of 64 (new rows initialised as usual); the MLM head
-    is initialised when the checkpoint has none (BertModel). Fine-tune it with the folder's own
-    WordPiece vocabulary (glue.py does).
-    """
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{folder}: only absolute position embeddings are supported")
-    act = hf.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ValueError(f"{folder}: hidden_act={act!r}; only the exact erf 'gelu' is supported")
-    st_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(st_path):
-        from safetensors.torch import load_file
-        sd = load_file(st_path)
-    elif os.path.exists(bin_path):
-        sd = torch.load(bin_path, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
-    has_pooler = any("pooler.dense" in k for k in sd)
-    cfg = ModelConfig.preset(
-        "bert-base", vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"],
-        n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"], max_positions=hf["max_position_embeddings"],
-        type_vocab_size=hf.get("type_vocab_size", 2), layernorm_eps=hf.get("layer_norm_eps", 1e-12),
-        hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attn_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        init_std=hf.get("initializer_range", 0.02), pooler=has_pooler)
-    model = build(cfg)
-    ours = model.state_dict()
-    new = {}
-    for name, t in sd.items():
-        n = name.removeprefix("bert.")
-        if ".attention.self." in n:  # fuse query/key/value into Wqkv
-            i = n.split(".")[2]
-            kind = n.rsplit(".", 1)[1]  # weight | bias
-            key = f"bert.layers.{i}.Wqkv.{kind}"
-            if key not in new:
-                p = f"{'bert.' if name.startswith('bert.') else ''}encoder.layer.{i}.attention.self."
-                new[key] = torch.cat([sd[p + f"query.{kind}"], sd[p + f"key.{kind}"], sd[p + f"value.{kind}"]], 0)
-            continue
-        target = _hf_to_ours(name)
-        if target is None:
-            continue
-        if target not in ours:
-            raise ValueError(f"{folder}: cannot place HF parameter {name} (mapped to {target})")
-        if target in ("bert.embeddings.word_embeddings.weight", "head.bias"):  # pad the vocabulary
-            t = torch.cat([t, ours[target][t.shape[0]:]], 0)
-        new[target] = t
-    missing = [k for k in ours if k not in new and not k.startswith("head.") and k != "head.decoder_weight"]
-    if missing:
-        raise ValueError(f"{folder}: checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    model.load_state_dict(new, strict=False)
-    return model
