@@ -46,7 +46,7 @@ peak memory. Grep the names:
                       median of the rounds is reported. Devices are synchronized around each step.
     matmul peak       timed 2048^3 (CPU) / 8192^3 (GPU) matmuls in bf16 and fp32, one burst per round,
                       interleaved with the rows: the MFU reference in the same run, device and dtype.
-                      On GPUs MFU is also given against the datasheet bf16 peak (train.GPU_PEAK_FLOPS).
+                      On GPUs MFU is also given against the datasheet peak in the row's dtype (train.GPU_PEAK_TFLOPS).
     peak memory       CUDA: max_memory_allocated above the allocation at the step's start. CPU: the
                       resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs after
                       malloc_trim) above the RSS at the step's start. Either way plus the row's own
@@ -278,13 +278,14 @@ class MatmulPeak:
         return statistics.median(self.rates[dtype])
 
 
-def datasheet_peak(device: torch.device) -> Optional[float]:
-    """The GPU's dense bf16 peak from train.py's table (None on CPU or for an unknown GPU)."""
+def datasheet_peak(device: torch.device) -> Optional[dict]:
+    """{dtype: dense peak FLOP/s} of this GPU from train.py's table (None on CPU or for an unknown GPU)."""
     if device.type != "cuda":
         return None
-    from train import GPU_PEAK_FLOPS  # noqa: PLC0415  (train.py owns the table)
+    from train import datasheet_peak as sheet  # noqa: PLC0415  (train.py owns the one table)
     name = torch.cuda.get_device_name(device)
-    return next((f for key, f in GPU_PEAK_FLOPS if key in name), None)
+    peaks = {dt: sheet(name, dt) for dt in ("bfloat16", "float32")}
+    return peaks if peaks["bfloat16"] else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -592,8 +593,9 @@ def demo_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[
     import train  # noqa: PLC0415
     t = train.TrainConfig()
     mcfg = train.model_config(t)
+    comp, _ = train.resolve_compile(t.compile, device)
     m = modeling.build(mcfg).to(device).train()
-    if t.compile:
+    if comp:
         modeling.compile_model(m)
     opt = train.build_optimizer(m, t, device)
     bs, st = dev_batches["demo"], stats["demo"]
@@ -602,12 +604,12 @@ def demo_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[
     def step(i):
         return mlm_step(m, opt, [bs[i % len(bs)]], device, t.dtype == "bfloat16")
 
-    return [Row(name, "demo", step, warm_indices(bs, 1, every=t.compile),
+    return [Row(name, "demo", step, warm_indices(bs, 1, every=comp),
                 modeling.flops_per_token(mcfg, t.seq_len, t.mask_prob), t.dtype,
                 lambda: state_bytes(list(m.parameters()), opt),
                 note=f"python train.py's step: {mcfg.n_layers} layers, d={mcfg.d_model}, vocab "
-                     f"{mcfg.padded_vocab_size}, {st.shape}, {'compiled' if t.compile else 'eager'}",
-                compiled=t.compile, info=dict(bf16=t.dtype == "bfloat16", compile=t.compile))]
+                     f"{mcfg.padded_vocab_size}, {st.shape}, {'compiled' if comp else 'eager'}",
+                compiled=comp, info=dict(bf16=t.dtype == "bfloat16", compile=comp))]
 
 
 def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Row]:
@@ -764,7 +766,7 @@ def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log, keep_freed
 # Results: metrics, targets, projection, outputs
 
 
-def row_result(r: Row, peak: MatmulPeak, sheet: Optional[float]) -> dict:
+def row_result(r: Row, peak: MatmulPeak, sheet: Optional[dict]) -> dict:
     base = dict(name=r.name, workload=r.workload, note=r.note)
     if r.skipped:
         return dict(base, tokens_per_s=None, step_ms=None, mfu=None, peak_mem_bytes=None, speedup=None)
@@ -777,7 +779,7 @@ def row_result(r: Row, peak: MatmulPeak, sheet: Optional[float]) -> dict:
                compile_s=compile_s, step_ms_all=[1000 * t for t in r.times], tokens_per_step=r.tokens[0],
                step_mem_measured=r.step_mem_measured, **r.info)
     if sheet:
-        out["mfu_datasheet"] = flops / sheet
+        out["mfu_datasheet"] = flops / sheet[r.dtype]
     return out
 
 
@@ -983,7 +985,8 @@ def bench(cfg: BenchConfig) -> dict:
     proj = projection(results, stats, cfg.n_devices)
     header.append(f"matmul peak (measured, median of {len(peak.rates['bfloat16'])} bursts of {peak.n}^3): "
                   f"bf16 {peak.peak('bfloat16') / 1e9:,.0f} GFLOP/s, fp32 {peak.peak('float32') / 1e9:,.0f} GFLOP/s"
-                  + (f"; datasheet bf16 {sheet / 1e12:,.0f} TFLOP/s" if sheet else ""))
+                  + (f"; datasheet bf16 {sheet['bfloat16'] / 1e12:,.0f}, fp32 {sheet['float32'] / 1e12:,.1f} TFLOP/s"
+                     if sheet else ""))
     header.append("peak mem: the row's parameters + AdamW state + the step's high-water mark above its start ("
                   + ("CUDA max_memory_allocated" if device.type == "cuda" else "CPU VmHWM via /proc/self/clear_refs")
                   + ")")
