@@ -488,7 +488,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, bias, labels, chunk_rows, dtype, grad):  # (M, d), (V, d), (V,), (M,)
         (M, _), V = x.shape, weight.shape[0]
         xc, wc, bc = x.to(dtype), weight.to(dtype), bias.to(dtype)
-        c = min(chunk_rows, M)
+        c = max(1, min(chunk_rows, M))  # M may be 0: a micro-batch without masked tokens
         logits_buf = torch.empty(c, V, dtype=dtype, device=x.device)  # (c, V), reused by every chunk
         z_buf = torch.empty(c, V, dtype=torch.float32, device=x.device)  # (c, V) fp32, reused
         # G's rows rounded up to a whole chunk: fewer distinct allocation sizes from step to step

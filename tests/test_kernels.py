@@ -311,3 +311,6 @@ def test_linear_cross_entropy_all_ignored_and_no_grad():
         got, want = K.linear_cross_entropy(x, w, b, labels), K.linear_cross_entropy_naive(x, w, b, labels)
     torch.testing.assert_close(got[0], want[0])
     assert got[1].item() == want[1].item()
+    x, w, b, labels = _lce_case(1, 4, 9, 0, 2)  # no rows at all (a micro-batch without masked tokens)
+    loss, correct, gx, gw, gb = _lce_grads(K.linear_cross_entropy, x[:0], w, b, labels[:0])
+    assert loss.item() == 0 and correct.item() == 0 and gx.shape == (0, 4) and not gw.any() and not gb.any()
