@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import glue
 import model
@@ -75,6 +76,124 @@ def test_correlations_hand_worked_and_degenerate():
     # a constant predictor: correlation is undefined; we return 0.0, never NaN
     assert glue.compute_metrics("stsb", [2.5, 2.5, 2.5], [1.0, 2.0, 5.0]) == {"pearson": 0.0, "spearman": 0.0}
     np.testing.assert_allclose(glue.rankdata([3, 1, 3, 2, 3]), [4, 1, 4, 2, 4])
+
+
+# Independent second formulas (written differently from glue.py's) and hypothesis-drawn predictions and labels:
+# multi-class, constant predictors (drawn often: `constant`), small value sets for ties.
+
+
+def ref_f1(pred, label):
+    """F1 from precision and recall of class 1; 0 when nothing is predicted or labelled positive."""
+    tp = sum(p == 1 and t == 1 for p, t in zip(pred, label))
+    predicted, actual = sum(p == 1 for p in pred), sum(t == 1 for t in label)
+    if tp == 0:
+        return 0.0
+    precision, recall = tp / predicted, tp / actual
+    return 2 * precision * recall / (precision + recall)
+
+
+def ref_mcc_binary(pred, label):
+    """The phi coefficient from the explicit confusion counts of a {0, 1} problem."""
+    tp = sum(p == 1 and t == 1 for p, t in zip(pred, label))
+    tn = sum(p == 0 and t == 0 for p, t in zip(pred, label))
+    fp = sum(p == 1 and t == 0 for p, t in zip(pred, label))
+    fn = sum(p == 0 and t == 1 for p, t in zip(pred, label))
+    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return (tp * tn - fp * fn) / den if den else 0.0
+
+
+def ref_mcc_cov(pred, label, k):
+    """Multi-class MCC as a correlation of one-hot matrices: cov(X, Y) / sqrt(cov(X, X) cov(Y, Y)),
+    cov(A, B) = sum over classes of the covariance of column k of A with column k of B."""
+    X, Y = np.eye(k)[pred], np.eye(k)[label]  # [N, K] one-hot
+    Xc, Y_c = X - X.mean(0), Y - Y.mean(0)
+    cxy, cxx, cyy = (Xc * Y_c).sum(), (Xc * Xc).sum(), (Y_c * Y_c).sum()
+    return cxy / np.sqrt(cxx * cyy) if cxx * cyy > 0 else 0.0
+
+
+def ref_pearson(x, y):
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else 0.0
+
+
+def ref_ranks(x):
+    """Average ranks by counting: rank = #smaller + (#equal + 1) / 2."""
+    return [sum(b < a for b in x) + (sum(b == a for b in x) + 1) / 2 for a in x]
+
+
+@st.composite
+def class_predictions(draw, k_max=4):
+    k = draw(st.integers(2, k_max))
+    n = draw(st.integers(1, 40))
+    label = draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n))
+    if draw(st.booleans()) and draw(st.booleans()):  # a constant predictor, a quarter of the time
+        pred = [draw(st.integers(0, k - 1))] * n
+    else:
+        pred = draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n))
+    return k, pred, label
+
+
+METRICS = settings(deadline=None, max_examples=150)
+
+
+@METRICS
+@given(class_predictions(k_max=2))
+def test_binary_metrics_equal_second_formulas(case):
+    """Accuracy, F1 (precision/recall form) and MCC (tp/tn/fp/fn form) on drawn binary predictions."""
+    _, pred, label = case
+    m = glue.compute_metrics("mrpc", pred, label)
+    assert m["accuracy"] == pytest.approx(sum(p == t for p, t in zip(pred, label)) / len(label))
+    assert m["f1"] == pytest.approx(ref_f1(pred, label), abs=1e-12)
+    assert glue.compute_metrics("cola", pred, label)["mcc"] == pytest.approx(ref_mcc_binary(pred, label), abs=1e-12)
+
+
+@METRICS
+@given(class_predictions(k_max=5))
+def test_multiclass_mcc_and_accuracy_equal_the_covariance_form(case):
+    k, pred, label = case
+    assert glue.matthews_corr(np.array(pred), np.array(label)) == pytest.approx(ref_mcc_cov(pred, label, k), abs=1e-12)
+    acc = glue.compute_metrics("mnli", np.eye(k)[pred] * 2.0 - 1.0, label)["accuracy"]  # logits: argmax taken
+    assert acc == pytest.approx(np.mean(np.array(pred) == np.array(label)))
+
+
+values_st = st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.5, 3.0, 5.0]), min_size=2, max_size=30)  # ties galore
+
+
+@METRICS
+@given(x=values_st, data=st.data())
+def test_correlations_equal_second_formulas_with_ties(x, data):
+    y = data.draw(st.lists(st.sampled_from([0.0, 1.0, 1.5, 4.0, 5.0]), min_size=len(x), max_size=len(x)))
+    m = glue.compute_metrics("stsb", x, y)
+    assert m["pearson"] == pytest.approx(ref_pearson(x, y), abs=1e-9)
+    assert m["spearman"] == pytest.approx(ref_pearson(ref_ranks(x), ref_ranks(y)), abs=1e-9)
+
+
+@settings(deadline=None, max_examples=60)
+@given(x=values_st, data=st.data())
+def test_metrics_match_scipy(x, data):
+    stats = pytest.importorskip("scipy.stats")  # optional, test-only
+    y = data.draw(st.lists(st.floats(-5, 5, allow_nan=False, width=32), min_size=len(x), max_size=len(x)))
+    m = glue.compute_metrics("stsb", x, y)
+    np.testing.assert_allclose(glue.rankdata(x), stats.rankdata(x))
+    if len(set(x)) > 1 and len(set(y)) > 1:
+        assert m["pearson"] == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-9)
+        assert m["spearman"] == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-9)
+
+
+@settings(deadline=None, max_examples=60)
+@given(class_predictions(k_max=4))
+def test_metrics_match_sklearn(case):
+    metrics = pytest.importorskip("sklearn.metrics")  # optional, test-only (not in requirements.txt)
+    k, pred, label = case
+    assert glue.matthews_corr(np.array(pred), np.array(label)) == pytest.approx(
+        metrics.matthews_corrcoef(label, pred), abs=1e-12)
+    assert glue.accuracy(np.array(pred), np.array(label)) == pytest.approx(metrics.accuracy_score(label, pred))
+    if k == 2:
+        assert glue.compute_metrics("qqp", pred, label)["f1"] == pytest.approx(
+            metrics.f1_score(label, pred, zero_division=0.0), abs=1e-12)
 
 
 def test_compute_metrics_rejects_bad_input():
