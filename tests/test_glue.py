@@ -591,27 +591,99 @@ def _tiny_hf_folder(folder: Path, vocab_extra=0):
     transformers.BertForPreTraining(config).save_pretrained(str(folder))  # as bert-base-uncased: with a pooler
 
 
-def test_hf_bert_folder_fine_tunes_with_its_wordpiece_vocab(tmp_path):
+def test_hf_bert_folder_fine_tunes_with_its_wordpiece_vocab(tmp_path, monkeypatch):
+    """--hf: the run fine-tunes the folder's weights, pooler included, on the folder's WordPiece ids. At a
+    negligible lr the dev logits glue.py scores equal those of transformers' own BertModel (its pooler) on the
+    same ids, followed by the classification layer; and those ids are transformers' BertTokenizer's for the
+    dev pairs. Fails if the weights, the pooler or the vocabulary are not the folder's."""
+    transformers = pytest.importorskip("transformers")
     _tiny_hf_folder(tmp_path / "hf")
     cfg = glue.GlueConfig(tasks="rte", glue_dir=str(FIX), hf=str(tmp_path / "hf"), out_dir=str(tmp_path / "o"),
-                          seeds=1, max_steps=2, log_interval=1000)
+                          seeds=1, max_steps=2, log_interval=1000, lr=1e-12, dtype="float32", eval_batch_size=4)
     start = glue.load_start(cfg, "hf")
     assert isinstance(start.tokenizer, glue.WordPieceTokenizer) and "pooler" in start.weights
+    seen = []  # (input_ids, attention_mask, token_type_ids, logits) of every evaluation batch
+    forward = model.SequenceClassifier.forward
+
+    def spy(self, ids, mask, types=None, labels=None):
+        logits, loss = forward(self, ids, mask, types, labels)
+        if labels is None:
+            seen.append((ids, mask, types, logits.detach(), self.classifier))
+        return logits, loss
+    monkeypatch.setattr(model.SequenceClassifier, "forward", spy)
     res = glue.run(cfg)  # --init=auto picks hf when --hf is given
-    assert res["source"]["init"] == "hf" and 0.0 <= res["tasks"]["rte"]["mean"]["accuracy"] <= 1.0
+    assert res["source"]["init"] == "hf" and res["tasks"]["rte"]["seeds"]["0"]["steps"] == 2
+    hf = transformers.BertModel.from_pretrained(str(tmp_path / "hf")).eval()
+    theirs = transformers.BertTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    dev = glue.load_task(glue.TASKS["rte"], str(FIX))["dev"]
+    expected_ids = sorted(theirs(a, b, truncation=True, max_length=128)["input_ids"] for a, b in zip(dev.a, dev.b))
+    got_ids = sorted(ids[m.bool()].tolist() for ids, mask, *_ in seen for ids, m in zip(ids, mask))
+    assert got_ids == expected_ids
+    with torch.no_grad():
+        for ids, mask, types, logits, classifier in seen:
+            pooled = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output
+            torch.testing.assert_close(logits, classifier(pooled), atol=1e-4, rtol=1e-4)
     _tiny_hf_folder(tmp_path / "bad", vocab_extra=5)  # config.json's vocab_size smaller than vocab.txt
     with pytest.raises(glue.GlueError, match=r"vocab.txt has \d+ tokens but .*vocab_size="):
         glue.load_start(dataclasses.replace(cfg, hf=str(tmp_path / "bad")), "hf")
 
 
-def test_torchrun_two_processes(tmp_path):
-    """The DDP path: two CPU processes (gloo) split each global batch and the evaluation, rank 0 writes."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
-                        str(ROOT / "glue.py"), "--tasks=rte", f"--glue_dir={FIX}", f"--out_dir={tmp_path}",
-                        "--init=scratch", "--ckpt=", "--model=mosaic-bert-tiny", "--max_steps=2", "--seeds=1",
-                        "--device=cpu"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert res["tasks"]["rte"]["seeds"]["0"]["steps"] == 2  # 8 rows / batch 16: a step per epoch, 3 epochs, cap 2
-    assert r.stdout.count("final:") == 1
+# Runs glue.py's main (under torchrun or alone) and records, per process, each training forward's loss and row
+# count and every array of predictions scored, by wrapping SequenceClassifier.forward and glue.compute_metrics.
+GLUE_RECORDER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import numpy as np, torch, glue, model
+torch.set_num_threads(1)
+record = {{"losses": [], "preds": []}}
+forward, metrics = model.SequenceClassifier.forward, glue.compute_metrics
+def spy_forward(self, *a, **k):
+    logits, loss = forward(self, *a, **k)
+    if loss is not None:
+        record["losses"].append([loss.item(), len(logits)])
+    return logits, loss
+def spy_metrics(task, pred, label):
+    record["preds"].append(np.asarray(pred).tolist())
+    return metrics(task, pred, label)
+model.SequenceClassifier.forward, glue.compute_metrics = spy_forward, spy_metrics
+glue.main(sys.argv[2:])
+with open(sys.argv[1] + "." + os.environ.get("RANK", "0"), "w") as f:
+    json.dump(record, f)
+"""
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    """The DDP path: two CPU processes (gloo) split each global batch (unevenly: 8 rows in batches of 5 give 3+2
+    and 2+1 rows) and the evaluation. Dropout off and fp32, the per-step loss of the global batch, the logged
+    loss and the final dev predictions equal a 1-process run's. Catches an unweighted mean of per-rank losses,
+    in the gradient or in the log."""
+    script = tmp_path / "recorder.py"
+    script.write_text(GLUE_RECORDER.format(root=str(ROOT)))
+    args = ["--tasks=rte", f"--glue_dir={FIX}", "--init=scratch", "--ckpt=", "--model=mosaic-bert-tiny",
+            "--max_steps=4", "--epochs=3", "--batch_size=5", "--seeds=1", "--device=cpu", "--dropout=0",
+            "--dtype=float32", "--log_interval=1", "--eval_batch_size=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                    "--master_port=29731"]), ("one", [sys.executable])):
+        out = tmp_path / name
+        r = subprocess.run(launcher + [str(script), str(out / "rec"), f"--out_dir={out}"] + args,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert r.stdout.count("final:") == 1
+        recs = [json.loads(p.read_text()) for p in sorted(out.glob("rec.*"))]
+        # the global batch's mean loss per step, from each rank's mean over its rows
+        per_rank = [np.array(rec["losses"]) for rec in recs]
+        rows_per_step = sum(x[:, 1] for x in per_rank)
+        step_loss = sum(x[:, 0] * x[:, 1] for x in per_rank) / rows_per_step
+        logged = [float(line.split("| loss ")[1].split()[0]) for line in r.stdout.splitlines() if "| loss " in line]
+        runs[name] = dict(step_loss=step_loss, rows=rows_per_step, logged=logged, preds=recs[0]["preds"],
+                          res=json.loads((out / "results.json").read_text())["tasks"]["rte"]["seeds"]["0"])
+    one, two = runs["one"], runs["two"]
+    assert one["rows"].tolist() == two["rows"].tolist() == [5, 3, 5, 3]
+    assert [len(x) for x in (one["logged"], two["logged"])] == [4, 4]
+    np.testing.assert_allclose(two["step_loss"], one["step_loss"], rtol=1e-5)
+    for run in (one, two):
+        np.testing.assert_allclose(run["logged"], run["step_loss"], atol=6e-5)  # printed with 4 decimals
+    assert one["preds"] == two["preds"] and len(one["preds"]) >= 1
+    assert one["res"]["accuracy"] == two["res"]["accuracy"] and one["res"]["steps"] == two["res"]["steps"] == 4
