@@ -260,12 +260,12 @@ class Layout:
     attn: object
 
     def cls_rows(self):
-        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states."""
+        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states, and (B,) whether
+        the row has one (an all-pad row gets a valid placeholder index; its [CLS] vector counts as zero)."""
         row_of = torch.div(self.real_indices, self.S, rounding_mode="floor")  # (nnz,)
-        first = torch.ones_like(row_of, dtype=torch.bool)
-        first[1:] = row_of[1:] != row_of[:-1]
-        idx = torch.nonzero(first, as_tuple=False).flatten()  # (B,) when every row has a token
-        return idx if self.unpadded else self.real_indices[idx]
+        counts = torch.bincount(row_of, minlength=self.B)  # (B,) real tokens per row
+        first = (torch.cumsum(counts, 0) - counts).clamp(max=row_of.numel() - 1)  # (B,) in packed order
+        return (first if self.unpadded else self.real_indices[first]), counts > 0
 
 
 class Bert(nn.Module):
@@ -438,7 +438,8 @@ class SequenceClassifier(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
         """-> (logits [B, num_labels], loss or None)."""
         h, lay = self.bert(input_ids, attention_mask, token_type_ids)
-        cls = h.reshape(-1, h.shape[-1])[lay.cls_rows()]  # (B, d): each row's first token, [CLS]
+        rows, has_token = lay.cls_rows()
+        cls = h.reshape(-1, h.shape[-1])[rows] * has_token[:, None]  # (B, d): each row's first token, [CLS]
         logits = self.classifier(self.dropout(torch.tanh(self.pooler(cls))))  # (B, num_labels)
         loss = None
         if labels is not None:
