@@ -71,12 +71,24 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
         if r["workload"] in ("pretrain", "glue") and r["name"] == "bert-base":
             assert r["speedup"] == pytest.approx(1.0)
 
-    assert len(j["targets"]) == 5
-    for t in j["targets"]:
-        if "HF peer" in t["target"] and not have_hf:
-            assert t["met"] is None
+    # targets: each value recomputed here from the rows of the same JSON, and `met` is value >= threshold
+    row = {(r["workload"], r["name"]): r for r in j["rows"]}
+    expected = []
+    for w, ratio in (("pretrain", 2.0), ("glue", 3.0)):
+        peers = [r["tokens_per_s"] for (wl, name), r in row.items() if wl == w and name.startswith("hf-")
+                 and r.get("tokens_per_s")]
+        expected.append((ratio, row[(w, "mosaic-bert-base")]["tokens_per_s"] / max(peers) if peers else None))
+    expected.append((0.60, row[("pretrain", "mosaic-bert-base")]["mfu"]))
+    for w in ("pretrain", "glue"):
+        expected.append((0.8 / (1 - j["workloads"][w]["pad_frac"]),
+                         row[(w, "+unpad")]["tokens_per_s"] / row[(w, "+bf16")]["tokens_per_s"]))
+    assert len(j["targets"]) == len(expected) == 5
+    for t, (threshold, value) in zip(j["targets"], expected):
+        assert t["threshold"] == pytest.approx(threshold), t
+        if value is None:
+            assert "HF peer" in t["target"] and not have_hf and t["met"] is None and t["value"] is None, t
         else:
-            assert t["met"] in (True, False) and _finite_positive(t["value"]), t
+            assert t["value"] == pytest.approx(value, rel=1e-9) and t["met"] == (value >= threshold), t
     assert set(j["projection"]["hours"]) >= {"bert-base", "mosaic-bert-base"}
     md = out.with_suffix(".md").read_text()
     assert "mosaic-bert-base" in md and "Targets" in md
