@@ -55,11 +55,14 @@ BUGS = [
     ("dropout_scale_missing", "model.py",
      "torch.where(keep, x * (65536 / (65536 - drop)), 0)", "torch.where(keep, x, 0)",
      ["tests/test_model.py", "-k", "dropout"]),
+    ("attention_dropout_in_eval", "model.py",
+     "p = self.attn_dropout if self.training else 0.0", "p = self.attn_dropout",
+     ["tests/test_model.py", "-k", "attention_dropout"]),
     # --- masks and layouts
     ("sparse_head_gets_pad_rows", "model.py",
-     "picked = torch.nonzero(labels != -100, as_tuple=False).flatten()",
-     "picked = torch.nonzero((labels != -100) | ((attention_mask.reshape(-1) == 0) if not lay.unpadded else False),"
-     " as_tuple=False).flatten()",
+     "h, labels = h[picked], labels[picked]  # (M, d), (M,)",
+     "picked = picked if lay.unpadded else torch.cat([picked, torch.nonzero(attention_mask.reshape(-1) == 0)"
+     ".flatten()]); h, labels = h[picked], labels[picked]",
      ["tests/test_model.py", "-k", "head_sees"]),
     ("padded_mask_ignores_documents", "kernels.py",
      "allowed = (ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] != 0)",

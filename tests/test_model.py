@@ -213,6 +213,27 @@ def test_classifier_and_regression_heads():
 # ---------------------------------------------------------------------------- precision
 
 
+@pytest.mark.parametrize("unpad", [True, False])
+def test_attention_dropout_reaches_attention_only_in_training(unpad, monkeypatch):
+    """attn_dropout is what SDPA gets in train mode, in either layout, and 0 in eval mode (the kernel's own
+    dropout fraction and scale are checked in test_kernels.py)."""
+    import kernels
+    seen = []
+    real = kernels.sdpa
+
+    def spy(qkv, mask, dropout_p=0.0):
+        seen.append(dropout_p)
+        return real(qkv, mask, dropout_p)
+    monkeypatch.setattr(kernels, "sdpa", spy)
+    m = M.build(replace(TINY, unpad=unpad, attn_dropout=0.3, attn_backend="sdpa"))
+    ids, mask, labels, _ = batch(2, 6)
+    m.train()(ids, mask, labels)
+    assert seen == [0.3] * TINY.n_layers
+    seen.clear()
+    m.eval()(ids, mask, labels)
+    assert seen == [0.0] * TINY.n_layers
+
+
 def test_low_precision_layernorm_runs_in_bf16_under_autocast():
     """Low-precision LayerNorm: bf16 out under autocast when on; fp32 (autocast's default) when off."""
     ln = M.LayerNorm(16, 1e-12, low_precision=True)

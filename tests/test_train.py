@@ -98,7 +98,12 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
     taken) are also checked against a direct computation on the whole global batch, whose micro-batches
     hold different numbers of masked tokens.
     """
-    args = TINY + FP32 + ["--dropout=0", "--micro_batch_size=2", "--max_steps=3"]
+    # documents of 3 to 39 words, one row each (truncate mode): rows, hence masked counts, differ in length
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(f"w{j % 50}" for j in range(3 + 7 * i % 37))}) + "\n"
+                            for i in range(80)))
+    args = TINY + FP32 + ["--dropout=0", "--micro_batch_size=2", "--max_steps=3", f"--data={docs}",
+                          "--data_mode=truncate"]
     two = run(args, tmp_path / "ddp", nproc=2)
     ok(two)
     assert "micro 2 x 2 accumulation steps x 2 ranks" in two.stdout
