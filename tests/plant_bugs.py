@@ -3,6 +3,7 @@
     python tests/plant_bugs.py            # every bug, one at a time (~15 min on 2 busy cores)
     python tests/plant_bugs.py --list     # names only
     python tests/plant_bugs.py alibi_sign_bias mcc_pred_marginal_twice   # some of them
+    python tests/plant_bugs.py --baseline # first run each selection without a bug: it must pass
 
 Each bug is a textual patch: one exact string of one file replaced by another. The project (its tracked and
 untracked, not ignored files) is copied to a temporary folder once; for each bug the patch is applied there,
@@ -114,6 +115,12 @@ def copy_project(dest: Path):
             shutil.copy2(src, dest / f)
 
 
+def pytest(work: Path, args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+
+
 def plant(work: Path, name, file, old, new, args) -> str:
     """Apply one bug, run its tests, restore the file. Returns 'caught', 'SURVIVED' or an error."""
     path = work / file
@@ -122,9 +129,7 @@ def plant(work: Path, name, file, old, new, args) -> str:
         return f"ERROR: the text to replace occurs {original.count(old)} times in {file} (the code moved: update it)"
     path.write_text(original.replace(old, new))
     try:
-        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args],
-                              cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+        proc = pytest(work, args)
     finally:
         path.write_text(original)
     if proc.returncode == 1:
@@ -140,6 +145,8 @@ def main(argv):
     if "--list" in argv:
         print("\n".join(b[0] for b in BUGS))
         return 0
+    baseline = "--baseline" in argv  # first check that every selection passes without a bug (else "caught" means nothing)
+    argv = [a for a in argv if a != "--baseline"]
     unknown = set(argv) - {b[0] for b in BUGS}
     if unknown:
         print(f"unknown bug(s) {sorted(unknown)}; --list shows them", file=sys.stderr)
@@ -149,6 +156,13 @@ def main(argv):
     with tempfile.TemporaryDirectory(prefix="plant_bugs_") as tmp:
         work = Path(tmp)
         copy_project(work)
+        if baseline:
+            for args in dict.fromkeys(tuple(b[4]) for b in bugs):
+                proc = pytest(work, list(args))
+                print(f"baseline {'ok    ' if proc.returncode == 0 else 'FAILED'} ({' '.join(args)})", flush=True)
+                if proc.returncode != 0:
+                    print(proc.stdout[-2000:])
+                    return 1
         for bug in bugs:
             t0 = time.perf_counter()
             results[bug[0]] = plant(work, *bug)
