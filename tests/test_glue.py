@@ -1,5 +1,5 @@
 """glue.py: metrics against hand-worked values, every GLUE TSV layout, bad-input errors, the WordPiece tokenizer
-against transformers, fine-tuning that learns, resuming a sweep, the MNLI -> RTE start, HF and DDP runs.
+(hf.WordPiece) against transformers, fine-tuning that learns, resuming a sweep, the MNLI -> RTE start, HF and DDP runs.
 
 The fixtures in tests/fixtures/glue/ are small files in GLUE's distributed layouts (download_glue_data.py):
 headers, column counts and label spellings as in the real files, and sentences with unbalanced `"` quotes.
@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import glue
+import hf
 import model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -390,7 +391,7 @@ def test_wordpiece_matches_transformers(tmp_path, lower):
     transformers = pytest.importorskip("transformers")
     sample = glue.load_task(glue.TASKS["sentiment"], "")["dev"].a[:300]
     _make_vocab(tmp_path, sample[:200] + SENTENCES, lower)
-    ours = glue.WordPieceTokenizer.from_folder(tmp_path)
+    ours = hf.WordPiece.from_folder(tmp_path)
     theirs = transformers.BertTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     assert ours.lower == lower and theirs.do_lower_case == lower
     texts = SENTENCES + sample
@@ -414,7 +415,7 @@ def test_pair_truncation_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     _make_vocab(tmp_path, ["hello world"], lower=True)
     theirs = transformers.BertTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
-    ours = glue.WordPieceTokenizer.from_folder(tmp_path)
+    ours = hf.WordPiece.from_folder(tmp_path)
     for la in range(1, 8):
         for lb in range(1, 8):
             ex = glue.Examples([" ".join(["hello"] * la)], [" ".join(["world"] * lb)], np.zeros(1, np.int64), "t")
@@ -426,11 +427,11 @@ def test_pair_truncation_matches_transformers(tmp_path):
 def test_wordpiece_accent_options(tmp_path):
     _make_vocab(tmp_path, ["Cafe café"], lower=False)
     vocab = tmp_path / "vocab.txt"
-    assert glue.WordPieceTokenizer(vocab, do_lower_case=False).tokenize("Café") == ["C", "##a", "##f", "##é"]
-    assert glue.WordPieceTokenizer(vocab, do_lower_case=False, strip_accents=True).tokenize("Café") == [
+    assert hf.WordPiece(vocab, do_lower_case=False).tokenize("Café") == ["C", "##a", "##f", "##é"]
+    assert hf.WordPiece(vocab, do_lower_case=False, strip_accents=True).tokenize("Café") == [
         "C", "##a", "##f", "##e"]
-    assert glue.WordPieceTokenizer(vocab, do_lower_case=True).tokenize("CAFÉ!") == ["c", "##a", "##f", "##e", "[UNK]"]
-    assert glue.WordPieceTokenizer(vocab, do_lower_case=True, strip_accents=False).tokenize("CAFÉ") == [
+    assert hf.WordPiece(vocab, do_lower_case=True).tokenize("CAFÉ!") == ["c", "##a", "##f", "##e", "[UNK]"]
+    assert hf.WordPiece(vocab, do_lower_case=True, strip_accents=False).tokenize("CAFÉ") == [
         "c", "##a", "##f", "##é"]
 
 
@@ -601,7 +602,7 @@ def test_hf_bert_folder_fine_tunes_with_its_wordpiece_vocab(tmp_path, monkeypatc
     cfg = glue.GlueConfig(tasks="rte", glue_dir=str(FIX), hf=str(tmp_path / "hf"), out_dir=str(tmp_path / "o"),
                           seeds=1, max_steps=2, log_interval=1000, lr=1e-12, dtype="float32", eval_batch_size=4)
     start = glue.load_start(cfg, "hf")
-    assert isinstance(start.tokenizer, glue.WordPieceTokenizer) and "pooler" in start.weights
+    assert isinstance(start.tokenizer, hf.WordPiece) and "pooler" in start.weights
     seen = []  # (input_ids, attention_mask, token_type_ids, logits) of every evaluation batch
     forward = model.SequenceClassifier.forward
 
@@ -613,7 +614,7 @@ def test_hf_bert_folder_fine_tunes_with_its_wordpiece_vocab(tmp_path, monkeypatc
     monkeypatch.setattr(model.SequenceClassifier, "forward", spy)
     res = glue.run(cfg)  # --init=auto picks hf when --hf is given
     assert res["source"]["init"] == "hf" and res["tasks"]["rte"]["seeds"]["0"]["steps"] == 2
-    hf = transformers.BertModel.from_pretrained(str(tmp_path / "hf")).eval()
+    hf_bert = transformers.BertModel.from_pretrained(str(tmp_path / "hf")).eval()
     theirs = transformers.BertTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     dev = glue.load_task(glue.TASKS["rte"], str(FIX))["dev"]
     expected_ids = sorted(theirs(a, b, truncation=True, max_length=128)["input_ids"] for a, b in zip(dev.a, dev.b))
@@ -621,7 +622,7 @@ def test_hf_bert_folder_fine_tunes_with_its_wordpiece_vocab(tmp_path, monkeypatc
     assert got_ids == expected_ids
     with torch.no_grad():
         for ids, mask, types, logits, classifier in seen:
-            pooled = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output
+            pooled = hf_bert(input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output
             torch.testing.assert_close(logits, classifier(pooled), atol=1e-4, rtol=1e-4)
     _tiny_hf_folder(tmp_path / "bad", vocab_extra=5)  # config.json's vocab_size smaller than vocab.txt
     with pytest.raises(glue.GlueError, match=r"vocab.txt has \d+ tokens but .*vocab_size="):
