@@ -260,11 +260,15 @@ class Layout:
     n_counted: int = 0  # Bert.layout's `count`: its set entries among the positions the model keeps
 
     def cls_rows(self):
-        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states (every row
-        must hold one). A sorted search, not a nonzero: no host sync."""
+        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states, and (B,) whether
+        the row has one (an all-pad row gets a valid placeholder index; its [CLS] vector counts as zero).
+        Sorted searches, not a nonzero: no host sync."""
         row_of = torch.div(self.real_indices, self.S, rounding_mode="floor")  # (nnz,)
-        idx = torch.searchsorted(row_of, torch.arange(self.B, device=row_of.device))  # (B,)
-        return idx if self.unpadded else self.real_indices[idx]
+        rows = torch.arange(self.B, device=row_of.device)
+        idx = torch.searchsorted(row_of, rows)  # (B,) the row's first token (its end, when the row is empty)
+        has_token = torch.searchsorted(row_of, rows, right=True) > idx  # (B,)
+        idx = idx.clamp(max=row_of.numel() - 1)
+        return (idx if self.unpadded else self.real_indices[idx]), has_token
 
 
 class Bert(nn.Module):
@@ -457,7 +461,8 @@ class SequenceClassifier(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
         """-> (logits [B, num_labels], loss or None)."""
         h, lay = self.bert(input_ids, attention_mask, token_type_ids)
-        cls = h.reshape(-1, h.shape[-1])[lay.cls_rows()]  # (B, d): each row's first token, [CLS]
+        rows, has_token = lay.cls_rows()
+        cls = h.reshape(-1, h.shape[-1])[rows] * has_token[:, None]  # (B, d): each row's first token, [CLS]
         logits = self.classifier(self.dropout(torch.tanh(self.pooler(cls))))  # (B, num_labels)
         loss = None
         if labels is not None:

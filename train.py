@@ -10,7 +10,7 @@ Everything a run does is in this file, top to bottom (grep the names):
     BoundedHeap                   CPU default: glibc keeps freed memory (no page faults per step), trimmed at a bound
     decoupled weight decay        MosaicML's DecoupledAdamW expressed with torch's AdamW
     lr_at                         linear warmup, then linear decay to final_lr_frac x peak
-    global masked count           the MLM loss of a step is sum(CE) / (masked tokens in the whole global batch)
+    accumulate_gradients          global masked count: a step's MLM loss is sum(CE) / (masked tokens in the global batch)
     no_sync                       gradients are all-reduced once per step, on the last micro-step
     --compile                     torch.compile in one place, on by default on CUDA (resolve_compile)
     MFU                           against a peak-FLOP table on GPUs, a measured matmul rate on CPUs
@@ -726,20 +726,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         batch = stream.next_batch()  # this rank's share of the global batch: (global_batch / world, S)
         n_real = int((batch["attention_mask"] != 0).sum())  # CPU tensor: no device sync
         batch = {k: to_device(v, device) for k, v in batch.items()}
-        # global masked count: the whole global batch's masked tokens, known before the forward pass
-        n_masked = all_reduce((batch["labels"] != -100).sum().float())
-        loss_scale = world / n_masked.clamp(min=1)  # DDP averages grads over ranks; `world` undoes that
-        with amp():  # one autocast context for all micro-steps: on CPU the bf16 weight casts are reused
-            for i in range(accum):
-                last = i == accum - 1
-                sl = slice(i * mb, (i + 1) * mb)
-                # gradients are all-reduced only on the last micro-step; forward runs inside no_sync too
-                sync_ctx = model.no_sync() if world > 1 and not last else nullcontext()
-                with sync_ctx:
-                    out = model(batch["input_ids"][sl], batch["attention_mask"][sl], batch["labels"][sl])  # (B, S)
-                    (out.loss_sum * loss_scale).backward()
-                stats += torch.stack([out.loss_sum.detach().float(), out.n_correct.float(),
-                                      out.n_masked.float()]).double()
+        stats += accumulate_gradients(model, batch, accum, mb, world, amp)
         grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
         nonfinite = torch.maximum(nonfinite, (~torch.isfinite(grad_norm) | ~torch.isfinite(stats[0])).float())
@@ -809,6 +796,32 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     if end < cfg.max_steps:
         print0(f"stopped after step {step} (--stop_at_step); continue with --resume")
     print0(f"done: {step} steps, {fmt_time(time.perf_counter() - t_start)} wall time")
+
+
+def accumulate_gradients(model, batch: dict, accum: int, mb: int, world: int, amp=nullcontext) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches on this rank; returns float64 [loss_sum, n_correct, n_masked].
+
+    Global masked count: the gradient left in .grad is that of sum(CE over the masked tokens of the whole
+    global batch) / (masked tokens in the whole global batch), whatever their split over micro-batches and
+    ranks (tests/test_train.py checks it against autograd on the global batch). `model` is DDP-wrapped when
+    world > 1: DDP averages gradients over ranks, so each rank scales by world / N_global.
+    """
+    # global masked count: the whole global batch's masked tokens, known before the forward pass
+    n_masked = all_reduce((batch["labels"] != -100).sum().float())
+    loss_scale = world / n_masked.clamp(min=1)  # DDP averages grads over ranks; `world` undoes that
+    stats = torch.zeros(3, dtype=torch.float64, device=batch["labels"].device)
+    with amp():  # one autocast context for all micro-steps: on CPU the bf16 weight casts are reused
+        for i in range(accum):
+            last = i == accum - 1
+            sl = slice(i * mb, (i + 1) * mb)
+            # gradients are all-reduced only on the last micro-step; forward runs inside no_sync too
+            sync_ctx = model.no_sync() if world > 1 and not last else nullcontext()
+            with sync_ctx:
+                out = model(batch["input_ids"][sl], batch["attention_mask"][sl], batch["labels"][sl])  # (B, S)
+                (out.loss_sum * loss_scale).backward()
+            stats += torch.stack([out.loss_sum.detach().float(), out.n_correct.float(),
+                                  out.n_masked.float()]).double()
+    return stats
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
