@@ -504,14 +504,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target = y.clamp(min=0)[:, None]  # (n, 1)
             logits = torch.addmm(bc, xc[sl], wc.t(), out=logits_buf[:n])  # (n, V) in the compute dtype
             z = z_buf[:n].copy_(logits)  # (n, V) fp32, exactly the logits' values
-            mx = z.amax(-1, keepdim=True)  # (n, 1)
+            # exact top-1 in the same pass as the max: max(dim) returns the first index of the maximum,
+            # argmax's rule for ties; no host sync (a nonzero over tied rows here would sync every chunk)
+            mx, top1 = z.max(-1, keepdim=True)  # (n, 1), (n, 1)
             z_label = z.gather(1, target)  # (n, 1)
-            # exact top-1: the label's logit is the row's max and no earlier class ties it (argmax's
-            # first-index rule); argmax runs only on the few rows whose label logit reaches the max
-            top = (z_label == mx).squeeze(1) & valid
-            rows = top.nonzero().squeeze(1)
-            if rows.numel():
-                n_correct += (z[rows].argmax(-1) == y[rows]).sum()
+            n_correct += ((top1.squeeze(1) == y) & valid).sum()
             g = z.sub_(mx).exp_()  # (n, V): exp(z - max)
             total = g.sum(-1, keepdim=True)  # (n, 1)
             lse = mx + total.log()
