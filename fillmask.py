@@ -1,0 +1,105 @@
+"""Fill-mask: what a checkpoint predicts for each [MASK] in a sentence.
+
+The quickest way to see what a masked language model has learned (nanoGPT's sample.py, for BERT):
+
+    python fillmask.py --ckpt=out/demo "The capital of France is [MASK]." "He played the [MASK] in a band."
+
+prints the top-k tokens and their probabilities for every [MASK]. `top_k` is the function the pretraining demo
+uses for its before/after samples, and the one the Hugging Face export is checked against.
+
+The tokenizer is any object with encode(text) -> ids, decode(ids) -> str, and cls_id, sep_id, mask_id
+(data.Tokenizer, or a WordPiece tokenizer for BERT vocabularies). "[MASK]" in the text is cut out and replaced by
+mask_id; the rest is encoded as ordinary text. With GPT-2's byte-level BPE the space before a word belongs to the
+word (" Paris" is one token), so the space just before each [MASK] is left to the masked token.
+"""
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from config import ConfigError, main_guard, parse_config, print_config
+
+MASK = "[MASK]"
+
+
+def encode_masked(tok, text: str) -> list[int]:
+    """[CLS] text [SEP] as ids, each "[MASK]" in text as tok.mask_id. Raises ValueError when text has no [MASK]."""
+    pieces = text.split(MASK)
+    if len(pieces) < 2:
+        raise ValueError(f"no {MASK} in {text!r}: write the word to predict as {MASK}")
+    ids = [tok.cls_id]
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            ids.append(tok.mask_id)
+        if i < len(pieces) - 1 and piece.endswith(" "):
+            piece = piece[:-1]  # the masked token carries its own leading space (byte-level BPE)
+        if piece:
+            ids.extend(tok.encode(piece))
+    ids.append(tok.sep_id)
+    return ids
+
+
+@torch.no_grad()
+def top_k(model, tok, text: str, k: int = 5) -> list[list[tuple[str, float]]]:
+    """For each [MASK] in text, in order, the k most likely tokens as (decoded token, probability).
+
+    model is a model.BertForMaskedLM. The softmax runs over the real vocabulary (config.vocab_size): the rows
+    that only pad the embedding to a multiple of 64 are not tokens and are never predicted.
+    """
+    ids = encode_masked(tok, text)
+    input_ids = torch.tensor([ids])                             # [1, S]
+    attention_mask = torch.ones_like(input_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model.logits(input_ids, attention_mask)[0]     # [S, V_padded]
+    finally:
+        model.train(was_training)
+    logits = logits[:, : model.config.vocab_size].float()       # [S, V]
+    at = (input_ids[0] == tok.mask_id).nonzero().flatten()      # [n_masks]
+    probs = logits[at].softmax(-1)                              # [n_masks, V]
+    p, idx = probs.topk(min(k, probs.shape[-1]), dim=-1)        # [n_masks, k]
+    return [[(tok.decode([int(i)]), float(q)) for q, i in zip(pr, ix)] for pr, ix in zip(p, idx)]
+
+
+def format_predictions(text: str, preds: list[list[tuple[str, float]]]) -> str:
+    """One line per [MASK]: the sentence, then `[MASK] #n: token (p) | token (p) ...`."""
+    lines = [text]
+    for n, row in enumerate(preds, 1):
+        lines.append(f"  {MASK} #{n}: " + " | ".join(f"{t.strip() or repr(t)} ({p:.2f})" for t, p in row))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class FillMaskConfig:
+    ckpt: str = "out/demo"          # a train.py checkpoint (.pt) or the out_dir holding them
+    k: int = 5                      # predictions per [MASK]
+
+
+def main(argv: Optional[list[str]] = None):
+    import data
+    import model as modeling
+
+    argv = sys.argv[1:] if argv is None else argv
+    texts = [a for a in argv if not a.startswith("--")]
+    cfg = parse_config(FillMaskConfig, [a for a in argv if a.startswith("--")])
+    if not texts:
+        raise ConfigError(f'give one or more sentences with {MASK}, e.g. python fillmask.py "The capital of France '
+                          f'is {MASK}."')
+    print_config(cfg)
+    try:
+        net, _ = modeling.load_pretrained(cfg.ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"--ckpt={cfg.ckpt}: {e}") from None
+    tok = data.get_tokenizer()
+    for text in texts:
+        print(format_predictions(text, top_k(net, tok, text, cfg.k)))
+
+
+if __name__ == "__main__":
+    main_guard(main)
