@@ -142,10 +142,11 @@ TASKS = {t.name: t for t in [
          "MRPC", {"train": "train.tsv", "dev": "dev.tsv"}, True, (3, 4, 0), hub=("sentence1", "sentence2")),
     Task("rte", ("accuracy",), ("entailment", "not_entailment"), Recipe(1e-5, 1e-5, 3, 16, 5),
          "RTE", {"train": "train.tsv", "dev": "dev.tsv"}, True, (1, 2, 3), hub=("sentence1", "sentence2")),
-    # Not GLUE: the offline demo. Rotten Tomatoes sentences in SST-2's layout (assets/). A demo-sized recipe:
-    # one epoch (368 steps) at a larger lr than the paper's base models get (measured: mosaic-bert-small from
-    # a random init reaches 76% dev accuracy with it).
-    Task("sentiment", ("accuracy",), BIN, Recipe(5e-4, 5e-6, 1, 32, 1),
+    # Not GLUE: the offline demo. Rotten Tomatoes sentences in SST-2's layout (assets/). A demo-sized recipe that
+    # shows what pretraining buys: a label budget of 1,000 sentences (of 11,752; pretraining matters most when
+    # labels are few), 5 epochs (160 steps), lr 2e-4 (the all-labels recipe, 1 epoch at 5e-4, measured 75.6
+    # pretrained vs 76.2 from scratch: with 11,752 labels a small model learns the task from scratch), 3 seeds.
+    Task("sentiment", ("accuracy",), BIN, Recipe(2e-4, 2e-6, 5, 32, 3, train_examples=1000),
          str(ROOT / "assets"), {"train": "rotten_tomatoes_train.tsv.gz", "dev": "rotten_tomatoes_dev.tsv.gz"},
          True, (0, None, 1)),
 ]}
