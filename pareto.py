@@ -67,8 +67,9 @@ class ParetoConfig:
     downstream_at: str = "2,4,8"   # which points (1..n_points) are fine-tuned, besides t = 0; empty: none
     seeds: int = 3                 # fine-tuning seeds per point (median reported)
     # the pretraining recipe (train.py's fields; the same for both arms)
-    data: str = "default+sentiment"
-    data_mode: str = "chunk"
+    data: str = ""                 # empty: 'default+sentiment' with --quick (the demo's), else 'c4' (train.py's --data)
+    num_workers: int = 0           # DataLoader workers per arm for streamed data (c4)
+    data_mode: str = "chunk"       # 'chunk' (the demo's); 'truncate' is the paper's, for c4
     seq_len: int = 128
     batch_size: int = 0            # sequences per step; 0: 32 with --quick, else 256
     lr: float = 0.0                # peak lr; 0: 1e-3 with --quick (the demo's), else 5e-4 (the paper's)
@@ -81,9 +82,9 @@ class ParetoConfig:
     eval_batches: int = 8
     eval_batch_size: int = 32
     # the fine-tuning recipe (glue.py's fields; 0: the sentiment task's recipe)
-    ft_examples: int = 0           # labelled training sentences; 0: 1,000 with --quick, else all
-    ft_epochs: float = 0.0         # 0: 2 with --quick, else the recipe's
-    ft_lr: float = 0.0
+    ft_examples: int = 0           # labelled training sentences; 0: the recipe's label budget (1,000), -1: all
+    ft_epochs: float = 0.0         # 0: 2 with --quick, else the recipe's (5)
+    ft_lr: float = 0.0             # 0: the recipe's (2e-4)
     # system
     device: str = "auto"           # auto | cpu | cuda
     compile: str = "auto"          # auto | on | off (auto: on for CUDA, off on the CPU; see compile_choice)
@@ -96,9 +97,9 @@ def resolve(cfg: ParetoConfig) -> ParetoConfig:
     """Fill the mode-dependent defaults (0 / empty fields) and check the choices."""
     q = cfg.quick
     cfg = dataclasses.replace(
-        cfg, size=cfg.size or ("small" if q else "base"), budget_s=cfg.budget_s or (240.0 if q else 3600.0),
+        cfg, size=cfg.size or ("small" if q else "base"), data=cfg.data or ("default+sentiment" if q else "c4"), budget_s=cfg.budget_s or (240.0 if q else 3600.0),
         batch_size=cfg.batch_size or (32 if q else 256), lr=cfg.lr or (1e-3 if q else 5e-4),
-        ft_examples=cfg.ft_examples or (1000 if q else 0), ft_epochs=cfg.ft_epochs or (2.0 if q else 0.0))
+        ft_epochs=cfg.ft_epochs or (2.0 if q else 0.0))
     if f"mosaic-bert-{cfg.size}" not in modeling.PRESETS:
         sizes = [p.removeprefix("mosaic-bert-") for p in modeling.PRESETS if p.startswith("mosaic-bert-")]
         raise ConfigError(f"--size={cfg.size}: choose one of {', '.join(sizes)}")
@@ -150,7 +151,7 @@ class Arm:
         self.mcfg = arm_model_config(cfg.size, name)
         self.mask_prob = cfg.mosaic_mask if name == "mosaic" else cfg.bert_mask
         self.stream = data.PretrainStream(cfg.data, "train", cfg.seq_len, cfg.data_mode, self.mask_prob, cfg.seed,
-                                          cfg.batch_size)
+                                          cfg.batch_size, num_workers=cfg.num_workers)
         torch.manual_seed(cfg.seed)  # the same initial-weight draw for both arms (their shapes differ)
         self.model = modeling.build(self.mcfg).to(device)
         tcfg = train.TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
