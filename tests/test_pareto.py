@@ -11,7 +11,7 @@ from config import ConfigError
 
 SMOKE = ["--size=tiny", "--budget_s=2", "--n_points=8", "--slices_per_point=1", "--downstream_at=8", "--seeds=1",
          "--batch_size=4", "--seq_len=32", "--eval_batches=1", "--eval_batch_size=8", "--ft_examples=32",
-         "--ft_epochs=1", "--device=cpu"]
+         "--ft_epochs=1", "--device=cpu", "--data=default+sentiment"]
 
 
 def test_smoke_run_writes_both_arms_with_increasing_time(tmp_path, monkeypatch):
