@@ -97,8 +97,8 @@ def resolve(cfg: ParetoConfig) -> ParetoConfig:
     """Fill the mode-dependent defaults (0 / empty fields) and check the choices."""
     q = cfg.quick
     cfg = dataclasses.replace(
-        cfg, size=cfg.size or ("small" if q else "base"), data=cfg.data or ("default+sentiment" if q else "c4"), budget_s=cfg.budget_s or (240.0 if q else 3600.0),
-        batch_size=cfg.batch_size or (32 if q else 256), lr=cfg.lr or (1e-3 if q else 5e-4),
+        cfg, size=cfg.size or ("small" if q else "base"), data=cfg.data or ("default+sentiment" if q else "c4"),
+        budget_s=cfg.budget_s or (240.0 if q else 3600.0), batch_size=cfg.batch_size or (32 if q else 256), lr=cfg.lr or (1e-3 if q else 5e-4),
         ft_epochs=cfg.ft_epochs or (2.0 if q else 0.0))
     if f"mosaic-bert-{cfg.size}" not in modeling.PRESETS:
         sizes = [p.removeprefix("mosaic-bert-") for p in modeling.PRESETS if p.startswith("mosaic-bert-")]
