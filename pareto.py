@@ -189,11 +189,12 @@ class Arm:
 
     def train_until(self, t_end: float):
         """Train until this arm's counted training time reaches t_end seconds (the step that crosses it finishes).
-        At least one step: a slice shorter than a step still moves the arm, so its time axis always increases."""
+        Within the budget a slice takes at least one step, so a slice shorter than a step still moves the arm;
+        past the budget it takes none, so a slow arm overshoots the budget by at most one step."""
         self.model.train()
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self.rng.get_state())
-            first = True
+            first = self.train_s < self.cfg.budget_s
             while first or self.train_s < t_end:
                 first = False
                 batch = self.stream.next_batch()  # building the batch counts: the data pipeline is training
