@@ -24,7 +24,8 @@ Top to bottom:
              hash, not a stateful RNG, so any world size, worker count or resume draws the same masks.
   order      local sources: one global order, reshuffled each epoch with a seeded permutation; global batch k holds
              the same samples on 1 or 8 processes, rank r taking the r-th contiguous slice. Streams: per-shard order.
-  resume     state_dict()/load_state_dict(): the next batches are exactly those of the uninterrupted run.
+  resume     state_dict()/load_state_dict(): the next batches are exactly those of the uninterrupted run. A stream's
+             position names its file, so a resume opens that file directly (cost: at most one file's records).
 
 Bad input raises DataError (a ValueError) saying what to do, never a silent drop:
   errors         missing path, unknown file type, no `text` field, no documents left, a document over
@@ -49,6 +50,7 @@ import lzma
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -546,9 +548,9 @@ def _check_identity(mine: dict, state: dict):
 
 # --------------------------------------------------------------------------------------------------------------
 # Streamed sources ('c4', 'stream:PATH'): the stream is split into world_size * max(1, num_workers) disjoint
-# shards with datasets.distributed.split_dataset_by_node (whole files when their count divides evenly, else every
-# n-th record). Each DataLoader worker reads one shard and yields whole per-rank batches; its position
-# (epoch, record, token offset) travels with each batch so the main process can checkpoint it.
+# shards (whole files when their count divides evenly, else every n-th record of each file). Each DataLoader
+# worker reads one shard and yields whole per-rank batches; its position (epoch, file * FILE_STRIDE + record,
+# token offset) travels with each batch so the main process can checkpoint it, and a resume opens that file.
 # --------------------------------------------------------------------------------------------------------------
 def _is_streamed(source: str) -> bool:
     return source == "c4" or source.startswith("stream:")
@@ -575,18 +577,40 @@ def _open_stream(source: str, split: str):
     return _load_dataset(builder, files), builder == "text"
 
 
-def _shard_records(src, source: str, split: str, shard: int, n_shards: int, skipped: collections.Counter):
-    """(index, text, key) for every record of one shard, in order (text None for skips and the other split)."""
-    from datasets.distributed import split_dataset_by_node
+FILE_STRIDE = 1 << 32   # a streamed record's index is file * FILE_STRIDE + record within the file
+
+
+def _shard_records(src, source: str, split: str, shard: int, n_shards: int, skipped: collections.Counter,
+                   start: int = 0):
+    """(index, text, key) for every record of one shard, in order (text None for skips and the other split).
+
+    Shard s of T: whole files (the s-th contiguous block) when T divides the file count, else record r of file f
+    when (f + r) % T == s. index = file * FILE_STRIDE + record within the file, so resuming at index `start` opens
+    file start // FILE_STRIDE directly: whole files before it are never read, and the cost of a resume is at most
+    one file's records (read, not tokenized), however far into the stream the run was.
+    """
     ds, from_txt = src
-    sub, i = split_dataset_by_node(ds, rank=shard, world_size=n_shards), 0
+    n_files = ds.num_shards
+    if n_files % n_shards == 0:
+        per = n_files // n_shards
+        files, keep = range(shard * per, (shard + 1) * per), None
+    else:
+        files, keep = range(n_files), shard
     try:
-        for batch in sub.iter(batch_size=256):
-            for text, key in _records(batch, source, from_txt, skipped):
-                if text is not None and source != "c4" and _is_validation(key) != (split == "validation"):
-                    text = None                              # local streams split by hash, like local files
-                yield i, text, key
-                i += 1
+        for f in files:
+            if f < start // FILE_STRIDE:
+                continue                                     # skipped whole: never opened
+            r0 = 0                                           # record number (in file f) of the batch's first
+            for batch in ds.shard(num_shards=n_files, index=f, contiguous=True).iter(batch_size=256):
+                n, rs = len(next(iter(batch.values()))), None
+                if keep is not None:                         # this shard's records only
+                    rs = [r for r in range(r0, r0 + n) if (f + r) % n_shards == keep]
+                    batch = {k: [v[r - r0] for r in rs] for k, v in batch.items()}
+                for r, (text, key) in zip(range(r0, r0 + n) if rs is None else rs, _records(batch, source, from_txt, skipped)):
+                    if text is not None and source != "c4" and _is_validation(key) != (split == "validation"):
+                        text = None                          # local streams split by hash, like local files
+                    yield f * FILE_STRIDE + r, text, key
+                r0 += n
     except Exception as e:
         if isinstance(e, DataError):
             raise
@@ -606,7 +630,7 @@ def _stream_rows(src, source, split, mode, seq_len, shard, n_shards, position, s
 
         def lengths():                                       # (index, n_tokens), tokenizing 64 docs at a time
             pending = []
-            for i, text, key in _shard_records(src, source, split, shard, n_shards, skipped):
+            for i, text, key in _shard_records(src, source, split, shard, n_shards, skipped, start[0]):
                 if text is not None and i >= start[0]:      # records before the resume point: read, not tokenized
                     pending.append((i, text, key))
                 if len(pending) == 64:
@@ -649,7 +673,9 @@ class _StreamReader(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         p, n = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:
-            try:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):     # preemption is the training process's to handle
+                signal.signal(sig, signal.SIG_IGN)           # (train.py finishes the step and saves); a worker
+            try:                                             # killed by the signal would fail the next batch
                 import fsspec.asyn
                 fsspec.asyn.reset_lock()                     # as datasets does in workers (fsspec hangs otherwise)
             except Exception:
@@ -712,7 +738,7 @@ class _StreamedStream:
         c = self.cfg
         return {"kind": "stream", "source": c["source"], "split": c["split"], "mode": c["mode"],
                 "seq_len": c["seq_len"], "seed": c["seed"], "world_size": c["world_size"],
-                "num_workers": self.num_workers}
+                "num_workers": self.num_workers, "record_index": "file * 2**32 + record"}
 
     def state_dict(self, gather: bool = False) -> dict:
         mine = [list(p) for p in self.positions]

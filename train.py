@@ -15,6 +15,9 @@ Everything a run does is in this file, top to bottom (grep the names):
     --compile                     torch.compile in one place; the uncompiled module saves and evaluates
     MFU                           against a peak-FLOP table on GPUs, a measured matmul rate on CPUs
     save_checkpoint / resume      atomic, weights_only-loadable, exact continuation (data, RNG, schedule)
+    autoresume                    a run into an out_dir holding checkpoints of the same config continues them;
+                                  of another config, it refuses (checkpoints are never deleted implicitly)
+    preemption                    SIGTERM/SIGUSR1: every rank finishes the step, rank 0 saves, exit PREEMPTED_EXIT
 
 Shape legend: B sequences per micro-batch, S = seq_len.
 Recompiles: with --compile, run with TORCH_LOGS=recompiles to see every recompilation and its reason.
@@ -24,11 +27,14 @@ run compiles once per region instead of once per batch.
 """
 
 import ctypes
+import datetime
 import json
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,6 +53,21 @@ from config import ConfigError, config_dict, main_guard, parse_config, print_con
 
 class TrainError(RuntimeError):
     """A run that cannot go on (non-finite loss, missing checkpoint...). Printed on stderr, exit 1."""
+
+
+# Exit status after a preemption signal once the checkpoint is saved: EX_TEMPFAIL of <sysexits.h>, "try again
+# later". A requeue script tells it from success (0), bad flags (2) and failures (1, or a signal's 128+n).
+PREEMPTED_EXIT = 75
+# torchrun turns any worker's non-zero status into its own exit 1, so rank 0 also leaves this file in out_dir
+# (holding the step); the next start of train.py in that out_dir removes it.
+PREEMPTED_MARKER = "PREEMPTED"
+# Process-group timeout: a collective waits this long for the slowest rank. torch's default is 10 min for NCCL;
+# a rank's first batch (DataLoader start-up, a resumed stream re-reading part of one C4 file) may take minutes.
+DIST_TIMEOUT = datetime.timedelta(hours=1)
+
+
+class Preempted(Exception):
+    """Raised on every rank after a preemption checkpoint was saved; cli() exits with PREEMPTED_EXIT."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,7 +257,7 @@ def init_distributed(device_flag: str, keep_freed: bool = False):
     elif keep_freed:
         keep_freed_memory()
     if world > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=DIST_TIMEOUT)
     return rank, world, device
 
 
@@ -359,6 +380,27 @@ def set_rng_state(s: dict):
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def seed_rank(seed: int, rank: int, step: int):
+    """Seed torch (CPU and CUDA), Python and numpy from (seed, rank, step): for a resume on another world size,
+    where the checkpoint holds no RNG state for this rank. Every rank gets its own stream (its own dropout masks),
+    and the same resume on the same world size draws the same."""
+    s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+# TrainConfig fields that change how a run is carried out or logged, not what it computes: autoresume ignores them.
+HOW_NOT_WHAT = ("resume", "stop_at_step", "out_dir", "device", "compile", "keep_freed_memory", "num_workers",
+                "log_every", "eval_every", "eval_batches", "eval_batch_size", "save_every", "keep_checkpoints")
+
+
+def run_config_diff(saved: dict, current: dict) -> list[str]:
+    """The fields (other than HOW_NOT_WHAT) in which a checkpoint's train_config differs from this run's."""
+    keys = sorted((set(saved) | set(current)) - set(HOW_NOT_WHAT))
+    return [f"--{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
 def model_config_diff(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
@@ -376,6 +418,44 @@ def list_checkpoints(out_dir: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------
+# Preemption
+
+
+class PreemptionFlag:
+    """Preemption: SIGTERM (what schedulers and torchrun send before a kill) or SIGUSR1 (SLURM's --signal) only
+    sets a flag; the loop reads it at the end of every step through `agreed`, so every rank stops after the same
+    step, rank 0 saves a checkpoint, and the job exits with PREEMPTED_EXIT. The previous handlers come back on exit.
+    Under torchrun a SIGTERM to torchrun reaches every worker, which then have torchrun's 30 s grace to save
+    (SIGUSR1 only with TORCHELASTIC_SIGNALS_TO_HANDLE listing it)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, world: int):
+        self.received, self.previous, self.group = None, {}, None
+        if world > 1 and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # the flag is a host value: no device sync to agree on it
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Whether any rank received a preemption signal (a collective on the host: call it on every rank)."""
+        flag = torch.tensor([self.received is not None], dtype=torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------
 # Training
 
 
@@ -383,7 +463,8 @@ def main(argv: Optional[list[str]] = None):
     cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, presets=TRAIN_PRESETS)
     rank, world, device = init_distributed(cfg.device, cfg.keep_freed_memory)
     try:
-        train(cfg, rank, world, device)
+        with PreemptionFlag(world) as preempt:
+            train(cfg, rank, world, device, preempt)
         if world > 1:
             dist.barrier()  # every rank done before any tears the process group down
     finally:
@@ -391,7 +472,8 @@ def main(argv: Optional[list[str]] = None):
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
+def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt: Optional[PreemptionFlag] = None):
+    """One training run; with `preempt`, a preemption signal saves a checkpoint and raises Preempted."""
     master = rank == 0
 
     def print0(*a, **k):
@@ -406,18 +488,28 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     print0(f"batch: global {cfg.global_batch_size} = micro {cfg.micro_batch_size} x {accum} accumulation "
            f"steps x {world} rank{'s' if world > 1 else ''} | device {device} | dtype {cfg.dtype}")
 
-    # --- resume: read the checkpoint first, so a mismatch fails before any work
+    # --- resume: read the checkpoint first, so a mismatch fails before any work. Without --resume, an out_dir
+    # holding checkpoints is resumed automatically when they come from the same config (autoresume: running the
+    # same command again continues it, or finds it finished), and refused otherwise: never deleted implicitly.
     ckpt = None
-    if cfg.resume:
-        path = modeling.latest_checkpoint(cfg.out_dir)
-        if path is None:
-            raise TrainError(f"--resume: no checkpoint (ckpt_*.pt) in {cfg.out_dir}; "
-                             f"run without --resume to start, or point --out_dir at the run to continue")
+    path = modeling.latest_checkpoint(cfg.out_dir)
+    if cfg.resume and path is None:
+        raise TrainError(f"--resume: no checkpoint (ckpt_*.pt) in {cfg.out_dir}; "
+                         f"run without --resume to start, or point --out_dir at the run to continue")
+    end = cfg.max_steps if cfg.stop_at_step <= 0 else min(cfg.stop_at_step, cfg.max_steps)
+    if path is not None:
+        how = "--resume" if cfg.resume else f"autoresume ({cfg.out_dir} holds checkpoints)"
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated file, not a checkpoint, or unsafe pickled types
-            raise TrainError(f"--resume: cannot load {path} ({type(e).__name__}: {str(e)[:200]}); "
+            raise TrainError(f"{how}: cannot load {path} ({type(e).__name__}: {str(e)[:200]}); "
                              f"move it away to resume from the previous checkpoint") from None
+        diff = [] if cfg.resume else run_config_diff(ckpt.get("train_config", {}), config_dict(cfg))
+        if diff:
+            raise ConfigError(f"{cfg.out_dir} holds the checkpoints of a run with another config "
+                              f"({path}, step {ckpt['step']}):\n  " + "\n  ".join(diff) + "\nNothing was changed. "
+                              f"To continue that run with these settings, add --resume; to start a new run, pass "
+                              f"another --out_dir (or delete {cfg.out_dir} yourself).")
         diff = model_config_diff(ckpt["model_config"], config_dict(mcfg))
         if diff:
             raise ConfigError(f"--resume: {path} was trained with a different model config:\n  "
@@ -428,7 +520,10 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         if changed:
             print0(f"warning: resuming with a different {', '.join(changed)} than the checkpoint: "
                    f"the run will not continue exactly as the original")
-        print0(f"resuming from {path} (step {ckpt['step']})")
+        print0(f"resuming from {path} (step {ckpt['step']}){'' if cfg.resume else ': autoresume, same config'}")
+        if ckpt["step"] >= end:
+            print0(f"nothing to do: the checkpoint is at step {ckpt['step']} and the run ends at step {end}")
+            return
 
     # --- data (first: a bad --data fails before any other work)
     stream = data.PretrainStream(cfg.data, split="train", seq_len=cfg.seq_len, mode=cfg.data_mode,
@@ -467,10 +562,12 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     if ckpt is not None:
         stream.load_state_dict(ckpt["data"])  # raises DataError if it does not fit this data
         rngs = ckpt["rng_per_rank"]
-        set_rng_state(rngs[rank] if len(rngs) == world else ckpt["rng"])
-        if len(rngs) != world:
-            print0(f"note: the checkpoint was written by {len(rngs)} ranks, this run has {world}: "
-                   f"dropout masks will differ from the original run")
+        if len(rngs) == world:
+            set_rng_state(rngs[rank])
+        else:  # no saved state for this rank: a distinct one per rank, not rank 0's on every rank
+            seed_rank(cfg.seed, rank, step)
+            print0(f"note: the checkpoint was written by {len(rngs)} ranks, this run has {world}: each rank's RNG is "
+                   f"seeded from (seed, rank, step), so dropout masks will differ from the original run")
     else:
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout differs across ranks
         random.seed(cfg.seed + rank)
@@ -480,15 +577,11 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if ckpt is None:
-            old = list_checkpoints(cfg.out_dir)
-            if old or os.path.exists(metrics_path):
-                print(f"warning: starting a fresh run in {cfg.out_dir}: removing {len(old)} checkpoint(s) and "
-                      f"metrics.jsonl of a previous run (use --resume to continue it instead)", flush=True)
-            for p in old:
-                os.remove(p)
-            if os.path.exists(metrics_path):
-                os.remove(metrics_path)
+        if os.path.exists(os.path.join(cfg.out_dir, PREEMPTED_MARKER)):
+            os.remove(os.path.join(cfg.out_dir, PREEMPTED_MARKER))
+        if ckpt is None and os.path.exists(metrics_path):  # (no checkpoints here: see autoresume above)
+            print(f"note: {metrics_path} holds the rows of a run that saved no checkpoint; starting afresh", flush=True)
+            os.remove(metrics_path)
         elif os.path.exists(metrics_path):  # drop rows logged after the checkpoint (a crashed run's tail)
             with open(metrics_path) as f:
                 rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
@@ -560,10 +653,6 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     if peak:
         print0(f"MFU reference: {peak / 1e12:.2f} TFLOP/s per rank "
                f"({'measured ' + cfg.dtype + ' matmul' if device.type == 'cpu' else 'bf16 dense peak'})")
-    end = cfg.max_steps if cfg.stop_at_step <= 0 else min(cfg.stop_at_step, cfg.max_steps)
-    if step >= end:
-        print0(f"nothing to do: the checkpoint is at step {step} and the run ends at step {end}")
-        return
     mb = cfg.micro_batch_size
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked since last log
     interval_tokens, interval_steps, grad_norm = 0, 0, torch.zeros((), device=device)
@@ -637,10 +726,22 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
             t_log += time.perf_counter() - t0  # keep eval time out of the training throughput
 
         # --- checkpoint: periodic, at the end, and at --stop_at_step
-        if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == end:
+        saved = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == end
+        if saved:
             t0 = time.perf_counter()
             save_checkpoint(step)
             t_log += time.perf_counter() - t0
+
+        # --- preemption: the ranks agree on the flag here, so all of them stop after this same step
+        if preempt is not None and step < end and preempt.agreed():
+            if not saved:
+                save_checkpoint(step)
+            if master:
+                with open(os.path.join(cfg.out_dir, PREEMPTED_MARKER), "w") as f:
+                    f.write(f"{step}\n")
+            print0(f"preempted ({preempt.received or 'a signal to another rank'}): checkpoint at step {step} saved; "
+                   f"exiting with status {PREEMPTED_EXIT}. Continue with --resume (or the same command again)")
+            raise Preempted(step)
 
     if master and cfg.samples and step == cfg.max_steps:
         print_samples(raw_model, f"after {step} steps")
@@ -668,6 +769,8 @@ def cli(argv: Optional[list[str]] = None):
     except (data.DataError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Preempted:
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,52 @@ def test_resume_is_exact_stream(tmp_path, num_workers):
         other_rank.load_state_dict({**state, "world_size": 2, "positions": [state["positions"][0], None]})
 
 
+def test_stream_resume_cost_does_not_grow_with_position(tmp_path, monkeypatch):
+    """Resuming a stream reads at most about one file of records before its first batch, however far the run had
+    got (whole files before the position are never opened); the resumed batches equal the uninterrupted run's."""
+    for f in range(10):
+        _write_jsonl(tmp_path / f"r{f}.jsonl", [f"doc {f} {i} " + _words(40 * f + i, 8) for i in range(40)])
+    src, kw = f"stream:{tmp_path}/r*.jsonl", dict(mode="truncate", seq_len=32, global_batch_size=8)
+    run, states, batches = data.PretrainStream(src, **kw), [], []
+    for _ in range(36):                               # ~290 of the 400 records: into the 8th file
+        states.append(run.state_dict())
+        batches.append(run.next_batch())
+    reads, real = [], data._records
+
+    def counting(batch, *args):                       # every record the reader gets from `datasets`
+        reads.append(len(batch["text"]))
+        return real(batch, *args)
+
+    monkeypatch.setattr(data, "_records", counting)
+    cost = {}
+    for k in (1, 33):
+        reads.clear()
+        resumed = data.PretrainStream(src, **kw)
+        resumed.load_state_dict(states[k])
+        assert all(_equal(batches[j], resumed.next_batch()) for j in range(k, k + 3))
+        cost[k] = sum(reads)
+    # the position's file, the 64 documents tokenized ahead and the 24 rows: not the ~290 records before the position
+    assert cost[33] <= cost[1] + 40 and cost[33] <= 160, cost
+
+
+def test_stream_workers_ignore_preemption_signals(tmp_path):
+    """A scheduler's SIGTERM/SIGUSR1 to the whole process group must not kill DataLoader workers: train.py finishes
+    the step (which needs the next batch) and saves before it exits."""
+    import os
+    import signal
+    import time
+    for f in range(2):
+        _write_jsonl(tmp_path / f"w{f}.jsonl", [_words(40 * f + i, 8) for i in range(20)])
+    s = data.PretrainStream(f"stream:{tmp_path}/w*.jsonl", mode="truncate", seq_len=32, global_batch_size=2,
+                            num_workers=2)
+    s.next_batch()
+    for w, sig in zip(s._impl._it._workers, (signal.SIGTERM, signal.SIGUSR1)):
+        os.kill(w.pid, sig)
+    time.sleep(0.5)
+    for _ in range(4):                                # both workers' batches (round robin)
+        assert s.next_batch()["input_ids"].shape == (2, 32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rows: truncate, chunk, pack
 # ---------------------------------------------------------------------------------------------------------------

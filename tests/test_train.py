@@ -5,6 +5,7 @@ Most tests run train.py as a subprocess, because the interface (flags, exit stat
 out_dir/metrics.jsonl, checkpoints) is what they check.
 """
 
+import datetime
 import io
 import json
 import math
@@ -28,13 +29,13 @@ TINY = ["--preset=mosaic-bert-tiny", "--device=cpu", "--seq_len=32", "--global_b
 FP32 = ["--dtype=float32"]
 
 
-def run(args, out_dir, nproc=1, timeout=300):
-    """Run train.py (under torchrun when nproc > 1) and return the CompletedProcess."""
-    launcher = [sys.executable, "train.py"]
+def run(args, out_dir, nproc=1, timeout=300, script="train.py", env=None):
+    """Run train.py (or `script`; under torchrun when nproc > 1) and return the CompletedProcess."""
+    launcher = [sys.executable, script]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    "train.py"]
-    return subprocess.run(launcher + args + [f"--out_dir={out_dir}"], cwd=ROOT, env=ENV,
+                    script]
+    return subprocess.run(launcher + args + [f"--out_dir={out_dir}"], cwd=ROOT, env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -127,6 +128,80 @@ def test_checkpoint_format(tmp_path):
     assert ck["train_config"]["max_steps"] == 2
     model, _ = train.modeling.load_pretrained(str(tmp_path))
     assert_state_close(model.state_dict(), ck["model"], 0)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_preemption_signal_saves_and_resume_is_exact(tmp_path, nproc):
+    """SIGTERM during step 2 (on the last rank only): every rank finishes step 2, one checkpoint is written, the
+    job exits with PREEMPTED_EXIT; --resume then ends with the uninterrupted run's weights (dropout on)."""
+    if nproc > 1 and not torch.distributed.is_gloo_available():
+        pytest.skip("needs the gloo backend")
+    args = TINY + FP32 + ["--max_steps=4", "--dropout=0.1"]
+    ok(run(args, tmp_path / "full", nproc=nproc))
+    cut = run(args, tmp_path / "cut", nproc=nproc, script="tests/preempt_run.py",
+              env={"SIGTERM_AT_STEP": "2", "SIGTERM_RANK": str(nproc - 1)})
+    out = cut.stdout + cut.stderr
+    if nproc == 1:
+        assert cut.returncode == train.PREEMPTED_EXIT and "preempted (SIGTERM)" in out, out[-3000:]
+        assert "Traceback" not in cut.stderr
+    else:  # torchrun reports a failed worker group; each worker's own status is in its report
+        assert cut.returncode != 0 and f"exitcode  : {train.PREEMPTED_EXIT}" in out, out[-3000:]
+        assert "preempted (a signal to another rank)" in out, out[-3000:]   # rank 0 stopped on rank 1's flag
+    assert [c.name for c in ckpts(tmp_path / "cut")] == ["ckpt_0000002.pt"]
+    assert (tmp_path / "cut" / train.PREEMPTED_MARKER).read_text() == "2\n"    # what a torchrun requeue checks
+    ok(run(args + ["--resume"], tmp_path / "cut", nproc=nproc))
+    assert not (tmp_path / "cut" / train.PREEMPTED_MARKER).exists()
+    a, b = load(tmp_path / "full" / "ckpt_0000004.pt"), load(tmp_path / "cut" / "ckpt_0000004.pt")
+    assert_state_close(a["model"], b["model"], 1e-6)
+    assert [s for s, _ in losses(tmp_path / "cut")] == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_resume_on_more_ranks_gives_each_rank_its_own_rng(tmp_path):
+    """A 1-rank checkpoint resumed on 2 gloo ranks: the ranks' RNG streams (dropout masks) differ."""
+    args = TINY + FP32 + ["--max_steps=3", "--dropout=0"]            # dropout 0: training draws no random numbers
+    ok(run(args + ["--stop_at_step=1"], tmp_path))
+    p = ok(run(args + ["--stop_at_step=2", "--resume"], tmp_path, nproc=2))
+    assert "seeded from (seed, rank, step)" in p.stdout
+    rngs = load(ckpts(tmp_path)[-1])["rng_per_rank"]
+    draws = []
+    for state in rngs:
+        train.set_rng_state(state)
+        draws.append(torch.rand(8))
+    assert len(draws) == 2 and not torch.equal(draws[0], draws[1])
+
+
+def test_same_command_again_continues_or_skips_the_run(tmp_path):
+    """Without --resume, an out_dir holding this config's checkpoints is continued (autoresume), and a finished
+    run is found finished before any data is read, its checkpoints untouched."""
+    args = TINY + ["--max_steps=3"]
+    ok(run(args + ["--stop_at_step=2"], tmp_path))                   # an interrupted run
+    p = ok(run(args, tmp_path))                                        # the same command again
+    assert "autoresume" in p.stdout and "step 3/3" in p.stdout and "step 1/3" not in p.stdout, p.stdout
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3]
+    before = {c.name: c.read_bytes() for c in ckpts(tmp_path)}
+    p = ok(run(args, tmp_path))                                        # and once more: finished
+    assert "nothing to do" in p.stdout and "data:" not in p.stdout, p.stdout
+    assert {c.name: c.read_bytes() for c in ckpts(tmp_path)} == before
+
+
+def test_fresh_run_with_another_config_refuses_and_keeps_the_checkpoints(tmp_path):
+    ok(run(TINY + ["--max_steps=2"], tmp_path))
+    before = {c.name: c.read_bytes() for c in ckpts(tmp_path)}
+    p = run(TINY + ["--max_steps=2", "--lr=5e-4"], tmp_path)
+    assert p.returncode == 2 and "--lr: checkpoint 0.001, now 0.0005" in p.stderr, p.stderr
+    assert "--resume" in p.stderr and "--out_dir" in p.stderr
+    assert {c.name: c.read_bytes() for c in ckpts(tmp_path)} == before
+
+
+def test_process_group_timeout_outlasts_a_slow_first_batch(monkeypatch):
+    """torch's 10-minute NCCL default would kill a job whose slowest rank needs longer for its first batch."""
+    seen = {}
+    monkeypatch.setattr(train.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train.init_distributed("cpu")
+    assert seen.get("timeout", datetime.timedelta(minutes=10)) >= datetime.timedelta(minutes=30)
 
 
 # ----------------------------------------------------------------------------------------
