@@ -277,7 +277,10 @@ def run_pretraining(cfg: ParetoConfig, device: torch.device, out: Path) -> tuple
         excluded["checkpoint_s"] += time.perf_counter() - t0
 
     (out / "ckpt").mkdir(parents=True, exist_ok=True)
+    done = len(arms["mosaic"].points) == cfg.n_points + 1 and len(arms["bert"].points) == cfg.n_points + 1
     for a in arms.values():
+        if done:  # a finished run resumed for its fine-tuning: nothing to train, nothing to warm up
+            continue
         a.warm_up()
         excluded["warmup_s"][a.name] = excluded["warmup_s"].get(a.name, 0.0) + a.warmup_s
         print(f"{a.name:6s} {modeling.n_params(a.model) / 1e6:.1f}M parameters | mask {a.mask_prob:.0%} | "
@@ -311,10 +314,10 @@ def pretrain_identity(cfg: ParetoConfig) -> dict:
 # downstream: glue.py's sentiment task from the saved checkpoints
 
 
-def downstream(cfg: ParetoConfig, arms: dict, out: Path) -> float:
+def downstream(cfg: ParetoConfig, arms: dict, out: Path, excluded: dict, write_outputs):
     """Fine-tune every saved checkpoint (t = 0 and downstream_at) with glue.run; fills downstream_acc with the
-    median over seeds. glue.run keeps each (checkpoint, seed) in its results.json, so this part resumes too."""
-    t0 = time.perf_counter()
+    median over seeds and rewrites the outputs after each point. glue.run keeps each (checkpoint, seed) in its
+    results.json, so this part resumes too."""
     dist = glue.setup_distributed(cfg.device)
     for a in arms.values():
         for k, p in enumerate(a.points):
@@ -325,12 +328,14 @@ def downstream(cfg: ParetoConfig, arms: dict, out: Path) -> float:
                                    epochs=cfg.ft_epochs, lr=cfg.ft_lr, max_train_examples=cfg.ft_examples,
                                    device=cfg.device, log_interval=10**9)
             print(f"--- fine-tuning {a.name} point {k} (pretrained {p['wall_s']:.0f} s), {cfg.seeds} seeds", flush=True)
+            t0 = time.perf_counter()
             res = glue.run(gcfg, init="ckpt", dist=dist)
             accs = [s["accuracy"] for s in res["tasks"]["sentiment"]["seeds"].values()]
             p["downstream_acc"] = float(np.median(accs))
             p["downstream_accs"] = accs
             p["majority"] = res["tasks"]["sentiment"]["majority"]["accuracy"]
-    return time.perf_counter() - t0
+            excluded["downstream_s"] += time.perf_counter() - t0
+            write_outputs()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -449,18 +454,23 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     arms, excluded = run_pretraining(cfg, device, out)
-    excluded["downstream_s"] = downstream(cfg, arms, out)
-    res = {"device": device_name(device), "torch": torch.__version__, "size": cfg.size, "budget_s": cfg.budget_s,
-           "config": config_dict(cfg), "arms": {n: a.points for n, a in arms.items()},
-           "headline": headline({n: a.points for n, a in arms.items()}, cfg.budget_s),
-           "excluded": excluded, "total_s": time.perf_counter() - t_all}
-    glue.atomic_write_json(res, out / "pareto.json")
-    table = markdown(res)
-    (out / "pareto.md").write_text(table)
-    png = plot(res, out / "pareto.png")
-    print("\n" + table)
-    print(f"wrote {out / 'pareto.json'}, {out / 'pareto.md'}{', ' + str(out / 'pareto.png') if png else ''} "
-          f"in {res['total_s'] / 60:.1f} min")
+    excluded.setdefault("downstream_s", 0.0)
+
+    def write_outputs() -> str:
+        """pareto.json, .md, .png from what is done so far (downstream_acc null where not fine-tuned yet)."""
+        res = {"device": device_name(device), "torch": torch.__version__, "size": cfg.size, "budget_s": cfg.budget_s,
+               "config": config_dict(cfg), "arms": {n: a.points for n, a in arms.items()},
+               "headline": headline({n: a.points for n, a in arms.items()}, cfg.budget_s),
+               "excluded": excluded, "total_s": time.perf_counter() - t_all}
+        glue.atomic_write_json(res, out / "pareto.json")
+        table = markdown(res)
+        (out / "pareto.md").write_text(table)
+        png = plot(res, out / "pareto.png")
+        return table + f"\nwrote {out / 'pareto.json'}, {out / 'pareto.md'}{', ' + str(out / 'pareto.png') if png else ''}"
+
+    write_outputs()  # the pretraining results, before the (slower) fine-tuning
+    downstream(cfg, arms, out, excluded, write_outputs)
+    print("\n" + write_outputs() + f" in {(time.perf_counter() - t_all) / 60:.1f} min")
 
 
 if __name__ == "__main__":
