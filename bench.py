@@ -43,7 +43,7 @@ peak memory. Grep the names:
                       median of the rounds is reported. Devices are synchronized around each step.
     matmul peak       timed 2048^3 (CPU) / 8192^3 (GPU) matmuls in bf16 and fp32, one burst per round,
                       interleaved with the rows: the MFU reference in the same run, device and dtype.
-                      On GPUs MFU is also given against the datasheet bf16 peak (train.GPU_PEAK_FLOPS).
+                      On GPUs MFU is also given against the datasheet peak in the row's dtype (train.GPU_PEAK_TFLOPS).
     peak memory       CUDA: max_memory_allocated above the allocation at the step's start. CPU: the
                       resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs after
                       malloc_trim) above the RSS at the step's start. Either way plus the row's own
@@ -269,13 +269,14 @@ class MatmulPeak:
         return statistics.median(self.rates[dtype])
 
 
-def datasheet_peak(device: torch.device) -> Optional[float]:
-    """The GPU's dense bf16 peak from train.py's table (None on CPU or for an unknown GPU)."""
+def datasheet_peak(device: torch.device) -> Optional[dict]:
+    """{dtype: dense peak FLOP/s} of this GPU from train.py's table (None on CPU or for an unknown GPU)."""
     if device.type != "cuda":
         return None
-    from train import GPU_PEAK_FLOPS  # noqa: PLC0415  (train.py owns the table)
+    from train import datasheet_peak as sheet  # noqa: PLC0415  (train.py owns the one table)
     name = torch.cuda.get_device_name(device)
-    return next((f for key, f in GPU_PEAK_FLOPS if key in name), None)
+    peaks = {dt: sheet(name, dt) for dt in ("bfloat16", "float32")}
+    return peaks if peaks["bfloat16"] else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -715,7 +716,7 @@ def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log) -> dict:
 # Results: metrics, targets, projection, outputs
 
 
-def row_result(r: Row, peak: MatmulPeak, sheet: Optional[float]) -> dict:
+def row_result(r: Row, peak: MatmulPeak, sheet: Optional[dict]) -> dict:
     base = dict(name=r.name, workload=r.workload, note=r.note)
     if r.skipped:
         return dict(base, tokens_per_s=None, step_ms=None, mfu=None, peak_mem_bytes=None, speedup=None)
@@ -728,7 +729,7 @@ def row_result(r: Row, peak: MatmulPeak, sheet: Optional[float]) -> dict:
                compile_s=compile_s, step_ms_all=[1000 * t for t in r.times], tokens_per_step=r.tokens[0],
                step_mem_measured=r.step_mem_measured, **r.info)
     if sheet:
-        out["mfu_datasheet"] = flops / sheet
+        out["mfu_datasheet"] = flops / sheet[r.dtype]
     return out
 
 
@@ -928,7 +929,8 @@ def bench(cfg: BenchConfig) -> dict:
     proj = projection(results, stats, cfg.n_devices)
     header.append(f"matmul peak (measured, median of {len(peak.rates['bfloat16'])} bursts of {peak.n}^3): "
                   f"bf16 {peak.peak('bfloat16') / 1e9:,.0f} GFLOP/s, fp32 {peak.peak('float32') / 1e9:,.0f} GFLOP/s"
-                  + (f"; datasheet bf16 {sheet / 1e12:,.0f} TFLOP/s" if sheet else ""))
+                  + (f"; datasheet bf16 {sheet['bfloat16'] / 1e12:,.0f}, fp32 {sheet['float32'] / 1e12:,.1f} TFLOP/s"
+                     if sheet else ""))
     header.append("peak mem: the row's parameters + AdamW state + the step's high-water mark above its start ("
                   + ("CUDA max_memory_allocated" if device.type == "cuda" else "CPU VmHWM via /proc/self/clear_refs")
                   + ")")

@@ -81,7 +81,7 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None, *
             raise ConfigError(f"unknown flag --{key}. Valid fields: {', '.join(valid)}"
                               + (", preset" if presets is not None else ""))
         if not eq:
-            if hints[key] is not bool:
+            if bool not in (hints[key], *typing.get_args(hints[key])):  # bool or Optional[bool]
                 raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
             text = "true"
         values[key] = _parse_value(key, text, hints[key])

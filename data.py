@@ -46,6 +46,7 @@ import functools
 import glob
 import gzip
 import hashlib
+import json
 import lzma
 import math
 import os
@@ -266,7 +267,14 @@ def _load_dataset(builder: str, files: list[str], **kwargs):
 
 
 def _read_file(path: str, skipped: collections.Counter):
-    """Every record of one local file, through the `datasets` loaders."""
+    """Every record of one local file, through the `datasets` loaders (the embedded sample without them:
+    GPU machines may lack `datasets`, and the default data must work everywhere)."""
+    if os.path.abspath(path) == os.path.abspath(DEFAULT_CORPUS):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        yield from _records({"text": [r.get("text") for r in rows], "title": [r.get("title") for r in rows]},
+                            path, False, skipped)
+        return
     builder = _builder_for(path)
     if builder in ("json", "text") and not path.lower().endswith(".json"):
         _check_line_lengths(path)

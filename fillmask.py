@@ -3,6 +3,7 @@
 The quickest way to see what a masked language model has learned (nanoGPT's sample.py, for BERT):
 
     python fillmask.py --ckpt=out/demo "The capital of France is [MASK]." "He played the [MASK] in a band."
+    python fillmask.py --hf=path/to/folder "Paris is the [MASK] of France."   # an export, MosaicBERT or HF BERT
 
 prints the top-k tokens and their probabilities for every [MASK]. `top_k` is the function the pretraining demo
 uses for its before/after samples, and the one the Hugging Face export is checked against.
@@ -78,6 +79,7 @@ def format_predictions(text: str, preds: list[list[tuple[str, float]]]) -> str:
 @dataclass
 class FillMaskConfig:
     ckpt: str = "out/demo"          # a train.py checkpoint (.pt) or the out_dir holding them
+    hf: str = ""                    # or a model folder: an hf.py export, MosaicML's MosaicBERT, a HF BERT folder
     k: int = 5                      # predictions per [MASK]
 
 
@@ -92,11 +94,20 @@ def main(argv: Optional[list[str]] = None):
         raise ConfigError(f'give one or more sentences with {MASK}, e.g. python fillmask.py "The capital of France '
                           f'is {MASK}."')
     print_config(cfg)
-    try:
-        net, _ = modeling.load_pretrained(cfg.ckpt)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"--ckpt={cfg.ckpt}: {e}") from None
-    tok = data.get_tokenizer()
+    if cfg.hf:  # the folder's own tokenizer: GPT-2 BPE for our exports, its vocab.txt (WordPiece) otherwise
+        import hf
+        try:
+            net, tok = hf.load_folder(cfg.hf)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"--hf={cfg.hf}: {type(e).__name__}: {e}") from None
+        if tok.mask_id is None:
+            raise ConfigError(f"--hf={cfg.hf}: its vocabulary has no [MASK] token")
+    else:
+        try:
+            net, _ = modeling.load_pretrained(cfg.ckpt)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"--ckpt={cfg.ckpt}: {e}") from None
+        tok = data.get_tokenizer()
     for text in texts:
         print(format_predictions(text, top_k(net, tok, text, cfg.k)))
 

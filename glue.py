@@ -4,14 +4,16 @@
     python glue.py --glue_dir=glue_data --tasks=all  # GLUE from download_glue_data.py's TSVs
     python glue.py --tasks=rte,mrpc                  # from the hub (nyu-mll/glue), two tasks
     python glue.py --init=hf --hf=path/to/bert-base-uncased --glue_dir=glue_data
+    python glue.py --init=mosaicml --hf=path/to/mosaic-bert-base --glue_dir=glue_data   # MosaicML's published weights
     torchrun --nproc_per_node=8 glue.py --glue_dir=glue_data --tasks=mnli
 
 What is here, top to bottom:
 - the recipe (per-task lr, decoupled weight decay, epochs, batch size, seeds; AdamW betas (0.9, 0.98), eps 1e-6,
   6% warmup then linear decay to 0, bf16 autocast, max length 128) and the metrics, in numpy;
 - readers for GLUE's distributed TSV layouts (csv.QUOTE_NONE: the sentences contain `"`) and for the hub;
-- tokenization: data.get_tokenizer() (GPT-2 BPE) for our checkpoints, a hand-written BERT basic + WordPiece
-  tokenizer for HF checkpoints; pairs become [CLS] a [SEP] b [SEP] (token types 0, 1), longest segment truncated first;
+- tokenization: data.get_tokenizer() (GPT-2 BPE) for our checkpoints, hf.WordPiece (the `tokenizers` library)
+  for HF and MosaicML checkpoints; pairs become [CLS] a [SEP] b [SEP] (token types 0, 1), longest segment
+  truncated first;
 - one fine-tuning run per (task, seed), DDP under torchrun, batches padded to their longest row (the model unpads);
 - RTE, MRPC and STS-B start from the MNLI-fine-tuned encoder, as in the paper;
 - out_dir/results.json, updated atomically after every finished (task, seed): an interrupted sweep resumes.
@@ -31,7 +33,6 @@ import math
 import os
 import sys
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 import data
+import hf
 import model
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 from train import init_distributed
@@ -62,9 +64,10 @@ class GlueConfig:
     tasks: str = ""              # comma list of mnli,qqp,qnli,sst2,cola,stsb,mrpc,rte | all | sentiment (the
                                  # offline sample in assets/). Empty: all with --glue_dir, else sentiment.
     glue_dir: str = ""           # GLUE TSVs in download_glue_data.py's layout; empty: the hub (nyu-mll/glue)
-    init: str = "auto"           # ckpt | scratch | hf; auto: hf when --hf is given, else ckpt
+    init: str = "auto"           # ckpt | scratch | hf | mosaicml; auto: hf or mosaicml (by the folder) when --hf
+                                 # is given, else ckpt
     ckpt: str = "out/demo"       # a train.py checkpoint (.pt) or its out_dir (latest checkpoint)
-    hf: str = ""                 # a Hugging Face BERT folder (config.json, weights, vocab.txt)
+    hf: str = ""                 # a Hugging Face BERT or MosaicML MosaicBERT folder (config.json, weights, vocab.txt)
     model: str = "mosaic-bert-small"  # model preset for --init=scratch when --ckpt does not exist
     out_dir: str = "out/glue"
     seeds: int = 0               # how many of the recipe's seeds to run (0: the recipe's count)
@@ -356,115 +359,7 @@ def load_task(task: Task, glue_dir: str, skip_bad_rows: bool = False) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# tokenization: GPT-2 BPE (data.get_tokenizer) for our checkpoints; BERT WordPiece for HF checkpoints
-
-
-def _is_whitespace(ch):
-    return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
-
-
-def _is_control(ch):
-    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
-
-
-def _is_punctuation(ch):
-    cp = ord(ch)  # BERT counts all non-alphanumeric ASCII as punctuation ($, ^, `...), plus Unicode P*
-    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 \
-        or unicodedata.category(ch).startswith("P")
-
-
-def _is_cjk(cp):
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
-            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
-            or 0x2F800 <= cp <= 0x2FA1F)
-
-
-class WordPieceTokenizer:
-    """BERT's tokenizer, as in Google's tokenization.py: basic tokenization (clean control chars, spaces around
-    CJK characters, optional lowercasing and accent stripping, split on whitespace and punctuation), then WordPiece
-    (greedy longest-match-first with '##' continuations; a word that cannot be covered is [UNK])."""
-
-    def __init__(self, vocab_file, do_lower_case=True, strip_accents=None, tokenize_chinese_chars=True,
-                 max_chars_per_word=100):
-        with open(vocab_file, encoding="utf-8") as f:
-            tokens = [line.rstrip("\n") for line in f]
-        self.vocab = {t: i for i, t in enumerate(tokens)}
-        self.lower = do_lower_case
-        self.strip_accents = do_lower_case if strip_accents is None else strip_accents
-        self.chinese = tokenize_chinese_chars
-        self.max_chars = max_chars_per_word
-        missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in self.vocab]
-        if missing:
-            raise GlueError(f"{vocab_file}: no {', '.join(missing)} in the vocabulary; is it a BERT vocab.txt?")
-        self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
-        self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
-        self.n_tokens = len(tokens)
-
-    @classmethod
-    def from_folder(cls, folder):
-        """Settings from the folder's tokenizer_config.json (do_lower_case, strip_accents, tokenize_chinese_chars);
-        without one, HF's defaults (lowercase; accents stripped when lowercasing)."""
-        folder = Path(folder)
-        conf = {}
-        if (folder / "tokenizer_config.json").is_file():
-            conf = json.loads((folder / "tokenizer_config.json").read_text())
-        if not (folder / "vocab.txt").is_file():
-            raise GlueError(f"{folder / 'vocab.txt'} not found: --hf must be a HF BERT folder with its WordPiece "
-                            f"vocab.txt (save_pretrained writes one).")
-        return cls(folder / "vocab.txt", conf.get("do_lower_case", True), conf.get("strip_accents"),
-                   conf.get("tokenize_chinese_chars", True))
-
-    def basic_tokenize(self, text: str) -> list[str]:
-        chars = []
-        for ch in text:
-            cp = ord(ch)
-            if cp == 0 or cp == 0xFFFD or _is_control(ch):
-                continue
-            if _is_whitespace(ch):
-                chars.append(" ")
-            elif self.chinese and _is_cjk(cp):
-                chars.append(f" {ch} ")
-            else:
-                chars.append(ch)
-        words = []
-        for word in "".join(chars).split():
-            if self.lower:
-                word = word.lower()
-            if self.strip_accents:
-                word = "".join(c for c in unicodedata.normalize("NFD", word) if unicodedata.category(c) != "Mn")
-            start = 0
-            for i, ch in enumerate(word):
-                if _is_punctuation(ch):
-                    if i > start:
-                        words.append(word[start:i])
-                    words.append(ch)
-                    start = i + 1
-            if start < len(word):
-                words.append(word[start:])
-        return words
-
-    def wordpiece(self, word: str) -> list[str]:
-        if len(word) > self.max_chars:
-            return ["[UNK]"]
-        pieces, start = [], 0
-        while start < len(word):
-            end = len(word)
-            while end > start:
-                piece = word[start:end] if start == 0 else "##" + word[start:end]
-                if piece in self.vocab:
-                    break
-                end -= 1
-            if end == start:
-                return ["[UNK]"]
-            pieces.append(piece)
-            start = end
-        return pieces
-
-    def tokenize(self, text: str) -> list[str]:
-        return [p for w in self.basic_tokenize(text) for p in self.wordpiece(w)]
-
-    def encode(self, text: str) -> list[int]:
-        return [self.vocab[p] for p in self.tokenize(text)]
+# tokenization: GPT-2 BPE (data.get_tokenizer) for our checkpoints; BERT WordPiece (hf.WordPiece) for HF checkpoints
 
 
 def truncate_pair(a: list, b: list, budget: int) -> tuple[list, list]:
@@ -577,23 +472,25 @@ def _resolve_ckpt(path: str) -> Optional[str]:
 
 
 def load_start(cfg: GlueConfig, init: str) -> Start:
-    if init == "hf":
+    if init in ("hf", "mosaicml"):
+        what = "a HF BERT folder" if init == "hf" else "a MosaicBERT folder from MosaicML"
         if not cfg.hf:
-            raise GlueError("--init=hf needs --hf=FOLDER (a HF BERT folder with config.json, weights and vocab.txt)")
-        tok = WordPieceTokenizer.from_folder(cfg.hf)
+            raise GlueError(f"--init={init} needs --hf=FOLDER ({what} with config.json, weights and vocab.txt)")
         try:
-            mlm = model.from_hf_bert(cfg.hf)
+            tok = hf.WordPiece.from_folder(cfg.hf)
+            mlm = hf.from_hf_bert(cfg.hf) if init == "hf" else hf.from_mosaicml(cfg.hf)
         except Exception as e:
-            raise GlueError(f"could not load the HF BERT folder {cfg.hf}: {type(e).__name__}: {e}") from None
+            raise GlueError(f"could not load {what} from {cfg.hf}: {type(e).__name__}: {e}") from None
         if tok.n_tokens > mlm.config.vocab_size:
             raise GlueError(f"{Path(cfg.hf) / 'vocab.txt'} has {tok.n_tokens} tokens but {cfg.hf}/config.json says "
                             f"vocab_size={mlm.config.vocab_size}: the vocabulary does not match the weights. Use the "
                             f"vocab.txt saved with this checkpoint.")
-        src = {"init": "hf", "path": str(Path(cfg.hf).resolve())}
-        return Start(mlm.config, encoder_weights(mlm), tok, src, f"HF BERT {cfg.hf}")
+        src = {"init": init, "path": str(Path(cfg.hf).resolve())}
+        label = f"{'HF BERT' if init == 'hf' else 'MosaicBERT'} {cfg.hf}"
+        return Start(mlm.config, encoder_weights(mlm), tok, src, label)
 
     if init == "scratch" and cfg.hf:  # the control of a HF run: its architecture and vocabulary, random weights
-        start = load_start(cfg, "hf")
+        start = load_start(cfg, "mosaicml" if hf.is_mosaicml(cfg.hf) else "hf")
         start.source = {"init": "scratch", "model_config": config_dict(start.model_config), "vocab": start.source}
         start.weights, start.label = None, f"random init (architecture of {cfg.hf})"
         return start
@@ -608,7 +505,7 @@ def load_start(cfg: GlueConfig, init: str) -> Start:
         return Start(mcfg, None, tok, {"init": "scratch", "model_config": config_dict(mcfg)},
                      f"random init ({cfg.model})")
     if init != "ckpt":
-        raise ConfigError(f"--init={init}: choose ckpt, scratch or hf")
+        raise ConfigError(f"--init={init}: choose ckpt, scratch, hf or mosaicml")
     if path is None:
         where = Path(cfg.ckpt)
         how = "python train.py" if cfg.ckpt == GlueConfig.ckpt else f"python train.py --out_dir={cfg.ckpt}"
@@ -814,7 +711,7 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
     if dist.master:
         print(f"{tag} | final: " + ", ".join(f"{m} {result[m] * 100:.2f}" for m in metric_names(task))
               + f" | {result['train_tokens_per_s']:,.0f} tok/s over {train_s:.0f} s", flush=True)
-    return {"metrics": result, "weights": encoder_weights(clf)}
+    return {"metrics": result, "weights": encoder_weights(clf), "classifier": clf.classifier.state_dict()}
 
 
 def majority_baseline(task: Task, train: Examples, evals: dict) -> Optional[dict]:
@@ -881,6 +778,8 @@ def describe(source: dict) -> str:
         return f"random init ({mc['n_layers']} layers, d_model {mc['d_model']})"
     if source["init"] == "hf":
         return f"HF BERT {source['path']}"
+    if source["init"] == "mosaicml":
+        return f"MosaicBERT {source['path']}"
     return f"pretrained {source['path']} (step {source.get('step')})"
 
 
@@ -912,7 +811,7 @@ def markdown_table(res: dict) -> str:
 
 def check_config(cfg: GlueConfig):
     choices = dict(dtype=("bfloat16", "float32"), device=("auto", "cpu", "cuda"),
-                   init=("auto", "ckpt", "scratch", "hf"))
+                   init=("auto", "ckpt", "scratch", "hf", "mosaicml"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
@@ -944,7 +843,7 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
     check_config(cfg)
     init = init or cfg.init
     if init == "auto":
-        init = "hf" if cfg.hf else "ckpt"
+        init = ("mosaicml" if hf.is_mosaicml(cfg.hf) else "hf") if cfg.hf else "ckpt"
     tasks = parse_tasks(cfg)
     dist = dist or setup_distributed(cfg.device)
     start = load_start(cfg, init)
@@ -1017,7 +916,8 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
             if dist.master:
                 if name == "mnli" and seed == seeds[0]:  # the encoder RTE, MRPC, STS-B start from
                     model.atomic_save({"weights": out["weights"], "model_config": config_dict(start.model_config),
-                                       "source": start.source, "seed": seed}, str(mnli_encoder_path(out_dir)))
+                                       "source": start.source, "seed": seed, "classifier": out["classifier"]},
+                                      str(mnli_encoder_path(out_dir)))  # the classifier: for hf.export only
                 tr["seeds"][str(seed)] = out["metrics"]
                 atomic_write_json(summarize(res), out_dir / "results.json")
             if dist.world > 1:

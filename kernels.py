@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.nn.attention.flex_attention as flex_module
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("naive", "sdpa", "flex", "auto")
@@ -109,19 +110,33 @@ def unpad(x: torch.Tensor, attention_mask: torch.Tensor):
     return x_unpadded, indices, cu_seqlens, max_seqlen
 
 
-def seqlens_from_mask(attention_mask: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """cu_seqlens (int32 [n+1]) of the sequences in attention_mask[B, S] (see `unpad`)."""
-    B, S = attention_mask.shape
+def seqlens_from_mask(attention_mask: torch.Tensor, indices: torch.Tensor, n_inner: int | None = None) -> torch.Tensor:
+    """cu_seqlens (int32 [n+1]) of the sequences in attention_mask[B, S] (see `unpad`).
+
+    n_inner: the number of documents that start inside a row (document_starts(attention_mask).sum()),
+    when the caller already read it; then nothing here waits on the device (no host sync)."""
     row_lens = (attention_mask != 0).sum(1)  # (B,)
     row_starts = F.pad(row_lens.cumsum(0), (1, 0))  # (B+1,) the row boundaries, in real tokens
-    # A document boundary inside a row: a real token whose id differs from the previous real
-    # token of the same row. It can never coincide with a row start.
-    ids = attention_mask.reshape(B * S)[indices]
-    rows = torch.div(indices, S, rounding_mode="floor")
-    inner = torch.nonzero((rows[1:] == rows[:-1]) & (ids[1:] != ids[:-1]), as_tuple=False).flatten() + 1
+    starts = document_starts(attention_mask).reshape(-1)[indices]  # (nnz,) in packed order
+    if n_inner is None:
+        inner = torch.nonzero(starts, as_tuple=False).flatten()  # (n_inner,): a host sync
+    else:
+        inner = torch.nonzero_static(starts, size=n_inner).flatten()  # (n_inner,)
     if inner.numel() == 0:
         return row_starts.to(torch.int32)
     return torch.sort(torch.cat([row_starts, inner])).values.to(torch.int32)
+
+
+def document_starts(attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, S]: the real tokens that start a new document inside their row, i.e. whose id differs
+    from that of the previous real token of the same row (a row's first real token never does)."""
+    B, S = attention_mask.shape
+    real = attention_mask != 0
+    pos = torch.arange(S, device=attention_mask.device).expand(B, S)
+    last_real = torch.where(real, pos, -1).cummax(1).values  # (B, S): the last real position <= s
+    prev = F.pad(last_real[:, :-1], (1, 0), value=-1)  # (B, S): the last real position < s, or -1
+    prev_id = attention_mask.gather(1, prev.clamp(min=0))
+    return real & (prev >= 0) & (prev_id != attention_mask)
 
 
 def pad(x_unpadded: torch.Tensor, indices: torch.Tensor, B: int, S: int) -> torch.Tensor:
@@ -171,18 +186,19 @@ def scatter_rows(x: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Ten
     return _ScatterRows.apply(x, index, n_rows)
 
 
-def document_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The sequence (document) index of every packed token: int32 [nnz]."""
+def document_ids(cu_seqlens: torch.Tensor, nnz: int | None = None) -> torch.Tensor:
+    """The sequence (document) index of every packed token: int32 [nnz]. Pass nnz when known: reading
+    it from cu_seqlens is a host sync."""
     seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    nnz = int(cu_seqlens[-1])
+    nnz = int(cu_seqlens[-1]) if nnz is None else nnz
     n = seqlens.numel()
     return torch.repeat_interleave(torch.arange(n, device=cu_seqlens.device, dtype=torch.int32), seqlens,
                                    output_size=nnz)
 
 
-def positions_in_sequence(cu_seqlens: torch.Tensor):
+def positions_in_sequence(cu_seqlens: torch.Tensor, nnz: int | None = None):
     """(sequence index, position within that sequence) of every packed token: two int64 [nnz]."""
-    seq = document_ids(cu_seqlens).long()
+    seq = document_ids(cu_seqlens, nnz).long()
     return seq, torch.arange(seq.numel(), device=seq.device) - cu_seqlens.long()[seq]
 
 
@@ -221,21 +237,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def plan_attention(cu_seqlens, max_seqlen, slopes=None, backend="auto", head_shape=None,
-                   dtype=torch.float32, dropout_p=0.0) -> AttentionPlan:
+                   dtype=torch.float32, dropout_p=0.0, nnz=None) -> AttentionPlan:
     """Build the per-batch AttentionPlan (see the class). `dtype` is the dtype q/k/v will have,
-    head_shape their (H, D)."""
+    head_shape their (H, D). max_seqlen and nnz (the real-token count) are Python ints: given them,
+    the sdpa and flex plans never wait on the device (nnz=None reads it from cu_seqlens: a host sync)."""
     device = cu_seqlens.device
     backend = resolve_backend(backend, device)
     plan = AttentionPlan(backend, cu_seqlens, int(max_seqlen), slopes, dropout_p)
+    nnz = int(cu_seqlens[-1]) if nnz is None else nnz
     if backend == "naive":
-        plan.bounds = cu_seqlens.tolist()
+        plan.bounds = cu_seqlens.tolist()  # a host sync: the reference loops over sequences in Python
     elif backend == "sdpa":
-        plan.pad_index, plan.mask = _sdpa_plan(cu_seqlens, int(max_seqlen), slopes, dtype)
+        plan.pad_index, plan.mask = _sdpa_plan(cu_seqlens, int(max_seqlen), slopes, dtype, nnz)
     else:
         if dropout_p > 0:
             raise ValueError("the flex attention backend has no attention dropout; "
                              "set attn_dropout=0 or use attn_backend='sdpa'")
-        plan.block_mask, plan.score_mod = _flex_plan(cu_seqlens, slopes)
+        plan.block_mask, plan.score_mod = _flex_plan(cu_seqlens, slopes, nnz)
         # looked up here, eagerly, not inside a compiled region
         plan.flex_fn = compiled_flex_attention((slopes is not None, dtype, device.type, head_shape))
     return plan
@@ -326,17 +344,16 @@ def sdpa(qkv: torch.Tensor, mask: torch.Tensor, dropout_p: float = 0.0) -> torch
     return out.transpose(1, 2)  # (B, S, H, D)
 
 
-def _sdpa_plan(cu_seqlens, L, slopes, dtype):
+def _sdpa_plan(cu_seqlens, L, slopes, dtype, nnz):
     """pad_index[nnz]: where each packed token sits in the (n*L) padded layout; mask [n, H|1, L, L]."""
     n = cu_seqlens.numel() - 1
-    nnz = int(cu_seqlens[-1])
     if nnz == n * L:  # no padding at all (e.g. full-length pretraining rows): no re-pad needed
         if slopes is None:
             return None, None
         mask = alibi_bias(slopes, L, cu_seqlens.device)[None].expand(n, -1, -1, -1).to(dtype)  # (n, H, L, L)
         torch._dynamo.maybe_mark_dynamic(mask, 0)
         return None, mask
-    seq_of_token, pos = positions_in_sequence(cu_seqlens)
+    seq_of_token, pos = positions_in_sequence(cu_seqlens, nnz)
     pad_index = seq_of_token * L + pos  # (nnz,)
     seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (n,)
     key_is_real = torch.arange(L, device=cu_seqlens.device)[None, :] < seqlens[:, None]  # (n, L)
@@ -391,7 +408,7 @@ def compiled_flex_attention(variant: tuple):
     return _compiled_flex[variant]
 
 
-def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK):
+def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK, nnz: int | None = None):
     """The document BlockMask over nnz packed tokens, built directly from cu_seqlens.
 
     A (q block, kv block) pair is computed when the two blocks share a document, and is "full"
@@ -400,7 +417,7 @@ def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK):
     on all nnz^2 token pairs as create_block_mask does.
     """
     device = cu_seqlens.device
-    doc = document_ids(cu_seqlens)  # (nnz,)
+    doc = document_ids(cu_seqlens, nnz)  # (nnz,)
     nnz = doc.numel()
     nb = (nnz + block - 1) // block
     starts = torch.arange(nb, device=device) * block
@@ -425,8 +442,8 @@ def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK):
                                     mask_mod=mask_mod, seq_lengths=(nnz, nnz))
 
 
-def _flex_plan(cu_seqlens, slopes):
-    block_mask = document_block_mask(cu_seqlens)
+def _flex_plan(cu_seqlens, slopes, nnz):
+    block_mask = document_block_mask(cu_seqlens, nnz=nnz)
     if slopes is None:
         return block_mask, None
     slopes = slopes.to(device=cu_seqlens.device, dtype=torch.float32)
@@ -438,11 +455,16 @@ def _flex_plan(cu_seqlens, slopes):
 
 
 def _flex(qkv, plan):
-    if qkv.device.type == "cpu" and torch.is_grad_enabled() and qkv.requires_grad:
-        raise NotImplementedError(
-            "the flex attention backend has no backward pass on the CPU in this torch (FlexAttention "
-            "does not support backward on CPU); use attn_backend='sdpa' to train on the CPU, or run "
-            "flex under torch.no_grad() for inference")
     q, k, v = qkv.permute(1, 2, 0, 3)[:, None].unbind(0)  # each (1, H, nnz, D)
+    if qkv.device.type == "cpu" and torch.is_grad_enabled() and qkv.requires_grad:
+        # torch refuses flex's CPU backward in this one device check (tests lift it to check the gradients
+        # of the dense eager implementation underneath); asked here, eagerly, so that the error says what to do.
+        try:
+            flex_module._validate_device(q, k, v)
+        except NotImplementedError as e:
+            raise NotImplementedError(
+                "the flex attention backend has no backward pass on the CPU in this torch (FlexAttention "
+                "does not support backward on CPU); use attn_backend='sdpa' to train on the CPU, or run "
+                "flex under torch.no_grad() for inference") from e
     out = plan.flex_fn(q, k, v, plan.score_mod, plan.block_mask)  # (1, H, nnz, D)
     return out[0].transpose(0, 1)  # (nnz, H, D)

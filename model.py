@@ -11,12 +11,11 @@ Walk from BERT-base to MosaicBERT one change at a time (each a ModelConfig field
 
 Shape legend: B batch, S padded length, d model dim, H heads, D head dim, nnz real tokens,
 V padded vocabulary, T tokens in the current layout (nnz when unpadded, else B*S).
-Module and parameter names follow Hugging Face BERT closely enough that `from_hf_bert`
-maps them by rule (query/key/value are fused into one `Wqkv`).
+Module and parameter names follow Hugging Face BERT closely enough that `hf.from_hf_bert`
+maps them by rule (query/key/value are fused into one `Wqkv`). This file knows nothing of Hugging Face.
 """
 
 import glob
-import json
 import os
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -51,7 +50,7 @@ class ModelConfig:
     attn_dropout: float = 0.0
     layernorm_eps: float = 1e-12
     init_std: float = 0.02
-    pooler: bool = False              # keep a pretrained [CLS] pooler (set by from_hf_bert)
+    pooler: bool = False              # keep a pretrained [CLS] pooler (set by hf.from_hf_bert)
     pooling: str = "cls"              # classifier input: "cls" (tanh pooler on [CLS]) | "mean" (mean of real tokens)
 
     def __post_init__(self):
@@ -262,13 +261,13 @@ class Layout:
     real_indices: torch.Tensor
     cu_seqlens: torch.Tensor
     attn: object
+    n_counted: int = 0  # Bert.layout's `count`: its set entries among the positions the model keeps
 
     def cls_rows(self):
-        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states."""
+        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states (every row
+        must hold one). A sorted search, not a nonzero: no host sync."""
         row_of = torch.div(self.real_indices, self.S, rounding_mode="floor")  # (nnz,)
-        first = torch.ones_like(row_of, dtype=torch.bool)
-        first[1:] = row_of[1:] != row_of[:-1]
-        idx = torch.nonzero(first, as_tuple=False).flatten()  # (B,) when every row has a token
+        idx = torch.searchsorted(row_of, torch.arange(self.B, device=row_of.device))  # (B,)
         return idx if self.unpadded else self.real_indices[idx]
 
 
@@ -282,26 +281,39 @@ class Bert(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.n_layers)])
         self.register_buffer("alibi_slopes", kernels.alibi_slopes(cfg.n_heads), persistent=False)
 
-    def layout(self, attention_mask, dtype) -> Layout:
-        """Unpad and plan attention for this batch: eager, one host sync, done before the layers run."""
+    def layout(self, attention_mask, dtype, count=None) -> Layout:
+        """Unpad and plan attention for this batch: eager, done before the layers run.
+
+        Its one host sync reads three counts together: the real tokens (nnz), the documents that start
+        inside a row (packed ids), and the set entries of `count` (bool [B, S], e.g. the masked tokens
+        sparse prediction keeps) among the positions the model keeps. Every data-dependent shape after
+        that is built from these ints (nonzero_static, output_size) without waiting on the device again.
+        """
         cfg = self.config
         B, S = attention_mask.shape
         slopes = self.alibi_slopes if cfg.position == "alibi" else None
-        real_indices = torch.nonzero(attention_mask.reshape(-1) != 0, as_tuple=False).flatten()  # (nnz,)
-        if real_indices.numel() == 0:
+        real = attention_mask.reshape(-1) != 0  # (B*S,)
+        starts = kernels.document_starts(attention_mask)  # (B, S)
+        counted = torch.zeros((), dtype=torch.long, device=real.device) if count is None else (
+            (count.reshape(-1) & real) if cfg.unpad else count.reshape(-1)).sum()
+        nnz, n_inner, n_counted = torch.stack([real.sum(), starts.sum(), counted]).tolist()  # THE host sync
+        if nnz == 0:
             raise ValueError("the batch has no real tokens: attention_mask is all zero")
-        cu_seqlens = kernels.seqlens_from_mask(attention_mask, real_indices)
+        real_indices = torch.nonzero_static(real, size=nnz).flatten()  # (nnz,)
+        cu_seqlens = kernels.seqlens_from_mask(attention_mask, real_indices, n_inner)
         if cfg.unpad:
             # Plan attention at the padded width S, not the batch's true longest sequence:
             # the shapes then depend only on (B, S), which torch.compile can treat as static.
             p = cfg.attn_dropout if self.training else 0.0
-            attn = kernels.plan_attention(cu_seqlens, S, slopes, cfg.attn_backend, (cfg.n_heads, cfg.head_dim), dtype, p)
+            attn = kernels.plan_attention(cu_seqlens, S, slopes, cfg.attn_backend, (cfg.n_heads, cfg.head_dim), dtype, p,
+                                          nnz=nnz)
         else:
             attn = kernels.padded_attention_mask(attention_mask, slopes, dtype)
-        return Layout(B, S, cfg.unpad, real_indices, cu_seqlens, attn)
+        return Layout(B, S, cfg.unpad, real_indices, cu_seqlens, attn, n_counted)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        """input_ids, attention_mask, token_type_ids: [B, S] -> (hidden [nnz, d] or [B, S, d], Layout)."""
+    def forward(self, input_ids, attention_mask, token_type_ids=None, count=None):
+        """input_ids, attention_mask, token_type_ids: [B, S] -> (hidden [nnz, d] or [B, S, d], Layout).
+        count: an optional bool [B, S] whose set entries the layout counts in its one host sync."""
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
                              f"{tuple(attention_mask.shape)} must both be [B, S]")
@@ -310,7 +322,7 @@ class Bert(nn.Module):
         dev = input_ids.device
         dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                  else self.embeddings.word_embeddings.weight.dtype)
-        lay = self.layout(attention_mask, dtype)
+        lay = self.layout(attention_mask, dtype, count)
         pos = self._positions(lay)
         if lay.unpadded:  # unpad: embed only the real tokens
             flat = lay.real_indices
@@ -327,11 +339,11 @@ class Bert(nn.Module):
         """Position of each token within its own sequence (learned positions only; 0 at pads)."""
         if self.config.position != "learned":
             return None
-        _, pos = kernels.positions_in_sequence(lay.cu_seqlens)  # (nnz,)
-        longest = int((lay.cu_seqlens[1:] - lay.cu_seqlens[:-1]).max())
-        if longest > self.config.max_positions:
-            raise ValueError(f"a sequence of {longest} tokens is longer than max_positions="
+        # checked on the padded width S (no sequence is longer), not the longest sequence: no host sync
+        if lay.S > self.config.max_positions:
+            raise ValueError(f"rows of {lay.S} tokens are longer than max_positions="
                              f"{self.config.max_positions}; shorten seq_len or use position='alibi'")
+        _, pos = kernels.positions_in_sequence(lay.cu_seqlens, lay.real_indices.numel())  # (nnz,)
         return pos if lay.unpadded else kernels.pad(pos, lay.real_indices, lay.B, lay.S)
 
 
@@ -396,11 +408,12 @@ class BertForMaskedLM(nn.Module):
         model at V=50304) only on the ~15-30% of tokens that are masked, instead of on all of
         them and discarding the rest. Same loss, a fraction of the head's FLOPs and memory.
         """
-        h, lay = self.bert(input_ids, attention_mask, token_type_ids)
+        sparse = self.config.sparse_prediction
+        h, lay = self.bert(input_ids, attention_mask, token_type_ids, count=(labels != -100) if sparse else None)
         h = h.reshape(-1, h.shape[-1])  # (T, d), T = nnz or B*S
         labels = labels.reshape(-1)[lay.real_indices] if lay.unpadded else labels.reshape(-1)  # (T,)
-        if self.config.sparse_prediction:
-            picked = torch.nonzero(labels != -100, as_tuple=False).flatten()  # (M,)
+        if sparse:  # M, the masked-token count, was read in the layout's host sync
+            picked = torch.nonzero_static(labels != -100, size=lay.n_counted).flatten()  # (M,)
             h, labels = h[picked], labels[picked]  # (M, d), (M,)
             torch._dynamo.maybe_mark_dynamic(h, 0)
         return self._loss(self.head(h), labels)
@@ -409,9 +422,8 @@ class BertForMaskedLM(nn.Module):
     def _loss(logits, labels) -> MLMOutput:  # (M, V), (M,)
         loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
         masked = labels != -100
-        with torch.no_grad():  # correct = the label's logit is the largest (amax is a cheaper reduction than argmax)
-            label_logit = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
-            n_correct = ((label_logit >= logits.amax(-1)) & masked).sum()
+        with torch.no_grad():  # exact top-1: a label that only ties another token's maximum (common in bf16) is wrong
+            n_correct = ((logits.argmax(-1) == labels) & masked).sum()
         return MLMOutput(loss_sum, n_correct, masked.sum())
 
 
@@ -495,19 +507,25 @@ def build(config: ModelConfig) -> BertForMaskedLM:
     return BertForMaskedLM(config)
 
 
-def compile_model(model: nn.Module) -> nn.Module:
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """torch.compile, regionally: each encoder layer and the MLM head, in place.
 
     Unpadding and planning attention (data-dependent shapes, one host sync) stay eager, so the
     compiled regions see only the varying token count nnz, marked dynamic: one compile per
     region, reused by all 12 layers, and no recompiles as nnz changes from batch to batch.
-    Check with TORCH_LOGS=recompiles. Returns the same module (its state_dict keys unchanged).
+    With FlexAttention the regions compile with dynamic=True: its BlockMask carries nnz as Python
+    ints (seq_lengths), which a default compile specializes on the first batch, recompiling on the
+    second. Check with TORCH_LOGS=recompiles. Returns the same module (its state_dict keys unchanged).
+    `backend`: torch.compile's ("eager" lets tests count graphs without building kernels).
     """
     bert = model.bert if hasattr(model, "bert") else model
+    cfg, device = bert.config, next(model.parameters()).device
+    flex = cfg.unpad and kernels.resolve_backend(cfg.attn_backend, device) == "flex"
+    options = dict(backend=backend, dynamic=True if flex else None)
     for layer in bert.layers:
-        layer.compile()
+        layer.compile(**options)
     if isinstance(model, BertForMaskedLM):
-        model.head.compile()
+        model.head.compile(**options)
     return model
 
 
@@ -588,97 +606,3 @@ def load_pretrained(path: str, map_location="cpu"):
     model = build(config_from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model, ckpt
-
-
-# ----------------------------------------------------------------------------------------
-# Hugging Face BERT import
-
-
-def _hf_to_ours(name: str) -> str | None:
-    """Map one HF BERT parameter name to ours (None: not used). q/k/v are fused separately."""
-    name = name.removeprefix("bert.")
-    name = name.replace(".gamma", ".weight").replace(".beta", ".bias")
-    rules = [
-        ("embeddings.", "bert.embeddings."),
-        ("pooler.dense.", "pooler."),
-        ("cls.predictions.transform.dense.", "head.dense."),
-        ("cls.predictions.transform.LayerNorm.", "head.LayerNorm."),
-    ]
-    if name == "cls.predictions.bias":
-        return "head.bias"
-    if name.startswith("embeddings.position_ids") or "decoder" in name or "seq_relationship" in name:
-        return None
-    for old, new in rules:
-        if name.startswith(old):
-            return new + name[len(old):]
-    if name.startswith("encoder.layer."):
-        i, rest = name[len("encoder.layer."):].split(".", 1)
-        sub = {
-            "attention.output.dense.": "attn_out.",
-            "attention.output.LayerNorm.": "attn_norm.",
-            "intermediate.dense.": "mlp.intermediate.",
-            "output.dense.": "mlp.output.",
-            "output.LayerNorm.": "mlp_norm.",
-        }
-        for old, new in sub.items():
-            if rest.startswith(old):
-                return f"bert.layers.{i}.{new}{rest[len(old):]}"
-    return None
-
-
-def from_hf_bert(folder: str) -> BertForMaskedLM:
-    """Load a Hugging Face BERT folder (config.json + model.safetensors or pytorch_model.bin, from
-    BertModel or BertForMaskedLM) as our model in the matching 'bert-base'-style config.
-
-    The vocabulary is padded up to a multiple of 64 (new rows initialised as usual); the MLM head
-    is initialised when the checkpoint has none (BertModel). Fine-tune it with the folder's own
-    WordPiece vocabulary (glue.py does).
-    """
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{folder}: only absolute position embeddings are supported")
-    act = hf.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ValueError(f"{folder}: hidden_act={act!r}; only the exact erf 'gelu' is supported")
-    st_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(st_path):
-        from safetensors.torch import load_file
-        sd = load_file(st_path)
-    elif os.path.exists(bin_path):
-        sd = torch.load(bin_path, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
-    has_pooler = any("pooler.dense" in k for k in sd)
-    cfg = ModelConfig.preset(
-        "bert-base", vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"],
-        n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"], max_positions=hf["max_position_embeddings"],
-        type_vocab_size=hf.get("type_vocab_size", 2), layernorm_eps=hf.get("layer_norm_eps", 1e-12),
-        hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attn_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        init_std=hf.get("initializer_range", 0.02), pooler=has_pooler)
-    model = build(cfg)
-    ours = model.state_dict()
-    new = {}
-    for name, t in sd.items():
-        n = name.removeprefix("bert.")
-        if ".attention.self." in n:  # fuse query/key/value into Wqkv
-            i = n.split(".")[2]
-            kind = n.rsplit(".", 1)[1]  # weight | bias
-            key = f"bert.layers.{i}.Wqkv.{kind}"
-            if key not in new:
-                p = f"{'bert.' if name.startswith('bert.') else ''}encoder.layer.{i}.attention.self."
-                new[key] = torch.cat([sd[p + f"query.{kind}"], sd[p + f"key.{kind}"], sd[p + f"value.{kind}"]], 0)
-            continue
-        target = _hf_to_ours(name)
-        if target is None:
-            continue
-        if target not in ours:
-            raise ValueError(f"{folder}: cannot place HF parameter {name} (mapped to {target})")
-        if target in ("bert.embeddings.word_embeddings.weight", "head.bias"):  # pad the vocabulary
-            t = torch.cat([t, ours[target][t.shape[0]:]], 0)
-        new[target] = t
-    missing = [k for k in ours if k not in new and not k.startswith("head.") and k != "head.decoder_weight"]
-    if missing:
-        raise ValueError(f"{folder}: checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    model.load_state_dict(new, strict=False)
-    return model

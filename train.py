@@ -12,7 +12,7 @@ Everything a run does is in this file, top to bottom (grep the names):
     lr_at                         linear warmup, then linear decay to final_lr_frac x peak
     global masked count           the MLM loss of a step is sum(CE) / (masked tokens in the whole global batch)
     no_sync                       gradients are all-reduced once per step, on the last micro-step
-    --compile                     torch.compile in one place; the uncompiled module saves and evaluates
+    --compile                     torch.compile in one place, on by default on CUDA (resolve_compile)
     MFU                           against a peak-FLOP table on GPUs, a measured matmul rate on CPUs
     save_checkpoint / resume      atomic, weights_only-loadable, exact continuation (data, RNG, schedule)
     autoresume                    a run into an out_dir holding checkpoints of the same config continues them;
@@ -105,7 +105,7 @@ class TrainConfig:
     # system
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
     dtype: str = "bfloat16"            # autocast dtype: 'bfloat16' | 'float32' (no autocast)
-    compile: bool = False
+    compile: Optional[bool] = None     # None (auto): compile on CUDA, eager on the CPU; true/false forces it
     keep_freed_memory: bool = False    # CPU: glibc keeps freed memory (faster steps, growing RSS; see keep_freed_memory)
     seed: int = 0
     # logging, evaluation, checkpoints
@@ -196,6 +196,17 @@ def check_config(cfg: TrainConfig, world_size: int) -> int:
                           f"{per_rank} (= --global_batch_size={cfg.global_batch_size} / {world_size} ranks); "
                           f"use a divisor of {per_rank}, e.g. {hint}")
     return per_rank // cfg.micro_batch_size
+
+
+def resolve_compile(flag: Optional[bool], device: torch.device) -> tuple[bool, str]:
+    """--compile: true/false as given; unset (None), compile where it pays: on CUDA the regional compile
+    (fused GeGLU, LayerNorm and dropout, the fused flex kernel) is worth its one-off cost; on the CPU
+    it buys a few % for tens of seconds of compiling, so the CPU demo stays eager. Returns (on, why)."""
+    if flag is not None:
+        return flag, f"--compile={str(flag).lower()}"
+    if device.type == "cuda":
+        return True, "default on CUDA; --compile=false to run eagerly"
+    return False, f"default on {device.type}; --compile=true to compile"
 
 
 def model_config(cfg: TrainConfig) -> modeling.ModelConfig:
@@ -309,20 +320,45 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------
-# MFU: model FLOPs utilisation against the device's bf16 peak
+# MFU: model FLOPs utilisation against the device's peak in the run's dtype
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets. Checked in order: first match wins.
-GPU_PEAK_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-]
+# Dense (no sparsity) peaks per GPU in TFLOP/s from the vendors' data sheets: (bf16 tensor core, fp32).
+# fp32 is the plain (non-tensor-core) rate torch's default float32 matmul precision ("highest") runs at;
+# with TF32 allowed (torch.set_float32_matmul_precision("high")) float32 matmuls get half the bf16 peak.
+# Names are matched as whole words, longest first: "L40" never matches "L4", "GB200" never "B200".
+GPU_PEAK_TFLOPS = {
+    "A100": (312, 19.5),
+    "H100": (989, 67), "H100 PCIe": (756, 51), "H100 NVL": (835, 60),
+    "H200": (989, 67), "H200 NVL": (835, 60), "GH200": (989, 67),
+    "L4": (121, 30.3), "L40": (181, 90.5), "L40S": (362, 91.6),
+    "B200": (2250, 75), "GB200": (2500, 80),
+}
+
+
+def _words(name: str) -> list[str]:
+    return name.upper().replace("-", " ").replace("_", " ").split()
+
+
+def datasheet_peak(device_name: str, dtype: str) -> Optional[float]:
+    """Dense peak FLOP/s of a GPU (torch.cuda.get_device_name) for the run's dtype, or None when the
+    name is not in GPU_PEAK_TFLOPS. The longest table key whose words appear, in order and whole, in
+    the name wins: "NVIDIA H100 NVL" is the NVL part, "NVIDIA A100-SXM4-80GB" an A100."""
+    words = _words(device_name)
+    for key in sorted(GPU_PEAK_TFLOPS, key=lambda k: (len(_words(k)), len(k)), reverse=True):
+        kw = _words(key)
+        if any(words[i:i + len(kw)] == kw for i in range(len(words) - len(kw) + 1)):
+            bf16, fp32 = GPU_PEAK_TFLOPS[key]
+            if dtype == "bfloat16":
+                return bf16 * 1e12
+            tf32 = torch.get_float32_matmul_precision() != "highest"
+            return (bf16 / 2 if tf32 else fp32) * 1e12
+    return None
 
 
 def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
-    """FLOP/s one rank can reach: the GPU's table entry, or on CPU a timed matmul in the run's dtype."""
+    """FLOP/s one rank can reach: the GPU's data-sheet peak for `dtype`, or on CPU a timed matmul in it."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((f for key, f in GPU_PEAK_FLOPS if key in name), None)
+        return datasheet_peak(torch.cuda.get_device_name(device), dtype)
     dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     n = 2048  # ~17 GFLOP per matmul: long enough to reach the CPU's sustained rate
     g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched
@@ -347,8 +383,10 @@ def evaluate(model, batches, device, amp, rank, world):
     tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked
     for b in batches[rank::world]:
         b = {k: to_device(v, device) for k, v in b.items()}
-        # eager even under --compile: evaluation's no_grad mode and batch shapes would recompile every region
-        with amp(), torch.compiler.set_stance("force_eager"):
+        # Never under set_stance("force_eager"): that also turns off the compiled flex_attention, and eager
+        # flex builds the whole (1, H, nnz, nnz) score matrix (~43 GB a layer at the paper's eval batch).
+        # Under --compile each region compiles once more, for no_grad; nnz stays dynamic.
+        with amp():
             out = model(b["input_ids"], b["attention_mask"], b["labels"])
         tot += torch.stack([out.loss_sum.float(), out.n_correct.float(), out.n_masked.float()]).double()
     model.train()
@@ -549,7 +587,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     model = raw_model
     if master and cfg.samples and step == 0:
         print_samples(raw_model, "before training")
-    if cfg.compile:
+    use_compile, why = resolve_compile(cfg.compile, device)
+    print0(f"compile: {'on' if use_compile else 'off'} ({why})")
+    if use_compile:
         # The one compile site. model.compile_model compiles each encoder layer and the MLM head in
         # place (regional compilation; unpadding stays eager, nnz is marked dynamic), so the state_dict
         # keeps its plain names. See recompiles with TORCH_LOGS=recompiles.
@@ -651,8 +691,10 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     flops_per_token = modeling.flops_per_token(mcfg, cfg.seq_len, cfg.mask_prob)
     peak = peak_flops(device, cfg.dtype)
     if peak:
-        print0(f"MFU reference: {peak / 1e12:.2f} TFLOP/s per rank "
-               f"({'measured ' + cfg.dtype + ' matmul' if device.type == 'cpu' else 'bf16 dense peak'})")
+        source = f"measured {cfg.dtype} matmul" if device.type == "cpu" else f"data-sheet dense {cfg.dtype} peak"
+        print0(f"MFU reference: {peak / 1e12:.2f} TFLOP/s per rank ({source})")
+    else:
+        print0(f"MFU: no data-sheet peak for {torch.cuda.get_device_name(device)!r}; add it to train.GPU_PEAK_TFLOPS")
     mb = cfg.micro_batch_size
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked since last log
     interval_tokens, interval_steps, grad_norm = 0, 0, torch.zeros((), device=device)
@@ -707,7 +749,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
                    f"lr {f'{lr:.1e}'.replace('e-0', 'e-')} | {ms:,.0f} ms | {tok_s:,.0f} tok/s | "
                    f"mfu {f'{mfu:.0%}' if mfu is not None else 'n/a'} | eta {fmt_time(eta)}")
             if step == first_step + 1:
-                print0(f"(the first step includes warm-up{' and torch.compile' if cfg.compile else ''}: "
+                print0(f"(the first step includes warm-up{' and torch.compile' if use_compile else ''}: "
                        f"{dt:.1f} s)")
             check_finite(step)
             log_metrics(dict(step=step, loss=loss, mlm_acc=acc, lr=lr, tokens_per_s=tok_s, ms_per_step=ms,

@@ -1,5 +1,5 @@
 """glue.py: metrics against hand-worked values, every GLUE TSV layout, bad-input errors, the WordPiece tokenizer
-against transformers, fine-tuning that learns, resuming a sweep, the MNLI -> RTE start, HF and DDP runs.
+(hf.WordPiece) against transformers, fine-tuning that learns, resuming a sweep, the MNLI -> RTE start, HF and DDP runs.
 
 The fixtures in tests/fixtures/glue/ are small files in GLUE's distributed layouts (download_glue_data.py):
 headers, column counts and label spellings as in the real files, and sentences with unbalanced `"` quotes.
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import glue
+import hf
 import model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,7 +272,7 @@ def test_wordpiece_matches_transformers(tmp_path, lower):
     transformers = pytest.importorskip("transformers")
     sample = glue.load_task(glue.TASKS["sentiment"], "")["dev"].a[:300]
     _make_vocab(tmp_path, sample[:200] + SENTENCES, lower)
-    ours = glue.WordPieceTokenizer.from_folder(tmp_path)
+    ours = hf.WordPiece.from_folder(tmp_path)
     theirs = transformers.BertTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     assert ours.lower == lower and theirs.do_lower_case == lower
     texts = SENTENCES + sample
@@ -295,7 +296,7 @@ def test_pair_truncation_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     _make_vocab(tmp_path, ["hello world"], lower=True)
     theirs = transformers.BertTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
-    ours = glue.WordPieceTokenizer.from_folder(tmp_path)
+    ours = hf.WordPiece.from_folder(tmp_path)
     for la in range(1, 8):
         for lb in range(1, 8):
             ex = glue.Examples([" ".join(["hello"] * la)], [" ".join(["world"] * lb)], np.zeros(1, np.int64), "t")
@@ -307,11 +308,11 @@ def test_pair_truncation_matches_transformers(tmp_path):
 def test_wordpiece_accent_options(tmp_path):
     _make_vocab(tmp_path, ["Cafe café"], lower=False)
     vocab = tmp_path / "vocab.txt"
-    assert glue.WordPieceTokenizer(vocab, do_lower_case=False).tokenize("Café") == ["C", "##a", "##f", "##é"]
-    assert glue.WordPieceTokenizer(vocab, do_lower_case=False, strip_accents=True).tokenize("Café") == [
+    assert hf.WordPiece(vocab, do_lower_case=False).tokenize("Café") == ["C", "##a", "##f", "##é"]
+    assert hf.WordPiece(vocab, do_lower_case=False, strip_accents=True).tokenize("Café") == [
         "C", "##a", "##f", "##e"]
-    assert glue.WordPieceTokenizer(vocab, do_lower_case=True).tokenize("CAFÉ!") == ["c", "##a", "##f", "##e", "[UNK]"]
-    assert glue.WordPieceTokenizer(vocab, do_lower_case=True, strip_accents=False).tokenize("CAFÉ") == [
+    assert hf.WordPiece(vocab, do_lower_case=True).tokenize("CAFÉ!") == ["c", "##a", "##f", "##e", "[UNK]"]
+    assert hf.WordPiece(vocab, do_lower_case=True, strip_accents=False).tokenize("CAFÉ") == [
         "c", "##a", "##f", "##é"]
 
 
@@ -498,7 +499,7 @@ def test_hf_bert_folder_fine_tunes_with_its_wordpiece_vocab(tmp_path):
     cfg = glue.GlueConfig(tasks="rte", glue_dir=str(FIX), hf=str(tmp_path / "hf"), out_dir=str(tmp_path / "o"),
                           seeds=1, max_steps=2, log_interval=1000)
     start = glue.load_start(cfg, "hf")
-    assert isinstance(start.tokenizer, glue.WordPieceTokenizer) and "pooler" in start.weights
+    assert isinstance(start.tokenizer, hf.WordPiece) and "pooler" in start.weights
     res = glue.run(cfg)  # --init=auto picks hf when --hf is given
     assert res["source"]["init"] == "hf" and 0.0 <= res["tasks"]["rte"]["mean"]["accuracy"] <= 1.0
     _tiny_hf_folder(tmp_path / "bad", vocab_extra=5)  # config.json's vocab_size smaller than vocab.txt

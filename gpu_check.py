@@ -1,0 +1,157 @@
+"""Check every GPU path on a CUDA machine in one command, and print a report to paste into the README.
+
+    python gpu_check.py                      # on a machine with a CUDA GPU: ~10 minutes, no internet needed
+    python gpu_check.py --dry_run            # anywhere: print the commands it would run
+
+It needs only what the GPU machines here have: CUDA torch 2.11 or newer, numpy, tiktoken, pytest and
+hypothesis (transformers for bench.py's Hugging Face row). `datasets` is not needed: every step runs on the
+embedded data and imports it lazily. Steps, each a subprocess with its own time limit, run in order:
+
+    tests     pytest -m cuda: flex vs naive forward and backward compiled (bf16, fp32, block-boundary nnz and
+              16,383/16,384), compiled graphs per region over 20 varying-nnz batches, one host sync per forward
+              (torch.cuda.set_sync_debug_mode), a short mosaic-bert-base run whose loss falls, and DDP over NCCL
+              equal to one process when there are 2+ GPUs
+    bench     bench.py --quick: each MosaicBERT change, MFU against the measured matmul rate and the data sheet
+    train     train.py --preset=mosaic-bert-base, 50 steps on the embedded sample (compiled, the CUDA default)
+
+The report (stdout and out/gpu_check/report.md) names the device, torch and CUDA versions, each step's status
+and wall time, the training run's last log line and its MFU against the data-sheet peak (train.GPU_PEAK_TFLOPS),
+and bench.py's tables. The exit status is 0 only when every step passed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from config import main_guard, parse_config
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class GpuCheckConfig:
+    out_dir: str = "out/gpu_check"
+    dry_run: bool = False        # print the steps' commands and exit
+    tests_timeout: int = 280     # seconds per step: 280 + 160 + 150 = 9.8 minutes at the very most
+    bench_timeout: int = 160
+    train_timeout: int = 150
+    train_steps: int = 50
+
+
+@dataclass
+class Step:
+    name: str
+    cmd: list
+    timeout: int
+    status: str = "not run"      # passed | FAILED (exit N) | TIMED OUT | not run
+    wall_s: float = 0.0
+    output: str = ""
+
+
+def steps(cfg: GpuCheckConfig) -> list[Step]:
+    out = Path(cfg.out_dir)
+    py = sys.executable
+    return [
+        Step("tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"], cfg.tests_timeout),
+        Step("bench", [py, "bench.py", "--quick", f"--json={out / 'bench.json'}"], cfg.bench_timeout),
+        Step("train", [py, "train.py", "--preset=mosaic-bert-base", "--data=default", "--data_mode=chunk",
+                       "--num_workers=2", "--global_batch_size=256", "--micro_batch_size=128",
+                       f"--max_steps={cfg.train_steps}", "--log_every=10", "--eval_every=0", "--save_every=0",
+                       "--keep_checkpoints=1", f"--out_dir={out / time.strftime('train-%Y%m%d-%H%M%S')}"],
+             cfg.train_timeout),  # a new out_dir each time: train.py would autoresume (and skip) a finished run
+    ]
+
+
+def run_step(step: Step, env: dict) -> Step:
+    """Run one step, streaming its output through and keeping it for the report."""
+    print(f"\n=== {step.name}: {' '.join(map(str, step.cmd))}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([str(c) for c in step.cmd], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=step.timeout)
+        step.output = p.stdout + p.stderr
+        step.status = "passed" if p.returncode == 0 else f"FAILED (exit {p.returncode})"
+    except subprocess.TimeoutExpired as e:
+        step.output = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        step.status = f"TIMED OUT after {step.timeout} s"
+    step.wall_s = time.perf_counter() - t0
+    print(step.output[-4000:], flush=True)
+    return step
+
+
+def last_line(text: str, prefix: str) -> Optional[str]:
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return lines[-1] if lines else None
+
+
+def pytest_summary(text: str) -> str:
+    """pytest -q's closing line ("12 passed, 3 skipped in 80.1s")."""
+    lines = [line.strip("= ") for line in text.splitlines() if " in " in line and ("passed" in line or "failed" in line
+                                                                                   or "error" in line)]
+    return lines[-1] if lines else "no summary (see the output above)"
+
+
+def environment() -> list[str]:
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    import train  # noqa: PLC0415
+    peak = train.datasheet_peak(name, "bfloat16") if torch.cuda.is_available() else None
+    return [f"- device: {name} x {torch.cuda.device_count()}",
+            f"- torch {torch.__version__}, CUDA {torch.version.cuda}, Python {sys.version.split()[0]}",
+            f"- data-sheet dense bf16 peak: {f'{peak / 1e12:,.0f} TFLOP/s' if peak else 'not in train.GPU_PEAK_TFLOPS'}"]
+
+
+def report(done: list[Step], env_lines: list[str], bench_md: Optional[str], date: str) -> str:
+    """The pasteable markdown report."""
+    lines = [f"### GPU check ({date})", "", *env_lines, "", "| step | status | wall s | result |", "|---|---|---:|---|"]
+    for s in done:
+        if s.name == "tests":
+            result = pytest_summary(s.output)
+        elif s.name == "train":
+            result = last_line(s.output, "step ") or "no step line"
+        else:
+            result = "tables below" if bench_md else "no bench report"
+        lines.append(f"| {s.name} | {s.status} | {s.wall_s:,.0f} | `{result}` |")
+    train = next((s for s in done if s.name == "train"), None)
+    if train is not None:
+        ref = last_line(train.output, "MFU reference") or last_line(train.output, "MFU:")
+        comp = last_line(train.output, "compile:")
+        lines += ["", f"mosaic-bert-base training: {comp or 'compile: ?'}; {ref or 'no MFU reference line'}"]
+    if bench_md:
+        lines += ["", "#### bench.py --quick", "", bench_md.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    cfg = parse_config(GpuCheckConfig, sys.argv[1:] if argv is None else argv)
+    todo = steps(cfg)
+    if cfg.dry_run:
+        for s in todo:
+            print(f"{s.name} (limit {s.timeout} s): {' '.join(map(str, s.cmd))}")
+        return 0
+    if not torch.cuda.is_available():
+        print("error: gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False); on a CPU machine run "
+              "`python -m pytest -q tests` instead, or --dry_run to see the steps", file=sys.stderr)
+        return 1
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    done = [run_step(s, env) for s in todo]
+    md_path = out / "bench.md"
+    bench_md = md_path.read_text() if md_path.exists() else None
+    text = report(done, environment(), bench_md, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    (out / "report.md").write_text(text)
+    (out / "steps.json").write_text(json.dumps([dict(name=s.name, status=s.status, wall_s=s.wall_s) for s in done]))
+    print("\n" + text, flush=True)
+    print(f"(report saved to {out / 'report.md'})")
+    return 0 if all(s.status == "passed" for s in done) else 1
+
+
+if __name__ == "__main__":
+    main_guard(lambda: sys.exit(main()))

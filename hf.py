@@ -1,0 +1,732 @@
+"""Hugging Face interop, both directions. model.py knows nothing of Hugging Face; everything that does is here.
+
+    python hf.py --ckpt=out/demo --out=hf_demo          # export a train.py checkpoint as a transformers folder
+    python fillmask.py --hf=hf_demo "The capital of France is [MASK]."
+    python glue.py --init=hf --hf=path/to/bert-base-uncased           # fine-tune a HF BERT folder here
+    python glue.py --init=mosaicml --hf=path/to/mosaic-bert-base      # ... or MosaicML's published MosaicBERT
+
+Top to bottom:
+    from_hf_bert      a HF BERT folder (BertModel / BertForMaskedLM / BertForPreTraining) -> our BertForMaskedLM
+    from_mosaicml     a folder saved by MosaicML's bert_layers.BertForMaskedLM (MosaicBERT-Base/-Large, the
+                      512/1024/2048-token variants) -> our BertForMaskedLM; every key mapped or refused
+    WordPiece         BERT's tokenizer for those folders' vocab.txt, run by the `tokenizers` library (Rust)
+    gpt2_tokenizer_json   our pretraining tokenizer (tiktoken GPT-2 BPE + [CLS] [SEP] [PAD] [MASK]) as a
+                      tokenizer.json that AutoTokenizer loads and that gives data.Tokenizer's ids
+    export            a train.py checkpoint (or glue.py's MNLI classifier) -> a folder transformers loads
+                      offline: BERT-shaped configs as plain BERT (no remote code), MosaicBERT configs with
+                      modelling code generated from this project's own model.py and kernels.py
+                      (trust_remote_code=True)
+    load_folder       any of those folders back as our model, with its tokenizer (fillmask.py --hf=FOLDER)
+
+Which library does what: tiktoken encodes for pretraining (the fastest here); `tokenizers` runs WordPiece for HF
+vocabularies and the byte-level BPE inside the exported tokenizer.json; safetensors holds the weights;
+transformers is needed only to load an export (and by the tests), never to import.
+"""
+
+import functools
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import model
+from model import BertForMaskedLM, ModelConfig
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _read_folder(folder) -> tuple[dict, dict]:
+    """(config.json, state_dict) of a HF folder: model.safetensors or pytorch_model.bin."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: pass a Hugging Face model folder (save_pretrained)")
+    hf = json.loads((folder / "config.json").read_text())
+    st_path, bin_path = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if st_path.exists():
+        from safetensors.torch import load_file
+        sd = load_file(str(st_path))
+    elif bin_path.exists():
+        sd = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    return hf, sd
+
+
+def _require(ok: bool, msg: str):
+    if not ok:
+        raise ValueError(msg)
+
+
+# ----------------------------------------------------------------------------------------
+# Hugging Face BERT import
+
+def _hf_to_ours(name: str) -> str | None:
+    """Map one HF BERT parameter name to ours (None: not used). q/k/v are fused separately."""
+    name = name.removeprefix("bert.")
+    name = name.replace(".gamma", ".weight").replace(".beta", ".bias")
+    rules = [
+        ("embeddings.", "bert.embeddings."),
+        ("pooler.dense.", "pooler."),
+        ("cls.predictions.transform.dense.", "head.dense."),
+        ("cls.predictions.transform.LayerNorm.", "head.LayerNorm."),
+    ]
+    if name == "cls.predictions.bias":
+        return "head.bias"
+    if name.startswith("embeddings.position_ids") or "decoder" in name or "seq_relationship" in name:
+        return None
+    for old, new in rules:
+        if name.startswith(old):
+            return new + name[len(old):]
+    if name.startswith("encoder.layer."):
+        i, rest = name[len("encoder.layer."):].split(".", 1)
+        sub = {
+            "attention.output.dense.": "attn_out.",
+            "attention.output.LayerNorm.": "attn_norm.",
+            "intermediate.dense.": "mlp.intermediate.",
+            "output.dense.": "mlp.output.",
+            "output.LayerNorm.": "mlp_norm.",
+        }
+        for old, new in sub.items():
+            if rest.startswith(old):
+                return f"bert.layers.{i}.{new}{rest[len(old):]}"
+    return None
+
+
+def from_hf_bert(folder: str) -> BertForMaskedLM:
+    """Load a Hugging Face BERT folder (config.json + model.safetensors or pytorch_model.bin, from
+    BertModel or BertForMaskedLM) as our model in the matching 'bert-base'-style config.
+
+    The vocabulary is padded up to a multiple of 64 (new rows initialised as usual); the MLM head
+    is initialised when the checkpoint has none (BertModel). Fine-tune it with the folder's own
+    WordPiece vocabulary (glue.py does).
+    """
+    hf, sd = _read_folder(folder)
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{folder}: only absolute position embeddings are supported")
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"{folder}: hidden_act={act!r}; only the exact erf 'gelu' is supported")
+    has_pooler = any("pooler.dense" in k for k in sd)
+    cfg = ModelConfig.preset(
+        "bert-base", vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"],
+        n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"], max_positions=hf["max_position_embeddings"],
+        type_vocab_size=hf.get("type_vocab_size", 2), layernorm_eps=hf.get("layer_norm_eps", 1e-12),
+        hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attn_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        init_std=hf.get("initializer_range", 0.02), pooler=has_pooler)
+    mlm = BertForMaskedLM(cfg)
+    ours = mlm.state_dict()
+    new = {}
+    for name, t in sd.items():
+        n = name.removeprefix("bert.")
+        if ".attention.self." in n:  # fuse query/key/value into Wqkv
+            i = n.split(".")[2]
+            kind = n.rsplit(".", 1)[1]  # weight | bias
+            key = f"bert.layers.{i}.Wqkv.{kind}"
+            if key not in new:
+                p = f"{'bert.' if name.startswith('bert.') else ''}encoder.layer.{i}.attention.self."
+                new[key] = torch.cat([sd[p + f"query.{kind}"], sd[p + f"key.{kind}"], sd[p + f"value.{kind}"]], 0)
+            continue
+        target = _hf_to_ours(name)
+        if target is None:
+            continue
+        if target not in ours:
+            raise ValueError(f"{folder}: cannot place HF parameter {name} (mapped to {target})")
+        if target in ("bert.embeddings.word_embeddings.weight", "head.bias"):  # pad the vocabulary
+            t = torch.cat([t, ours[target][t.shape[0]:]], 0)
+        new[target] = t
+    missing = [k for k in ours if k not in new and not k.startswith("head.") and k != "head.decoder_weight"]
+    if missing:
+        raise ValueError(f"{folder}: checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    mlm.load_state_dict(new, strict=False)
+    return mlm
+
+
+# ----------------------------------------------------------------------------------------
+# MosaicML's published MosaicBERT import
+
+
+def _mosaicml_to_ours(name: str) -> str | None:
+    """Map one key of MosaicML's bert_layers.BertForMaskedLM to ours (None: not mapped).
+
+    Their layer is the same post-LN layer as ours: LN(h + dense(attention)) then
+    LN(h + wo(GELU(gate) * value)), with q/k/v already fused in one Wqkv (t h d order, as ours)."""
+    rules = [
+        ("bert.embeddings.word_embeddings.", "bert.embeddings.word_embeddings."),
+        ("bert.embeddings.token_type_embeddings.", "bert.embeddings.token_type_embeddings."),
+        ("bert.embeddings.LayerNorm.", "bert.embeddings.LayerNorm."),
+        ("bert.pooler.dense.", "pooler."),
+        ("cls.predictions.transform.dense.", "head.dense."),
+        ("cls.predictions.transform.LayerNorm.", "head.LayerNorm."),
+    ]
+    if name in ("cls.predictions.decoder.bias", "cls.predictions.bias"):
+        return "head.bias"
+    for old, new in rules:
+        if name.startswith(old):
+            return new + name[len(old):]
+    if name.startswith("bert.encoder.layer."):
+        i, rest = name[len("bert.encoder.layer."):].split(".", 1)
+        sub = {
+            "attention.self.Wqkv.": "Wqkv.",
+            "attention.output.dense.": "attn_out.",
+            "attention.output.LayerNorm.": "attn_norm.",
+            "mlp.gated_layers.": "mlp.gated_layers.",
+            "mlp.wo.": "mlp.wo.",
+            "mlp.layernorm.": "mlp_norm.",
+        }
+        for old, new in sub.items():
+            if rest.startswith(old):
+                return f"bert.layers.{i}.{new}{rest[len(old):]}"
+    return None
+
+
+def _mosaicml_vocab(folder: Path, rows: int) -> tuple[int, int]:
+    """(vocab_size, vocab_multiple) with padded_vocab_size == rows: the real vocabulary is vocab.txt's
+    length when the folder has one (30,522 for bert-base-uncased, padded to 30,528), else every row."""
+    n = rows
+    if (folder / "vocab.txt").is_file():
+        n = sum(1 for _ in open(folder / "vocab.txt", encoding="utf-8"))
+    if n <= rows and (n + 63) // 64 * 64 == rows:
+        return n, 64
+    return rows, 1
+
+
+def from_mosaicml(folder) -> BertForMaskedLM:
+    """A folder written by MosaicML's `bert_layers.BertForMaskedLM.save_pretrained` (MosaicBERT-Base/-Large and
+    the 512/1024/2048-token variants) -> our BertForMaskedLM with ALiBi, GeGLU and post-LN.
+
+    Every key is mapped or refused, every shape checked: a folder that does not fit raises ValueError and
+    never loads with random weights. The tied decoder weight, when present, must equal the word embedding.
+    LayerNorm runs in fp32 under autocast (low_precision_layernorm=False), as in the published code.
+    """
+    folder = Path(folder)
+    hf, sd = _read_folder(folder)
+    act, eps = hf.get("hidden_act", "gelu"), hf.get("layer_norm_eps", 1e-12)
+    _require(act == "gelu", f"{folder}: hidden_act={act!r}; MosaicBERT's head uses the exact erf 'gelu'")
+    _require(eps == 1e-12, f"{folder}: layer_norm_eps={eps}, but the published MLM head hard-codes 1e-12 and "
+                           f"our model has one eps for every LayerNorm")
+    _require("bert.encoder.layer.0.attention.self.Wqkv.weight" in sd,
+             f"{folder}: no bert.encoder.layer.0.attention.self.Wqkv.weight: not a MosaicBERT folder (for a "
+             f"Hugging Face BERT folder use hf.from_hf_bert / glue.py --init=hf)")
+    rows = sd["bert.embeddings.word_embeddings.weight"].shape[0]
+    vocab_size, multiple = _mosaicml_vocab(folder, rows)
+    cfg = ModelConfig.preset(
+        "mosaic-bert-base", vocab_size=vocab_size, vocab_multiple=multiple, n_layers=hf["num_hidden_layers"],
+        d_model=hf["hidden_size"], n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+        max_positions=hf.get("alibi_starting_size", 512), type_vocab_size=hf.get("type_vocab_size", 2),
+        layernorm_eps=eps, hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+        attn_dropout=hf.get("attention_probs_dropout_prob", 0.0), init_std=hf.get("initializer_range", 0.02),
+        low_precision_layernorm=False, pooler=any(k.startswith("bert.pooler.") for k in sd))
+    mlm = BertForMaskedLM(cfg)
+    ours = mlm.state_dict()
+    new = {}
+    for name, t in sd.items():
+        if name == "cls.predictions.decoder.weight":  # tied to the word embedding (.bin files hold both)
+            _require(torch.equal(t, sd["bert.embeddings.word_embeddings.weight"]),
+                     f"{folder}: cls.predictions.decoder.weight differs from the word embedding; ours are tied")
+            continue
+        target = _mosaicml_to_ours(name)
+        _require(target is not None and target in ours,
+                 f"{folder}: key {name} has no place in our BertForMaskedLM (mapped to {target}); refusing to load "
+                 f"a partial model")
+        _require(target not in new, f"{folder}: {name} and another key both map to {target}")
+        _require(t.shape == ours[target].shape, f"{folder}: {name} has shape {tuple(t.shape)}, ours "
+                                                f"{target} has {tuple(ours[target].shape)}")
+        new[target] = t
+    missing = sorted(k for k in ours if k not in new and k != "head.decoder_weight")
+    _require(not missing, f"{folder}: the checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    mlm.load_state_dict(new, strict=False)
+    return mlm
+
+
+# ----------------------------------------------------------------------------------------
+# WordPiece for HF checkpoints (the `tokenizers` library)
+
+
+class WordPiece:
+    """BERT's tokenizer for a HF folder's vocab.txt, run by the `tokenizers` library (Rust, multithreaded):
+    BertNormalizer (clean control chars, spaces around CJK characters, optional lowercasing and accent
+    stripping), BertPreTokenizer (split on whitespace and punctuation), then WordPiece (greedy
+    longest-match-first with '##' continuations; a word that cannot be covered is [UNK]).
+    encode() gives the ids without [CLS]/[SEP]; glue.py adds them and the token types."""
+
+    def __init__(self, vocab_file, do_lower_case=True, strip_accents=None, tokenize_chinese_chars=True,
+                 max_chars_per_word=100):
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+        with open(vocab_file, encoding="utf-8") as f:
+            tokens = [line.rstrip("\n") for line in f]
+        self.vocab = {t: i for i, t in enumerate(tokens)}
+        missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in self.vocab]
+        if missing:
+            raise ValueError(f"{vocab_file}: no {', '.join(missing)} in the vocabulary; is it a BERT vocab.txt?")
+        self.lower = do_lower_case
+        self.tk = Tokenizer(models.WordPiece(self.vocab, unk_token="[UNK]",
+                                             max_input_chars_per_word=max_chars_per_word))
+        self.tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=tokenize_chinese_chars,
+                                                        strip_accents=strip_accents, lowercase=do_lower_case)
+        self.tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self.tk.decoder = decoders.WordPiece()
+        self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
+        self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
+        self.mask_id = self.vocab.get("[MASK]")
+        self.n_tokens = len(tokens)
+
+    @classmethod
+    def from_folder(cls, folder):
+        """Settings from the folder's tokenizer_config.json (do_lower_case, strip_accents, tokenize_chinese_chars);
+        without one, HF's defaults (lowercase; accents stripped when lowercasing)."""
+        folder = Path(folder)
+        conf = {}
+        if (folder / "tokenizer_config.json").is_file():
+            conf = json.loads((folder / "tokenizer_config.json").read_text())
+        if not (folder / "vocab.txt").is_file():
+            raise FileNotFoundError(f"{folder / 'vocab.txt'} not found: the folder must hold its WordPiece vocab.txt "
+                                    f"(save_pretrained writes one; MosaicBERT uses bert-base-uncased's).")
+        return cls(folder / "vocab.txt", conf.get("do_lower_case", True), conf.get("strip_accents"),
+                   conf.get("tokenize_chinese_chars", True))
+
+    def tokenize(self, text: str) -> list[str]:
+        return self.tk.encode(text, add_special_tokens=False).tokens
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def is_mosaicml(folder) -> bool:
+    """True for a folder saved by MosaicML's bert_layers (its config has alibi_starting_size or maps to bert_layers)."""
+    p = Path(folder) / "config.json"
+    if not p.is_file():
+        return False
+    c = json.loads(p.read_text())
+    return "alibi_starting_size" in c or any("bert_layers" in str(v) for v in c.get("auto_map", {}).values())
+
+
+# ----------------------------------------------------------------------------------------
+# Our GPT-2 BPE as a tokenizer.json (byte-level BPE in the `tokenizers` library)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (byte-level BPE stores tokens as such strings):
+    printable Latin-1 bytes map to themselves, the other 68 to chr(256 + k) in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, k = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + k)
+            k += 1
+    return out
+
+
+def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The merge that created `token`: run BPE on its bytes with only the ranks below its own; two parts remain."""
+    limit = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], limit))
+        if ranks.get(parts[best] + parts[best + 1], limit) >= limit:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"gpt2.tiktoken: token {token!r} is not the merge of two lower-ranked tokens")
+    return parts[0], parts[1]
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_tokenizer_json():
+    """data.Tokenizer as a `tokenizers.Tokenizer`: the ranks of assets/gpt2.tiktoken as a byte-level BPE vocabulary,
+    the merges recovered from the ranks (a token of rank r is the merge BPE makes with the ranks below r),
+    GPT-2's split regex (ByteLevel pre-tokenizer), <|endoftext|> and [CLS] [SEP] [PAD] [MASK] as special tokens
+    with data.py's ids, and a post-processor that wraps a text as [CLS] text [SEP] (pairs: [CLS] a [SEP] b [SEP],
+    token types 0 then 1). One difference from data.Tokenizer, on purpose: a literal "[MASK]" (or another special)
+    in the text is the special token here, with the space before "[MASK]" dropped as fillmask.encode_masked does
+    (the fill-mask pipeline needs that), where data.Tokenizer encodes it as ordinary text."""
+    import data
+    from tiktoken.load import load_tiktoken_bpe
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    ranks = load_tiktoken_bpe(str(data.GPT2_FILE), expected_hash=data.GPT2_SHA256)
+    to_str = _bytes_to_unicode()
+    text = lambda b: "".join(to_str[x] for x in b)  # noqa: E731
+    vocab = {text(t): r for t, r in ranks.items()}
+    merges = [tuple(map(text, _merge_of(t, ranks))) for t, r in sorted(ranks.items(), key=lambda x: x[1]) if len(t) > 1]
+    tk = Tokenizer(models.BPE(vocab, merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    specials = {"<|endoftext|>": data.EOT_ID, "[CLS]": data.CLS_ID, "[SEP]": data.SEP_ID, "[PAD]": data.PAD_ID,
+                "[MASK]": data.MASK_ID}
+    for tok, i in sorted(specials.items(), key=lambda x: x[1]):  # [MASK] takes the space before it, as fillmask.py
+        tk.add_special_tokens([AddedToken(tok, special=True, normalized=False, lstrip=tok == "[MASK]")])
+        _require(tk.token_to_id(tok) == i, f"tokenizer.json: {tok} got id {tk.token_to_id(tok)}, data.py says {i}")
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", data.CLS_ID), ("[SEP]", data.SEP_ID)])
+    return tk
+
+
+def wordpiece_tokenizer_json(wp: "WordPiece"):
+    """A WordPiece vocabulary (hf.WordPiece) as a tokenizer.json with BERT's [CLS] a [SEP] b [SEP] post-processor."""
+    from tokenizers import AddedToken, Tokenizer, processors
+    tk = Tokenizer.from_str(wp.tk.to_str())
+    specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in wp.vocab]
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=t == "[MASK]") for t in specials])
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", wp.cls_id), ("[SEP]", wp.sep_id)])
+    return tk
+
+
+def _write_tokenizer(folder: Path, tk, max_len: int, unk: bool = False):
+    """tokenizer.json and a tokenizer_config.json that AutoTokenizer reads as a fast tokenizer."""
+    tk.save(str(folder / "tokenizer.json"))
+    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "cls_token": "[CLS]", "sep_token": "[SEP]",
+            "pad_token": "[PAD]", "mask_token": "[MASK]", "model_max_length": max_len,
+            "clean_up_tokenization_spaces": False,
+            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+    if unk:
+        conf["unk_token"] = "[UNK]"
+    (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# Export: BERT-shaped configs as plain transformers BERT
+
+
+def _ours_to_hf(name: str) -> list[str]:
+    """Our parameter name -> the HF BertForMaskedLM name(s) (Wqkv splits into query/key/value)."""
+    if name.startswith("bert.layers."):
+        i, rest = name[len("bert.layers."):].split(".", 1)
+        p = f"bert.encoder.layer.{i}."
+        if rest.startswith("Wqkv."):
+            kind = rest.split(".")[1]
+            return [f"{p}attention.self.{x}.{kind}" for x in ("query", "key", "value")]
+        sub = {"attn_out.": "attention.output.dense.", "attn_norm.": "attention.output.LayerNorm.",
+               "mlp.intermediate.": "intermediate.dense.", "mlp.output.": "output.dense.",
+               "mlp_norm.": "output.LayerNorm."}
+        for old, new in sub.items():
+            if rest.startswith(old):
+                return [p + new + rest[len(old):]]
+    fixed = {"head.bias": "cls.predictions.bias", "head.decoder_weight": "cls.predictions.decoder.weight"}
+    if name in fixed:
+        return [fixed[name]]
+    if name.startswith("classifier."):  # BertForSequenceClassification's names are ours
+        return [name]
+    for old, new in [("bert.embeddings.", "bert.embeddings."), ("pooler.", "bert.pooler.dense."),
+                     ("head.dense.", "cls.predictions.transform.dense."),
+                     ("head.LayerNorm.", "cls.predictions.transform.LayerNorm.")]:
+        if name.startswith(old):
+            return [new + name[len(old):]]
+    raise ValueError(f"no Hugging Face BERT name for our parameter {name}")
+
+
+def is_bert_shaped(cfg: ModelConfig) -> bool:
+    """Learned positions and the GELU MLP: exactly HF's BertForMaskedLM (unpadding, sparse prediction and
+    low-precision LayerNorm change how it runs, not what it computes in fp32)."""
+    return cfg.position == "learned" and cfg.ffn == "gelu"
+
+
+def _export_bert(module, pad_id: int):
+    """BertForMaskedLM, or a SequenceClassifier as BertForSequenceClassification."""
+    cfg = module.config
+    clf = isinstance(module, model.SequenceClassifier)
+    if clf and cfg.pooling != "cls":
+        raise ValueError(f"this classifier pools the {cfg.pooling} of its tokens; transformers' "
+                         f"BertForSequenceClassification reads the [CLS] pooler. Fine-tune with pooling='cls' to "
+                         f"export it as plain BERT")
+    sd = {}
+    for name, t in module.state_dict().items():
+        if name == "head.decoder_weight":  # tied to the word embedding: transformers re-ties it on load
+            continue
+        hf_names = _ours_to_hf(name)
+        assert all(_hf_to_ours(n) in (name, None) for n in hf_names), name  # the import maps it back
+        for n, part in zip(hf_names, t.chunk(len(hf_names), 0)):
+            sd[n] = part.contiguous()
+    config = {
+        "architectures": ["BertForSequenceClassification" if clf else "BertForMaskedLM"], "model_type": "bert",
+        "vocab_size": cfg.padded_vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.d_ff, "hidden_act": "gelu", "hidden_dropout_prob": cfg.hidden_dropout,
+        "attention_probs_dropout_prob": cfg.attn_dropout, "max_position_embeddings": cfg.max_positions,
+        "type_vocab_size": cfg.type_vocab_size, "initializer_range": cfg.init_std,
+        "layer_norm_eps": cfg.layernorm_eps, "position_embedding_type": "absolute", "tie_word_embeddings": True,
+        "pad_token_id": pad_id, "model_config": asdict(cfg),
+    }
+    if clf:
+        config["num_labels"] = module.num_labels
+    return sd, config
+
+
+# ----------------------------------------------------------------------------------------
+# Export: MosaicBERT configs with modelling code generated from model.py and kernels.py
+
+MODELING = '''"""transformers wrappers around this project's model.py (copied beside this file, with kernels.py).
+
+Generated by hf.py of "MosaicBERT in pure PyTorch": the model is model.py itself, unchanged but for its
+`import kernels` line, so there is one source of truth. Plain torch on the CPU and CUDA; attention uses
+the same sdpa / flex paths as training (attn_backend in config.json's model_config).
+"""
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
+
+from . import kernels
+from .kernels import alibi_slopes  # noqa: F401  (this line names kernels.py, so that transformers copies it)
+from .model import Bert, BertForMaskedLM, MLMHead, ModelConfig, SequenceClassifier, to_padded
+
+try:
+    from transformers import initialization as init  # transformers 5: leaves the weights a checkpoint loaded alone
+except ImportError:  # transformers 4 initialises before loading
+    import torch.nn.init as init
+
+
+class MosaicBertConfig(PretrainedConfig):
+    model_type = "mosaicbert"
+
+    def __init__(self, model_config=None, **kwargs):
+        self.model_config = dict(model_config or {})
+        super().__init__(**kwargs)
+
+
+class MosaicBertPreTrainedModel(PreTrainedModel):
+    config_class = MosaicBertConfig
+    base_model_prefix = "bert"
+
+    def ours(self) -> ModelConfig:
+        return ModelConfig(**self.config.model_config)
+
+    def _adopt(self, module):
+        """Take over the submodules of one of our models: the state_dict keys stay ours."""
+        for name, child in module.named_children():
+            setattr(self, name, child)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """BERT init (model.init_weights) for what a checkpoint does not hold (a new classifier), and the
+        ALiBi slopes buffer, which is not saved (transformers builds the model on the meta device)."""
+        std = self.config.model_config.get("init_std", 0.02)
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, torch.nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MLMHead):
+            init.zeros_(module.bias)
+        elif isinstance(module, Bert):
+            slopes = kernels.alibi_slopes(module.config.n_heads)
+            init.copy_(module.alibi_slopes, slopes) if hasattr(init, "copy_") else module.alibi_slopes.copy_(slopes)
+
+
+class MosaicBertModel(MosaicBertPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = Bert(self.ours())
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        h, lay = self.bert(input_ids, mask, token_type_ids)
+        return BaseModelOutput(last_hidden_state=to_padded(h, lay))  # [B, S, d], zeros at pads
+
+
+class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
+    _tied_weights_keys = {"head.decoder_weight": "bert.embeddings.word_embeddings.weight"}
+    encode, logits = BertForMaskedLM.encode, BertForMaskedLM.logits  # ours, unchanged
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._adopt(BertForMaskedLM(self.ours()))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.bert.embeddings.word_embeddings
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        logits = self.logits(input_ids, mask, token_type_ids)  # [B, S, V]
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return MaskedLMOutput(loss=loss, logits=logits)
+
+
+class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        clf = SequenceClassifier(self.ours(), config.num_labels)
+        self._adopt(clf)
+        self.num_labels = clf.num_labels
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        logits, loss = SequenceClassifier.forward(self, input_ids, mask, token_type_ids, labels)  # ours, unchanged
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+'''
+
+
+def _copy_source(name: str, folder: Path):
+    """Copy model.py / kernels.py into the export; `import kernels` becomes a package-relative import."""
+    src = (ROOT / name).read_text()
+    if name == "model.py":
+        _require("\nimport kernels\n" in src, "model.py: expected one `import kernels` line to rewrite")
+        src = src.replace("\nimport kernels\n", "\nfrom . import kernels  # rewritten by hf.export\n", 1)
+    (folder / name).write_text(f"# Copied from {name} of MosaicBERT in pure PyTorch by hf.export.\n" + src)
+
+
+def _export_mosaic(module, folder: Path, pad_id: int):
+    cfg = module.config
+    sd = {k: v.contiguous() for k, v in module.state_dict().items() if k != "head.decoder_weight"}
+    clf = isinstance(module, model.SequenceClassifier)
+    arch = "MosaicBertForSequenceClassification" if clf else "MosaicBertForMaskedLM"
+    config = {
+        "architectures": [arch], "model_type": "mosaicbert", "model_config": asdict(cfg),
+        "auto_map": {"AutoConfig": "modeling_mosaicbert.MosaicBertConfig",
+                     "AutoModel": "modeling_mosaicbert.MosaicBertModel",
+                     "AutoModelForMaskedLM": "modeling_mosaicbert.MosaicBertForMaskedLM",
+                     "AutoModelForSequenceClassification": "modeling_mosaicbert.MosaicBertForSequenceClassification"},
+        "vocab_size": cfg.padded_vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "tie_word_embeddings": True, "pad_token_id": pad_id,
+    }
+    if clf:
+        config["num_labels"] = module.num_labels
+    (folder / "modeling_mosaicbert.py").write_text(MODELING)
+    for name in ("model.py", "kernels.py"):
+        _copy_source(name, folder)
+    return sd, config
+
+
+# ----------------------------------------------------------------------------------------
+# Export: the entry points
+
+
+def export_model(module, folder, tokenizer=True) -> Path:
+    """Write our BertForMaskedLM or SequenceClassifier as a transformers folder: config.json, model.safetensors,
+    tokenizer.json and, for MosaicBERT configs, the modelling code. tokenizer: True for our GPT-2 BPE, a
+    hf.WordPiece for a BERT vocabulary, False for none."""
+    from safetensors.torch import save_file
+    import data
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = module.config
+    pad_id = tokenizer.pad_id if isinstance(tokenizer, WordPiece) else data.PAD_ID
+    if is_bert_shaped(cfg):
+        sd, config = _export_bert(module, pad_id)
+    else:
+        sd, config = _export_mosaic(module, folder, pad_id)
+    save_file({k: v.detach().cpu() for k, v in sd.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    max_len = cfg.max_positions if cfg.position == "learned" else 512
+    if isinstance(tokenizer, WordPiece):
+        _write_tokenizer(folder, wordpiece_tokenizer_json(tokenizer), max_len, unk=True)
+    elif tokenizer:
+        _write_tokenizer(folder, gpt2_tokenizer_json(), max_len)
+    return folder
+
+
+def _glue_classifier(ck: dict, path) -> tuple:
+    """glue.py's mnli_encoder.pt -> (SequenceClassifier, tokenizer): the MNLI-fine-tuned classifier and the
+    tokenizer of what it was fine-tuned from (our GPT-2 BPE, or the HF / MosaicML folder's WordPiece)."""
+    if "classifier" not in ck:
+        raise ValueError(f"{path} has no classifier (written by an older glue.py): run the MNLI fine-tuning again")
+    cfg = model.config_from_dict(ck["model_config"])
+    clf = model.SequenceClassifier(cfg, ck["classifier"]["weight"].shape[0])
+    clf.bert.load_state_dict(ck["weights"]["bert"])
+    if "pooler" in ck["weights"] and hasattr(clf, "pooler"):
+        clf.pooler.load_state_dict(ck["weights"]["pooler"])
+    clf.classifier.load_state_dict(ck["classifier"])
+    source = ck.get("source", {})
+    source = source.get("vocab", source)  # a scratch control of a HF run records the HF folder under "vocab"
+    if source.get("init") in ("hf", "mosaicml"):
+        return clf, WordPiece.from_folder(source["path"])
+    return clf, True
+
+
+def export(ckpt, folder) -> Path:
+    """A train.py checkpoint (ckpt_*.pt or the out_dir holding them), or glue.py's mnli_encoder.pt, -> a folder
+    transformers loads offline.
+
+    BERT-shaped configs (learned positions, GELU MLP; the bert-* presets) become a plain BertForMaskedLM (or
+    BertForSequenceClassification) with model_type "bert": no remote code. MosaicBERT configs get config.json with
+    an auto_map, model.safetensors, modeling_mosaicbert.py and copies of model.py and kernels.py:
+    AutoModelForMaskedLM / AutoModel / AutoModelForSequenceClassification .from_pretrained(folder,
+    trust_remote_code=True). Both get a tokenizer.json: AutoTokenizer then gives data.Tokenizer's ids."""
+    p = Path(ckpt)
+    if p.is_file() and not p.name.startswith("ckpt_"):  # perhaps glue.py's
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+        if isinstance(ck.get("weights"), dict) and "bert" in ck["weights"]:
+            clf, tok = _glue_classifier(ck, p)
+            return export_model(clf, folder, tokenizer=tok)
+    mlm, ck = model.load_pretrained(str(ckpt))
+    if ck.get("tokenizer", "gpt2") != "gpt2":
+        raise ValueError(f"{ckpt} was trained with tokenizer {ck.get('tokenizer')!r}; the export writes the GPT-2 "
+                         f"BPE tokenizer.json of train.py checkpoints only")
+    return export_model(mlm, folder)
+
+
+def load_folder(folder):
+    """Any masked-LM folder this file knows -> (our BertForMaskedLM, tokenizer): an export of ours (config.json
+    holds our model_config; the GPT-2 tokenizer), MosaicML's MosaicBERT or a HF BERT folder (their vocab.txt).
+    A folder without an MLM head (BertModel, a classifier) is refused rather than given a random head."""
+    import data
+    hf_cfg, sd = _read_folder(folder)
+    head = ("head.dense.weight", "cls.predictions.transform.dense.weight")
+    _require(any(k in sd for k in head), f"{folder} has no MLM head ({', '.join(hf_cfg.get('architectures', []))}): "
+                                         f"fill-mask needs a masked-language model, not an encoder or a classifier")
+    if "model_config" in hf_cfg:  # ours, exported
+        cfg = model.config_from_dict(hf_cfg["model_config"])
+        mlm = BertForMaskedLM(cfg)
+        if hf_cfg.get("model_type") == "bert":
+            mlm.load_state_dict(from_hf_bert(folder).state_dict())
+        else:
+            mlm.load_state_dict(sd, strict=False)  # head.decoder_weight is the tied word embedding
+            missing = set(mlm.state_dict()) - set(sd) - {"head.decoder_weight"}
+            _require(not missing, f"{folder}: model.safetensors lacks {sorted(missing)[:5]}")
+        return mlm, data.get_tokenizer()
+    mlm = from_mosaicml(folder) if is_mosaicml(folder) else from_hf_bert(folder)
+    return mlm, WordPiece.from_folder(folder)
+
+
+def load_line(folder) -> str:
+    """The one line of Python that loads an export."""
+    conf = json.loads((Path(folder) / "config.json").read_text())
+    auto = "AutoModelForSequenceClassification" if "SequenceClassification" in conf["architectures"][0] \
+        else "AutoModelForMaskedLM"
+    remote = ", trust_remote_code=True" if "auto_map" in conf else ""
+    return f'from transformers import {auto}; model = {auto}.from_pretrained("{folder}"{remote})'
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = "out/demo"    # a train.py checkpoint (.pt), its out_dir (latest checkpoint), or glue's mnli_encoder.pt
+    out: str = ""             # the folder to write; empty: <ckpt's out_dir>/hf
+
+
+def main(argv=None):
+    from config import parse_config, print_config
+    cfg = parse_config(ExportConfig, sys.argv[1:] if argv is None else argv)
+    print_config(cfg)
+    ck = Path(cfg.ckpt)
+    out = Path(cfg.out) if cfg.out else (ck if ck.is_dir() else ck.parent) / "hf"
+    if not ck.exists():
+        print(f"error: no checkpoint at {ck}: run `python train.py` first, or pass --ckpt=PATH", file=sys.stderr)
+        sys.exit(1)
+    folder = export(cfg.ckpt, out)
+    print(f"wrote {folder.resolve()}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
+    print("load it with (tokenizer: AutoTokenizer.from_pretrained on the same folder):")
+    print(f"    {load_line(folder.resolve())}")
+
+
+if __name__ == "__main__":
+    from config import main_guard
+    main_guard(main)
