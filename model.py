@@ -90,12 +90,12 @@ PRESETS = {
     "mosaic-bert-large": dict(n_layers=24, d_model=1024, n_heads=16, d_ff=4096),
     "bert-base": dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072, **_BERT),
     "bert-large": dict(n_layers=24, d_model=1024, n_heads=16, d_ff=4096, **_BERT),
-    # small presets for CPU demos and tests. Their classifiers pool the mean of the real tokens: without a
-    # next-sentence task MLM never trains [CLS]'s output (it is never masked), and at CPU scale a fresh pooler on
-    # an untrained [CLS] is measured to waste what pretraining learned (SequenceClassifier).
+    # small presets for CPU demos and tests. The MosaicBERT ones' classifiers pool the mean of the real tokens:
+    # without a next-sentence task MLM never trains [CLS]'s output (it is never masked), and at CPU scale a fresh
+    # pooler on an untrained [CLS] was measured to waste some of what pretraining learned (SequenceClassifier).
     "mosaic-bert-small": dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, pooling="mean"),
     "mosaic-bert-tiny": dict(n_layers=2, d_model=128, n_heads=2, d_ff=512, pooling="mean"),
-    "bert-tiny": dict(n_layers=2, d_model=128, n_heads=2, d_ff=512, pooling="mean", **_BERT),
+    "bert-tiny": dict(n_layers=2, d_model=128, n_heads=2, d_ff=512, **_BERT),  # BERT's head: [CLS] + pooler
 }
 
 
