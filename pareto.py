@@ -365,11 +365,11 @@ def headline(arms: dict, budget_s: float) -> dict:
          "mosaic_fraction_to_bert_final": None if tm is None else tm / budget_s,
          "bert_fraction_to_mosaic_final": None if tb is None else tb / budget_s}
     if tm is not None and fm >= fb:
-        h["summary"] = (f"MosaicBERT reached BERT's final eval MLM accuracy ({fb:.3f}) in {tm / budget_s:.2f}x the "
-                        f"time BERT took ({tm:.0f} s of {budget_s:.0f} s)")
+        h["summary"] = (f"MosaicBERT reached BERT's final eval MLM accuracy ({fb:.3f}) after {tm:.0f} s of training, "
+                        f"{tm / budget_s:.2f}x the {budget_s:.0f} s budget BERT trained for")
     elif tb is not None:
-        h["summary"] = (f"BERT reached MosaicBERT's final eval MLM accuracy ({fm:.3f}) in {tb / budget_s:.2f}x the "
-                        f"time MosaicBERT took ({tb:.0f} s of {budget_s:.0f} s): the baseline wins at this budget")
+        h["summary"] = (f"BERT reached MosaicBERT's final eval MLM accuracy ({fm:.3f}) after {tb:.0f} s of training, "
+                        f"{tb / budget_s:.2f}x the {budget_s:.0f} s budget: the baseline wins at this budget")
     else:
         h["summary"] = "neither arm reached the other's final accuracy"
     return h
