@@ -462,11 +462,11 @@ class SequenceClassifier(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
         """-> (logits [B, num_labels], loss or None)."""
         h, lay = self.bert(input_ids, attention_mask, token_type_ids)
-        if self.config.pooling == "mean":
-            pooled = mean_pool(h, lay)  # (B, d)
-        else:
+        if hasattr(self, "pooler"):  # pooling="cls" (read from the modules: hf.py's wrappers reuse this forward)
             cls = h.reshape(-1, h.shape[-1])[lay.cls_rows()]  # (B, d): each row's first token, [CLS]
             pooled = torch.tanh(self.pooler(cls))
+        else:
+            pooled = mean_pool(h, lay)  # (B, d)
         logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
         loss = None
         if labels is not None:
