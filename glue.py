@@ -683,18 +683,18 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            loss_acc += loss.detach()
+            loss_acc += loss.detach() * (len(mine) / n_global)  # summed over ranks below: the global batch's mean
             step += 1
             if step % cfg.log_interval == 0 or step == total:  # the only host syncs of the loop
                 stats = torch.stack([loss_acc, torch.tensor(float(tok_window), device=dist.device)])
                 if dist.world > 1:
-                    torch.distributed.all_reduce(stats)  # loss summed over ranks, real tokens of all ranks
+                    torch.distributed.all_reduce(stats)  # the global batches' mean losses, real tokens of all ranks
                 loss_sum, n_tok = stats.tolist()
                 dt = time.perf_counter() - t_window
                 k = step % cfg.log_interval or cfg.log_interval
                 eta = (time.perf_counter() - t0) / step * (total - step)
                 if dist.master:
-                    print(f"{tag} | step {step}/{total} | loss {loss_sum / k / dist.world:.4f} | "
+                    print(f"{tag} | step {step}/{total} | loss {loss_sum / k:.4f} | "
                           f"lr {sched.get_last_lr()[0]:.2e} | {dt / k * 1000:.0f} ms/step | {n_tok / dt:,.0f} tok/s | "
                           f"eta {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
                 loss_acc.zero_()

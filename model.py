@@ -264,11 +264,15 @@ class Layout:
     n_counted: int = 0  # Bert.layout's `count`: its set entries among the positions the model keeps
 
     def cls_rows(self):
-        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states (every row
-        must hold one). A sorted search, not a nonzero: no host sync."""
+        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states, and (B,) whether
+        the row has one (an all-pad row gets a valid placeholder index; its [CLS] vector counts as zero).
+        Sorted searches, not a nonzero: no host sync."""
         row_of = torch.div(self.real_indices, self.S, rounding_mode="floor")  # (nnz,)
-        idx = torch.searchsorted(row_of, torch.arange(self.B, device=row_of.device))  # (B,)
-        return idx if self.unpadded else self.real_indices[idx]
+        rows = torch.arange(self.B, device=row_of.device)
+        idx = torch.searchsorted(row_of, rows)  # (B,) the row's first token (its end, when the row is empty)
+        has_token = torch.searchsorted(row_of, rows, right=True) > idx  # (B,)
+        idx = idx.clamp(max=row_of.numel() - 1)
+        return (idx if self.unpadded else self.real_indices[idx]), has_token
 
 
 class Bert(nn.Module):
@@ -370,9 +374,11 @@ class MLMHead(nn.Module):
         self.decoder_weight = word_embeddings.weight  # tied: the same Parameter
         self.bias = nn.Parameter(torch.zeros(cfg.padded_vocab_size))
 
+    def transform(self, h):  # (M, d) -> (M, d): everything before the decoder
+        return self.LayerNorm(F.gelu(self.dense(h)))
+
     def forward(self, h):  # (M, d) -> (M, V)
-        h = self.LayerNorm(F.gelu(self.dense(h)))
-        return F.linear(h, self.decoder_weight, self.bias)
+        return F.linear(self.transform(h), self.decoder_weight, self.bias)
 
 
 class MLMOutput(NamedTuple):
@@ -416,7 +422,12 @@ class BertForMaskedLM(nn.Module):
             picked = torch.nonzero_static(labels != -100, size=lay.n_counted).flatten()  # (M,)
             h, labels = h[picked], labels[picked]  # (M, d), (M,)
             torch._dynamo.maybe_mark_dynamic(h, 0)
-        return self._loss(self.head(h), labels)
+        # The decoder and the loss fused, chunk by chunk (kernels.linear_cross_entropy): the loss and
+        # gradients of self._loss(self.head(h), labels) and the exact top-1 (argmax) count, without
+        # ever holding the fp32 (M, V) logits.
+        loss_sum, n_correct = kernels.linear_cross_entropy(self.head.transform(h), self.head.decoder_weight,
+                                                           self.head.bias, labels)
+        return MLMOutput(loss_sum, n_correct, (labels != -100).sum())
 
     @staticmethod
     def _loss(logits, labels) -> MLMOutput:  # (M, V), (M,)
@@ -463,7 +474,8 @@ class SequenceClassifier(nn.Module):
         """-> (logits [B, num_labels], loss or None)."""
         h, lay = self.bert(input_ids, attention_mask, token_type_ids)
         if hasattr(self, "pooler"):  # pooling="cls" (read from the modules: hf.py's wrappers reuse this forward)
-            cls = h.reshape(-1, h.shape[-1])[lay.cls_rows()]  # (B, d): each row's first token, [CLS]
+            rows, has_token = lay.cls_rows()
+            cls = h.reshape(-1, h.shape[-1])[rows] * has_token[:, None]  # (B, d): each row's first token, [CLS]
             pooled = torch.tanh(self.pooler(cls))
         else:
             pooled = mean_pool(h, lay)  # (B, d)
@@ -524,8 +536,8 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     options = dict(backend=backend, dynamic=True if flex else None)
     for layer in bert.layers:
         layer.compile(**options)
-    if isinstance(model, BertForMaskedLM):
-        model.head.compile(**options)
+    if isinstance(model, BertForMaskedLM):  # the head's dense, GELU and LayerNorm; the fused decoder + loss stays eager
+        model.head.transform = torch.compile(model.head.transform, **options)
     return model
 
 

@@ -7,10 +7,10 @@
 Everything a run does is in this file, top to bottom (grep the names):
     TrainConfig, TRAIN_PRESETS    one dataclass, --field=value flags, named recipes
     init_distributed              torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU
-    keep_freed_memory             CPU opt-in: glibc keeps freed memory (no page faults per step, growing RSS)
+    BoundedHeap                   CPU default: glibc keeps freed memory (no page faults per step), trimmed at a bound
     decoupled weight decay        MosaicML's DecoupledAdamW expressed with torch's AdamW
     lr_at                         linear warmup, then linear decay to final_lr_frac x peak
-    global masked count           the MLM loss of a step is sum(CE) / (masked tokens in the whole global batch)
+    accumulate_gradients          global masked count: a step's MLM loss is sum(CE) / (masked tokens in the global batch)
     no_sync                       gradients are all-reduced once per step, on the last micro-step
     --compile                     torch.compile in one place, on by default on CUDA (resolve_compile)
     MFU                           against a peak-FLOP table on GPUs, a measured matmul rate on CPUs
@@ -106,7 +106,7 @@ class TrainConfig:
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
     dtype: str = "bfloat16"            # autocast dtype: 'bfloat16' | 'float32' (no autocast)
     compile: Optional[bool] = None     # None (auto): compile on CUDA, eager on the CPU; true/false forces it
-    keep_freed_memory: bool = False    # CPU: glibc keeps freed memory (faster steps, growing RSS; see keep_freed_memory)
+    keep_freed_memory: bool = True     # CPU: glibc keeps freed memory, trimmed back at a bound (see BoundedHeap)
     seed: int = 0
     # logging, evaluation, checkpoints
     out_dir: str = "out/demo"
@@ -230,19 +230,15 @@ def model_config(cfg: TrainConfig) -> modeling.ModelConfig:
 
 
 def keep_freed_memory() -> bool:
-    """Opt-in for CPU runs (--keep_freed_memory): glibc keeps freed memory instead of returning it.
+    """CPU: glibc keeps freed memory instead of returning it to the kernel (BoundedHeap bounds it).
 
     A training step frees and re-allocates the same large tensors every step (gradients, activations,
-    autocast's bf16 weight copies, logits). glibc serves big blocks with mmap and unmaps them on free,
-    so every step page-faults all of that memory back in, zero-filled by the kernel. On this project's
-    2-core CI machine that was a third of the demo's step time (`python train.py`: 827 -> 556 ms per
-    step with this on) and ~10% of a MosaicBERT-base step. mallopt gets the memory kept from glibc
-    alone (no mmap for big blocks, no trimming of the heap's top); PyTorch's CPU tuning guide reaches
-    for jemalloc/tcmalloc instead. Why it is not the default: without mmap, big blocks whose sizes
-    change from step to step (the sparse head's logits follow the masked-token count) fragment the
-    heap, and the resident set keeps growing (the demo: 3.8 GB after 10 steps, 7.6 GB after 250;
-    bench.py's full mode, with many models and shapes in one process, ran out of 24 GB). Fine for a
-    short run with memory to spare. Returns whether it applied (glibc only).
+    autocast's bf16 weight copies, the head's buffers). glibc serves big blocks with mmap and unmaps
+    them on free, so every step page-faults all of that memory back in, zero-filled by the kernel: on
+    this project's 2-core CI machine a third of the demo's step time and ~10% of a MosaicBERT-base step.
+    mallopt gets the memory kept (no mmap for big blocks, no trimming of the heap's top); PyTorch's CPU
+    tuning guide reaches for jemalloc/tcmalloc instead. Alone, this lets a heap whose block sizes change
+    from step to step fragment and grow; BoundedHeap trims it back. Returns whether it applied (glibc only).
     """
     if platform.libc_ver()[0] != "glibc":
         return False
@@ -252,6 +248,52 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def resident_bytes() -> Optional[int]:
+    """This process's resident set (Linux /proc/self/statm), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_resident_bytes() -> int:
+    """The process's resident-set high-water mark so far (getrusage; Linux reports KiB), or 0 without it."""
+    try:
+        import resource  # noqa: PLC0415 (Unix only)
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class BoundedHeap:
+    """The CPU default (--keep_freed_memory=true): freed memory is kept for the next step, and the heap
+    is trimmed back whenever the resident set passes `growth` x its level after `warmup` steps.
+
+    keep_freed_memory removes the per-step page faults; what it leaves is a heap that fragments and
+    keeps growing when allocation sizes drift (before the head was fused, the demo grew from 3.8 GB
+    after 10 steps to 7.6 GB after 250). After each step `after_step` reads the resident set (one
+    small /proc read); past the bound it calls malloc_trim(0), which hands every free page of the heap
+    back to the kernel. The next step faults only its working set back in, once. A no-op where glibc
+    or /proc is missing, or when not enabled (glibc's default behaviour then).
+    """
+
+    def __init__(self, enabled: bool, growth: float = 1.15, warmup: int = 20):
+        self.active = enabled and keep_freed_memory() and resident_bytes() is not None
+        self.growth, self.warmup, self.steps, self.limit, self.trims = growth, warmup, 0, None, 0
+
+    def after_step(self):
+        if not self.active:
+            return
+        self.steps += 1
+        rss = resident_bytes()
+        if self.steps == self.warmup:
+            self.limit = self.growth * rss
+        elif self.limit is not None and rss > self.limit:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            self.trims += 1
 
 
 def init_distributed(device_flag: str, keep_freed: bool = False):
@@ -700,6 +742,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     interval_tokens, interval_steps, grad_norm = 0, 0, torch.zeros((), device=device)
     t_log = t_start = time.perf_counter()
     first_step = step
+    heap = BoundedHeap(cfg.keep_freed_memory and device.type == "cpu")
     model.train()
     while step < end:
         lr = lr_at(step, cfg)
@@ -708,20 +751,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         batch = stream.next_batch()  # this rank's share of the global batch: (global_batch / world, S)
         n_real = int((batch["attention_mask"] != 0).sum())  # CPU tensor: no device sync
         batch = {k: to_device(v, device) for k, v in batch.items()}
-        # global masked count: the whole global batch's masked tokens, known before the forward pass
-        n_masked = all_reduce((batch["labels"] != -100).sum().float())
-        loss_scale = world / n_masked.clamp(min=1)  # DDP averages grads over ranks; `world` undoes that
-        with amp():  # one autocast context for all micro-steps: on CPU the bf16 weight casts are reused
-            for i in range(accum):
-                last = i == accum - 1
-                sl = slice(i * mb, (i + 1) * mb)
-                # gradients are all-reduced only on the last micro-step; forward runs inside no_sync too
-                sync_ctx = model.no_sync() if world > 1 and not last else nullcontext()
-                with sync_ctx:
-                    out = model(batch["input_ids"][sl], batch["attention_mask"][sl], batch["labels"][sl])  # (B, S)
-                    (out.loss_sum * loss_scale).backward()
-                stats += torch.stack([out.loss_sum.detach().float(), out.n_correct.float(),
-                                      out.n_masked.float()]).double()
+        stats += accumulate_gradients(model, batch, accum, mb, world, amp)
         grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
         nonfinite = torch.maximum(nonfinite, (~torch.isfinite(grad_norm) | ~torch.isfinite(stats[0])).float())
@@ -729,6 +759,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
             torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), cfg.grad_clip, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        heap.after_step()
         step += 1
         interval_steps += 1
         interval_tokens += n_real
@@ -753,7 +784,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
                        f"{dt:.1f} s)")
             check_finite(step)
             log_metrics(dict(step=step, loss=loss, mlm_acc=acc, lr=lr, tokens_per_s=tok_s, ms_per_step=ms,
-                             mfu=mfu, grad_norm=gn, elapsed_s=time.perf_counter() - t_start))
+                             mfu=mfu, grad_norm=gn, elapsed_s=time.perf_counter() - t_start,
+                             rss_gb=(resident_bytes() or 0) / 2**30, peak_rss_gb=peak_resident_bytes() / 2**30,
+                             heap_trims=heap.trims))
             stats.zero_()
             interval_tokens, interval_steps = 0, 0
             t_log = time.perf_counter()
@@ -790,6 +823,32 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     if end < cfg.max_steps:
         print0(f"stopped after step {step} (--stop_at_step); continue with --resume")
     print0(f"done: {step} steps, {fmt_time(time.perf_counter() - t_start)} wall time")
+
+
+def accumulate_gradients(model, batch: dict, accum: int, mb: int, world: int, amp=nullcontext) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches on this rank; returns float64 [loss_sum, n_correct, n_masked].
+
+    Global masked count: the gradient left in .grad is that of sum(CE over the masked tokens of the whole
+    global batch) / (masked tokens in the whole global batch), whatever their split over micro-batches and
+    ranks (tests/test_train.py checks it against autograd on the global batch). `model` is DDP-wrapped when
+    world > 1: DDP averages gradients over ranks, so each rank scales by world / N_global.
+    """
+    # global masked count: the whole global batch's masked tokens, known before the forward pass
+    n_masked = all_reduce((batch["labels"] != -100).sum().float())
+    loss_scale = world / n_masked.clamp(min=1)  # DDP averages grads over ranks; `world` undoes that
+    stats = torch.zeros(3, dtype=torch.float64, device=batch["labels"].device)
+    with amp():  # one autocast context for all micro-steps: on CPU the bf16 weight casts are reused
+        for i in range(accum):
+            last = i == accum - 1
+            sl = slice(i * mb, (i + 1) * mb)
+            # gradients are all-reduced only on the last micro-step; forward runs inside no_sync too
+            sync_ctx = model.no_sync() if world > 1 and not last else nullcontext()
+            with sync_ctx:
+                out = model(batch["input_ids"][sl], batch["attention_mask"][sl], batch["labels"][sl])  # (B, S)
+                (out.loss_sum * loss_scale).backward()
+            stats += torch.stack([out.loss_sum.detach().float(), out.n_correct.float(),
+                                  out.n_masked.float()]).double()
+    return stats
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

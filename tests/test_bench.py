@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import model as M
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,7 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--quick", "--size=tiny", "--json", str(out), "--compile=false",
            "--attn_backends=naive,sdpa", "--attn_lengths=32,64", "--attn_tokens=128", "--pretrain_batch=2",
-           "--glue_batch=4", "--n_batches=1", "--repeats=2", "--threads=1"]
+           "--glue_batch=4", "--demo_batch=2", "--n_batches=1", "--repeats=2", "--threads=1"]
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -51,6 +52,7 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
     expected = {("pretrain", n) for n in ladder}
     expected |= {("glue", n) for n in ("bert-base", "+bf16", "+unpad", "mosaic-bert-base", "hf-bert-base",
                                        "hf-bert-base-eager")}
+    expected |= {("demo", f"{train.TrainConfig().model} (demo)")}
     expected |= {("attention", f"{b}-{p}@{L}") for b in ("naive", "sdpa") for p in ("fwd", "fwd+bwd") for L in (32, 64)}
     got = {(r["workload"], r["name"]) for r in j["rows"]}
     assert got == expected
@@ -71,12 +73,25 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
         if r["workload"] in ("pretrain", "glue") and r["name"] == "bert-base":
             assert r["speedup"] == pytest.approx(1.0)
 
-    assert len(j["targets"]) == 5
-    for t in j["targets"]:
-        if "HF peer" in t["target"] and not have_hf:
-            assert t["met"] is None
+    # targets: each value recomputed here from the rows of the same JSON, and `met` is value >= threshold
+    row = {(r["workload"], r["name"]): r for r in j["rows"]}
+    expected = []
+    for w, ratio in (("pretrain", 1.6), ("glue", 3.0)):
+        peers = [r["tokens_per_s"] for (wl, name), r in row.items() if wl == w and name.startswith("hf-")
+                 and r.get("tokens_per_s")]
+        expected.append((ratio, row[(w, "mosaic-bert-base")]["tokens_per_s"] / max(peers) if peers else None))
+    expected.append((0.75, row[("pretrain", "mosaic-bert-base")]["mfu"]))
+    expected.append((0.40, next(r for (wl, _), r in row.items() if wl == "demo")["mfu"]))
+    for w in ("pretrain", "glue"):
+        expected.append((0.8 / (1 - j["workloads"][w]["pad_frac"]),
+                         row[(w, "+unpad")]["tokens_per_s"] / row[(w, "+bf16")]["tokens_per_s"]))
+    assert len(j["targets"]) == len(expected) == 6
+    for t, (threshold, value) in zip(j["targets"], expected):
+        assert t["threshold"] == pytest.approx(threshold), t
+        if value is None:
+            assert "HF peer" in t["target"] and not have_hf and t["met"] is None and t["value"] is None, t
         else:
-            assert t["met"] in (True, False) and _finite_positive(t["value"]), t
+            assert t["value"] == pytest.approx(value, rel=1e-9) and t["met"] == (value >= threshold), t
     assert set(j["projection"]["hours"]) >= {"bert-base", "mosaic-bert-base"}
     md = out.with_suffix(".md").read_text()
     assert "mosaic-bert-base" in md and "Targets" in md

@@ -340,8 +340,29 @@ def test_local_loaders_jsonl_txt_parquet_dir_glob(tmp_path):
 
 
 def test_default_split_is_deterministic_and_disjoint():
+    """The embedded sample's 106 articles, read here straight from the gzip (no `datasets`): validation holds
+    exactly the articles whose title hashes (blake2b) to 0 mod 10, in file order, train exactly the others;
+    no article is in both or lost, and rebuilding the corpus gives the same tokens."""
+    import hashlib
+    with gzip.open(data.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    assert len(records) == 106
+
+    def held_out(title):
+        return int.from_bytes(hashlib.blake2b(title.encode(), digest_size=8).digest(), "little") % 10 == 0
+
+    def docs(corpus):
+        return [corpus.doc(d).tolist() for d in range(len(corpus.starts) - 1)]
+
     train, val = data._local_corpus("default", "train"), data._local_corpus("default", "validation")
-    assert len(train.starts) - 1 + len(val.starts) - 1 == 106 and len(val.starts) - 1 >= 5
+    tokenize = data.get_tokenizer().encode
+    for corpus, want in ((val, True), (train, False)):
+        expected = [r["text"] for r in records if held_out(r["title"]) == want]
+        assert [data.get_tokenizer().decode(d) for d in docs(corpus)] == expected
+        assert docs(corpus)[:3] == [tokenize(t) for t in expected[:3]]
+    assert 5 <= len(docs(val)) <= 20 and not {tuple(d) for d in docs(val)} & {tuple(d) for d in docs(train)}
+    data._CORPORA.clear()
+    assert docs(data._local_corpus("default", "train")) == docs(train)
 
 
 def test_sentiment_source_is_the_training_sentences_without_labels():

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import glue
 import hf
@@ -76,6 +77,124 @@ def test_correlations_hand_worked_and_degenerate():
     # a constant predictor: correlation is undefined; we return 0.0, never NaN
     assert glue.compute_metrics("stsb", [2.5, 2.5, 2.5], [1.0, 2.0, 5.0]) == {"pearson": 0.0, "spearman": 0.0}
     np.testing.assert_allclose(glue.rankdata([3, 1, 3, 2, 3]), [4, 1, 4, 2, 4])
+
+
+# Independent second formulas (written differently from glue.py's) and hypothesis-drawn predictions and labels:
+# multi-class, constant predictors (drawn often: `constant`), small value sets for ties.
+
+
+def ref_f1(pred, label):
+    """F1 from precision and recall of class 1; 0 when nothing is predicted or labelled positive."""
+    tp = sum(p == 1 and t == 1 for p, t in zip(pred, label))
+    predicted, actual = sum(p == 1 for p in pred), sum(t == 1 for t in label)
+    if tp == 0:
+        return 0.0
+    precision, recall = tp / predicted, tp / actual
+    return 2 * precision * recall / (precision + recall)
+
+
+def ref_mcc_binary(pred, label):
+    """The phi coefficient from the explicit confusion counts of a {0, 1} problem."""
+    tp = sum(p == 1 and t == 1 for p, t in zip(pred, label))
+    tn = sum(p == 0 and t == 0 for p, t in zip(pred, label))
+    fp = sum(p == 1 and t == 0 for p, t in zip(pred, label))
+    fn = sum(p == 0 and t == 1 for p, t in zip(pred, label))
+    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return (tp * tn - fp * fn) / den if den else 0.0
+
+
+def ref_mcc_cov(pred, label, k):
+    """Multi-class MCC as a correlation of one-hot matrices: cov(X, Y) / sqrt(cov(X, X) cov(Y, Y)),
+    cov(A, B) = sum over classes of the covariance of column k of A with column k of B."""
+    X, Y = np.eye(k)[pred], np.eye(k)[label]  # [N, K] one-hot
+    Xc, Y_c = X - X.mean(0), Y - Y.mean(0)
+    cxy, cxx, cyy = (Xc * Y_c).sum(), (Xc * Xc).sum(), (Y_c * Y_c).sum()
+    return cxy / np.sqrt(cxx * cyy) if cxx * cyy > 0 else 0.0
+
+
+def ref_pearson(x, y):
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else 0.0
+
+
+def ref_ranks(x):
+    """Average ranks by counting: rank = #smaller + (#equal + 1) / 2."""
+    return [sum(b < a for b in x) + (sum(b == a for b in x) + 1) / 2 for a in x]
+
+
+@st.composite
+def class_predictions(draw, k_max=4):
+    k = draw(st.integers(2, k_max))
+    n = draw(st.integers(1, 40))
+    label = draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n))
+    if draw(st.booleans()) and draw(st.booleans()):  # a constant predictor, a quarter of the time
+        pred = [draw(st.integers(0, k - 1))] * n
+    else:
+        pred = draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n))
+    return k, pred, label
+
+
+METRICS = settings(deadline=None, max_examples=150)
+
+
+@METRICS
+@given(class_predictions(k_max=2))
+def test_binary_metrics_equal_second_formulas(case):
+    """Accuracy, F1 (precision/recall form) and MCC (tp/tn/fp/fn form) on drawn binary predictions."""
+    _, pred, label = case
+    m = glue.compute_metrics("mrpc", pred, label)
+    assert m["accuracy"] == pytest.approx(sum(p == t for p, t in zip(pred, label)) / len(label))
+    assert m["f1"] == pytest.approx(ref_f1(pred, label), abs=1e-12)
+    assert glue.compute_metrics("cola", pred, label)["mcc"] == pytest.approx(ref_mcc_binary(pred, label), abs=1e-12)
+
+
+@METRICS
+@given(class_predictions(k_max=5))
+def test_multiclass_mcc_and_accuracy_equal_the_covariance_form(case):
+    k, pred, label = case
+    assert glue.matthews_corr(np.array(pred), np.array(label)) == pytest.approx(ref_mcc_cov(pred, label, k), abs=1e-12)
+    acc = glue.compute_metrics("mnli", np.eye(k)[pred] * 2.0 - 1.0, label)["accuracy"]  # logits: argmax taken
+    assert acc == pytest.approx(np.mean(np.array(pred) == np.array(label)))
+
+
+values_st = st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.5, 3.0, 5.0]), min_size=2, max_size=30)  # ties galore
+
+
+@METRICS
+@given(x=values_st, data=st.data())
+def test_correlations_equal_second_formulas_with_ties(x, data):
+    y = data.draw(st.lists(st.sampled_from([0.0, 1.0, 1.5, 4.0, 5.0]), min_size=len(x), max_size=len(x)))
+    m = glue.compute_metrics("stsb", x, y)
+    assert m["pearson"] == pytest.approx(ref_pearson(x, y), abs=1e-9)
+    assert m["spearman"] == pytest.approx(ref_pearson(ref_ranks(x), ref_ranks(y)), abs=1e-9)
+
+
+@settings(deadline=None, max_examples=60)
+@given(x=values_st, data=st.data())
+def test_metrics_match_scipy(x, data):
+    stats = pytest.importorskip("scipy.stats")  # optional, test-only
+    y = data.draw(st.lists(st.floats(-5, 5, allow_nan=False, width=32), min_size=len(x), max_size=len(x)))
+    m = glue.compute_metrics("stsb", x, y)
+    np.testing.assert_allclose(glue.rankdata(x), stats.rankdata(x))
+    if len(set(x)) > 1 and len(set(y)) > 1:
+        assert m["pearson"] == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-9)
+        assert m["spearman"] == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-9)
+
+
+@settings(deadline=None, max_examples=60)
+@given(class_predictions(k_max=4))
+def test_metrics_match_sklearn(case):
+    metrics = pytest.importorskip("sklearn.metrics")  # optional, test-only (not in requirements.txt)
+    k, pred, label = case
+    assert glue.matthews_corr(np.array(pred), np.array(label)) == pytest.approx(
+        metrics.matthews_corrcoef(label, pred), abs=1e-12)
+    assert glue.accuracy(np.array(pred), np.array(label)) == pytest.approx(metrics.accuracy_score(label, pred))
+    if k == 2:
+        assert glue.compute_metrics("qqp", pred, label)["f1"] == pytest.approx(
+            metrics.f1_score(label, pred, zero_division=0.0), abs=1e-12)
 
 
 def test_compute_metrics_rejects_bad_input():
@@ -494,27 +613,99 @@ def _tiny_hf_folder(folder: Path, vocab_extra=0):
     transformers.BertForPreTraining(config).save_pretrained(str(folder))  # as bert-base-uncased: with a pooler
 
 
-def test_hf_bert_folder_fine_tunes_with_its_wordpiece_vocab(tmp_path):
+def test_hf_bert_folder_fine_tunes_with_its_wordpiece_vocab(tmp_path, monkeypatch):
+    """--hf: the run fine-tunes the folder's weights, pooler included, on the folder's WordPiece ids. At a
+    negligible lr the dev logits glue.py scores equal those of transformers' own BertModel (its pooler) on the
+    same ids, followed by the classification layer; and those ids are transformers' BertTokenizer's for the
+    dev pairs. Fails if the weights, the pooler or the vocabulary are not the folder's."""
+    transformers = pytest.importorskip("transformers")
     _tiny_hf_folder(tmp_path / "hf")
     cfg = glue.GlueConfig(tasks="rte", glue_dir=str(FIX), hf=str(tmp_path / "hf"), out_dir=str(tmp_path / "o"),
-                          seeds=1, max_steps=2, log_interval=1000)
+                          seeds=1, max_steps=2, log_interval=1000, lr=1e-12, dtype="float32", eval_batch_size=4)
     start = glue.load_start(cfg, "hf")
     assert isinstance(start.tokenizer, hf.WordPiece) and "pooler" in start.weights
+    seen = []  # (input_ids, attention_mask, token_type_ids, logits) of every evaluation batch
+    forward = model.SequenceClassifier.forward
+
+    def spy(self, ids, mask, types=None, labels=None):
+        logits, loss = forward(self, ids, mask, types, labels)
+        if labels is None:
+            seen.append((ids, mask, types, logits.detach(), self.classifier))
+        return logits, loss
+    monkeypatch.setattr(model.SequenceClassifier, "forward", spy)
     res = glue.run(cfg)  # --init=auto picks hf when --hf is given
-    assert res["source"]["init"] == "hf" and 0.0 <= res["tasks"]["rte"]["mean"]["accuracy"] <= 1.0
+    assert res["source"]["init"] == "hf" and res["tasks"]["rte"]["seeds"]["0"]["steps"] == 2
+    hf_bert = transformers.BertModel.from_pretrained(str(tmp_path / "hf")).eval()
+    theirs = transformers.BertTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    dev = glue.load_task(glue.TASKS["rte"], str(FIX))["dev"]
+    expected_ids = sorted(theirs(a, b, truncation=True, max_length=128)["input_ids"] for a, b in zip(dev.a, dev.b))
+    got_ids = sorted(ids[m.bool()].tolist() for ids, mask, *_ in seen for ids, m in zip(ids, mask))
+    assert got_ids == expected_ids
+    with torch.no_grad():
+        for ids, mask, types, logits, classifier in seen:
+            pooled = hf_bert(input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output
+            torch.testing.assert_close(logits, classifier(pooled), atol=1e-4, rtol=1e-4)
     _tiny_hf_folder(tmp_path / "bad", vocab_extra=5)  # config.json's vocab_size smaller than vocab.txt
     with pytest.raises(glue.GlueError, match=r"vocab.txt has \d+ tokens but .*vocab_size="):
         glue.load_start(dataclasses.replace(cfg, hf=str(tmp_path / "bad")), "hf")
 
 
-def test_torchrun_two_processes(tmp_path):
-    """The DDP path: two CPU processes (gloo) split each global batch and the evaluation, rank 0 writes."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
-                        str(ROOT / "glue.py"), "--tasks=rte", f"--glue_dir={FIX}", f"--out_dir={tmp_path}",
-                        "--init=scratch", "--ckpt=", "--model=mosaic-bert-tiny", "--max_steps=2", "--seeds=1",
-                        "--device=cpu"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert res["tasks"]["rte"]["seeds"]["0"]["steps"] == 2  # 8 rows / batch 16: a step per epoch, 3 epochs, cap 2
-    assert r.stdout.count("final:") == 1
+# Runs glue.py's main (under torchrun or alone) and records, per process, each training forward's loss and row
+# count and every array of predictions scored, by wrapping SequenceClassifier.forward and glue.compute_metrics.
+GLUE_RECORDER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import numpy as np, torch, glue, model
+torch.set_num_threads(1)
+record = {{"losses": [], "preds": []}}
+forward, metrics = model.SequenceClassifier.forward, glue.compute_metrics
+def spy_forward(self, *a, **k):
+    logits, loss = forward(self, *a, **k)
+    if loss is not None:
+        record["losses"].append([loss.item(), len(logits)])
+    return logits, loss
+def spy_metrics(task, pred, label):
+    record["preds"].append(np.asarray(pred).tolist())
+    return metrics(task, pred, label)
+model.SequenceClassifier.forward, glue.compute_metrics = spy_forward, spy_metrics
+glue.main(sys.argv[2:])
+with open(sys.argv[1] + "." + os.environ.get("RANK", "0"), "w") as f:
+    json.dump(record, f)
+"""
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    """The DDP path: two CPU processes (gloo) split each global batch (unevenly: 8 rows in batches of 5 give 3+2
+    and 2+1 rows) and the evaluation. Dropout off and fp32, the per-step loss of the global batch, the logged
+    loss and the final dev predictions equal a 1-process run's. Catches an unweighted mean of per-rank losses,
+    in the gradient or in the log."""
+    script = tmp_path / "recorder.py"
+    script.write_text(GLUE_RECORDER.format(root=str(ROOT)))
+    args = ["--tasks=rte", f"--glue_dir={FIX}", "--init=scratch", "--ckpt=", "--model=mosaic-bert-tiny",
+            "--max_steps=4", "--epochs=3", "--batch_size=5", "--seeds=1", "--device=cpu", "--dropout=0",
+            "--dtype=float32", "--log_interval=1", "--eval_batch_size=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                    "--master_port=29731"]), ("one", [sys.executable])):
+        out = tmp_path / name
+        r = subprocess.run(launcher + [str(script), str(out / "rec"), f"--out_dir={out}"] + args,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert r.stdout.count("final:") == 1
+        recs = [json.loads(p.read_text()) for p in sorted(out.glob("rec.*"))]
+        # the global batch's mean loss per step, from each rank's mean over its rows
+        per_rank = [np.array(rec["losses"]) for rec in recs]
+        rows_per_step = sum(x[:, 1] for x in per_rank)
+        step_loss = sum(x[:, 0] * x[:, 1] for x in per_rank) / rows_per_step
+        logged = [float(line.split("| loss ")[1].split()[0]) for line in r.stdout.splitlines() if "| loss " in line]
+        runs[name] = dict(step_loss=step_loss, rows=rows_per_step, logged=logged, preds=recs[0]["preds"],
+                          res=json.loads((out / "results.json").read_text())["tasks"]["rte"]["seeds"]["0"])
+    one, two = runs["one"], runs["two"]
+    assert one["rows"].tolist() == two["rows"].tolist() == [5, 3, 5, 3]
+    assert [len(x) for x in (one["logged"], two["logged"])] == [4, 4]
+    np.testing.assert_allclose(two["step_loss"], one["step_loss"], rtol=1e-5)
+    for run in (one, two):
+        np.testing.assert_allclose(run["logged"], run["step_loss"], atol=6e-5)  # printed with 4 decimals
+    assert one["preds"] == two["preds"] and len(one["preds"]) >= 1
+    assert one["res"]["accuracy"] == two["res"]["accuracy"] and one["res"]["steps"] == two["res"]["steps"] == 4

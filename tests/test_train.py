@@ -71,13 +71,40 @@ def assert_state_close(a: dict, b: dict, atol):
 # Exactness
 
 
+def direct_first_step(args):
+    """Step 1 of a train.py run computed directly, without train.py's loop: the same initial weights and first
+    global batch, dense logits, the mean CE over every masked token of the global batch, autograd.
+    Returns (loss, grad_norm, masked count of each 2-row micro-batch)."""
+    cfg = train.parse_config(train.TrainConfig, args, presets=train.TRAIN_PRESETS)
+    batch = train.data.PretrainStream(cfg.data, split="train", seq_len=cfg.seq_len, mode=cfg.data_mode,
+                                      mask_prob=cfg.mask_prob, seed=cfg.seed,
+                                      global_batch_size=cfg.global_batch_size).next_batch()
+    torch.manual_seed(cfg.seed)
+    m = train.modeling.build(train.model_config(cfg))
+    labels = batch["labels"]
+    logits = m.logits(batch["input_ids"], batch["attention_mask"])  # (B, S, V)
+    loss = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100])
+    loss.backward()
+    norm = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]).norm()
+    per_micro = (labels != -100).sum(1).view(-1, cfg.micro_batch_size).sum(1).tolist()
+    return loss.item(), norm.item(), per_micro
+
+
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
     """torchrun x2 (gloo, 2 micro-steps per rank) == 1 process with 4 micro-steps: same losses and weights.
 
     Holds only if the loss is normalised by the global masked count and gradients are synced once per step.
+    Both runs share that code, so step 1's logged loss and gradient norm (clipping acts after the norm is
+    taken) are also checked against a direct computation on the whole global batch, whose micro-batches
+    hold different numbers of masked tokens.
     """
-    args = TINY + FP32 + ["--dropout=0", "--micro_batch_size=2", "--max_steps=3"]
+    # documents of 3 to 39 words, one row each (truncate mode): rows, hence masked counts, differ in length
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(f"w{j % 50}" for j in range(3 + 7 * i % 37))}) + "\n"
+                            for i in range(80)))
+    args = TINY + FP32 + ["--dropout=0", "--micro_batch_size=2", "--max_steps=3", f"--data={docs}",
+                          "--data_mode=truncate"]
     two = run(args, tmp_path / "ddp", nproc=2)
     ok(two)
     assert "micro 2 x 2 accumulation steps x 2 ranks" in two.stdout
@@ -88,6 +115,128 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
     for (_, a), (_, b) in zip(l1, l2):
         assert a == pytest.approx(b, rel=1e-5)
     assert_state_close(load(ckpts(tmp_path / "one")[-1])["model"], load(ckpts(tmp_path / "ddp")[-1])["model"], 1e-5)
+    loss, norm, per_micro = direct_first_step(args)
+    assert len(set(per_micro)) > 1 and sum(per_micro[:2]) != sum(per_micro[2:]), per_micro  # uneven counts
+    for out in ("one", "ddp"):
+        first = rows(tmp_path / out)[0]
+        assert first["step"] == 1
+        assert first["loss"] == pytest.approx(loss, rel=1e-5), out
+        assert first["grad_norm"] == pytest.approx(norm, rel=1e-4), out
+
+
+# Tiny in-process models for the exact-gradient tests: 8 rows of 12 tokens, as 4 micro-batches of 2 rows (1 process)
+# or 2 ranks x 2 micro-batches. Masked tokens per micro-batch: 1, 0, 13, 3 (per rank: 1 and 16). Row 7 is all padding.
+GRAD_CFG = dict(vocab_size=300, hidden_dropout=0.0, attn_dropout=0.0, attn_backend="sdpa")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: one thread (two OpenMP threads on a shared 2-core machine stall each other, see test_glue.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def uneven_batch():
+    g = torch.Generator().manual_seed(0)
+    B, S = 8, 12
+    ids = torch.randint(0, 300, (B, S), generator=g)
+    lengths = torch.tensor([12, 5, 9, 3, 12, 11, 4, 0])
+    mask = (torch.arange(S)[None] < lengths[:, None]).long()
+    mask[4, 6:] = 2  # row 4 packs two documents
+    labels = torch.full((B, S), -100)
+    labels[0, 3] = ids[0, 3]                                          # micro-batch 0: 1 masked
+    #                                                                   micro-batch 1 (rows 2, 3): none
+    labels[4, :8] = ids[4, :8]
+    labels[5, 2:7] = ids[5, 2:7]                                      # micro-batch 2: 13 masked
+    labels[6, 1:4] = ids[6, 1:4]                                      # micro-batch 3: 3 (row 7: all pad)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def global_batch_gradient(m, batch):
+    """Autograd of sum(CE over the masked tokens) / N_global on the whole batch at once (dense logits)."""
+    labels = batch["labels"]
+    picked = labels != -100
+    logits = m.logits(batch["input_ids"], batch["attention_mask"])  # (B, S, V)
+    loss = torch.nn.functional.cross_entropy(logits[picked], labels[picked], reduction="sum") / picked.sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def grad_models():
+    torch.manual_seed(0)
+    m = train.modeling.build(train.modeling.ModelConfig.preset("mosaic-bert-tiny", **GRAD_CFG))
+    with torch.no_grad():  # away from init, so that no gradient is trivially small
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref = train.modeling.build(m.config)
+    ref.load_state_dict(m.state_dict())
+    return m, ref
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_accumulated_gradient_is_the_global_masked_mean(unpad, one_thread):
+    """train.accumulate_gradients (1 process, 4 micro-batches with 1, 0, 13 and 3 masked tokens, an all-pad row,
+    clipping off) leaves exactly the gradient of sum(CE over masked) / N_global on the whole batch, and the
+    loss it reports for logging is that same mean. A per-micro-batch mean, or a loss not divided by N_global,
+    fails here."""
+    m, ref = grad_models()
+    if not unpad:
+        state = m.state_dict()
+        m, ref = (train.modeling.build(train.modeling.replace(x.config, unpad=False)) for x in (m, ref))
+        m.load_state_dict(state)
+        ref.load_state_dict(state)
+    batch = uneven_batch()
+    stats = train.accumulate_gradients(m, batch, accum=4, mb=2, world=1)
+    loss, grads = global_batch_gradient(ref, batch)
+    assert stats[2].item() == 17 and torch.isfinite(stats).all()
+    torch.testing.assert_close(stats[0] / stats[2], loss.double(), atol=0, rtol=1e-5)
+    for n, p in m.named_parameters():
+        assert torch.isfinite(p.grad).all(), n
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-7, rtol=1e-4, msg=lambda s: f"{n}: {s}")
+
+
+def test_a_step_without_masked_tokens_has_finite_zero_gradients(one_thread):
+    """A global batch with no masked token at all (and an all-pad row): finite zero loss and gradients."""
+    m, _ = grad_models()
+    batch = uneven_batch()
+    batch["labels"].fill_(-100)
+    stats = train.accumulate_gradients(m, batch, accum=2, mb=4, world=1)
+    assert stats.tolist() == [0.0, 0.0, 0.0]
+    for n, p in m.named_parameters():
+        assert p.grad is None or (torch.isfinite(p.grad).all() and (p.grad == 0).all()), n
+
+
+def _two_rank_gradient_worker(rank, init_file, out_file):
+    """One gloo rank of test_two_gloo_ranks_gradient_is_the_global_masked_mean."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        m, _ = grad_models()
+        ddp = torch.nn.parallel.DistributedDataParallel(m)
+        mine = {k: v[4 * rank:4 * rank + 4] for k, v in uneven_batch().items()}
+        stats = train.all_reduce(train.accumulate_gradients(ddp, mine, accum=2, mb=2, world=2))
+        if rank == 0:
+            torch.save({"stats": stats, "grads": {n: p.grad for n, p in m.named_parameters()}}, out_file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_two_gloo_ranks_gradient_is_the_global_masked_mean(tmp_path, one_thread):
+    """2 DDP ranks (gloo) with 1 and 16 masked tokens, 2 micro-batches each: after the step every rank holds the
+    gradient of sum(CE over masked) / N_global on the whole global batch; the all-reduced logging stats give
+    that loss. An average of per-rank means fails here."""
+    torch.multiprocessing.spawn(_two_rank_gradient_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")),
+                                nprocs=2)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    _, ref = grad_models()
+    loss, grads = global_batch_gradient(ref, uneven_batch())
+    assert got["stats"][2].item() == 17
+    torch.testing.assert_close(got["stats"][0] / got["stats"][2], loss.double(), atol=0, rtol=1e-5)
+    for n, g in got["grads"].items():
+        torch.testing.assert_close(g, grads[n], atol=1e-7, rtol=1e-4, msg=lambda s: f"{n}: {s}")
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
@@ -374,3 +523,22 @@ def test_keep_freed_memory_stops_page_faulting_reallocations():
         counts[mode] = int(proc.stdout.split()[-1])
     pages_per_step = (2 * 64 + 12) * 2**20 // 4096
     assert counts["off"] > 4 * pages_per_step and counts["on"] < counts["off"] / 4, counts
+
+
+def test_bounded_heap_trims_kept_memory_past_its_bound():
+    """train.BoundedHeap: freed memory stays resident (kept for reuse) until the resident set passes
+    growth x its level after the warm-up steps; then the heap is trimmed and the resident set falls back."""
+    probe = ("import torch, train\n"
+             "heap = train.BoundedHeap(True, growth=1.2, warmup=2)\n"
+             "assert heap.active\n"
+             "small = lambda: torch.ones(8 * 2**20).sum()\n"  # a 32 MiB working set
+             "for _ in range(2): small(); heap.after_step()\n"
+             "limit = heap.limit\n"
+             "big = torch.ones(256 * 2**20); del big\n"  # 1 GiB, freed but kept by glibc
+             "kept = train.resident_bytes()\n"
+             "heap.after_step()\n"
+             "print(kept > limit, heap.trims, train.resident_bytes() < limit)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "1", "True"], proc.stdout
