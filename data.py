@@ -5,6 +5,9 @@ Top to bottom:
              the embedding table is padded to a multiple of 64 (50304), the paper's vocab-padding trick.
              (MosaicBERT itself used BERT's WordPiece vocab, 30522 padded to 30528; this repo uses GPT-2 BPE.)
   sources    'default'      assets/enwiki_sample.jsonl.gz, 1 article in 10 held out for validation (hash of the title)
+             'sentiment'    the training sentences of the embedded sentiment sample (glue.py's demo task), labels
+                            dropped, dev sentences never read; 1 in 10 held out for MLM validation
+             'a+b'          local sources joined ('default+sentiment': the pretraining demo's in-domain mix)
              'c4'           allenai/c4 'en' streamed from the Hugging Face hub (the paper's corpus), sharded by rank and
                             DataLoader worker; its own 'validation' split
              PATH/GLOB/DIR  local .jsonl/.json (a `text` field), .txt (one document per line), .parquet (a `text`
@@ -70,6 +73,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 GPT2_FILE = ASSETS / "gpt2.tiktoken"
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 DEFAULT_CORPUS = ASSETS / "enwiki_sample.jsonl.gz"
+SENTIMENT_TRAIN = ASSETS / "rotten_tomatoes_train.tsv.gz"   # source 'sentiment': its sentences, labels dropped
 
 N_BPE = 50256
 EOT_ID, CLS_ID, SEP_ID, PAD_ID, MASK_ID = 50256, 50257, 50258, 50259, 50260
@@ -168,7 +172,8 @@ def _encode_docs(texts: list[str], max_tokens: int | None = None, num_threads: i
 # --------------------------------------------------------------------------------------------------------------
 _FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-_SOURCES_HELP = ("--data takes 'default' (the embedded Wikipedia sample), 'c4' (streams allenai/c4 'en' from the "
+_SOURCES_HELP = ("--data takes 'default' (the embedded Wikipedia sample), 'sentiment' (the sentiment sample's training "
+                 "sentences, unlabelled), local sources joined with '+', 'c4' (streams allenai/c4 'en' from the "
                  "Hugging Face hub), or local files: a path, directory or glob of .jsonl/.json (a 'text' field per "
                  "record), .txt (one document per line) or .parquet (a 'text' column), optionally .gz/.bz2/.xz; "
                  "prefix it with 'stream:' to stream and shard the files like c4 instead of tokenizing them up front")
@@ -435,14 +440,31 @@ def _tokenize_all(texts: list[str]) -> _Corpus:
     return _Corpus(tokens, np.concatenate([[0], np.cumsum(lengths)]))
 
 
+def _sentiment_text():
+    """(text, key) of each training sentence of the embedded sentiment sample, its label dropped. Unlabelled
+    in-domain text for pretraining ("don't stop pretraining", Gururangan et al. 2020); the dev file is never read."""
+    with gzip.open(SENTIMENT_TRAIN, "rt", encoding="utf-8") as f:
+        next(f)  # header: sentence<TAB>label
+        for line in f:
+            text = line.rstrip("\n").rsplit("\t", 1)[0]
+            if text.strip():
+                yield text, text
+
+
+def _local_files(source: str) -> list[str]:
+    """Every file a local source reads; 'a+b' joins sources ('default+sentiment': the demo's)."""
+    named = {"default": [str(DEFAULT_CORPUS)], "sentiment": [str(SENTIMENT_TRAIN)]}
+    return [f for part in source.split("+") for f in (named.get(part) or resolve_files(part))]
+
+
 def _local_corpus(source: str, split: str) -> _Corpus:
-    files = [str(DEFAULT_CORPUS)] if source == "default" else resolve_files(source)
+    files = _local_files(source)
     signature = (source, tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files))
     if signature not in _CORPORA:
         texts = {"train": [], "validation": []}
         for f in files:
             skipped, kept = collections.Counter(), 0
-            for text, key in _read_file(f, skipped):
+            for text, key in _sentiment_text() if f == str(SENTIMENT_TRAIN) else _read_file(f, skipped):
                 if text is not None:
                     texts["validation" if _is_validation(key) else "train"].append(text)
                     kept += 1

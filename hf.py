@@ -437,6 +437,10 @@ def _export_bert(module, pad_id: int):
     """BertForMaskedLM, or a SequenceClassifier as BertForSequenceClassification."""
     cfg = module.config
     clf = isinstance(module, model.SequenceClassifier)
+    if clf and cfg.pooling != "cls":
+        raise ValueError(f"this classifier pools the {cfg.pooling} of its tokens; transformers' "
+                         f"BertForSequenceClassification reads the [CLS] pooler. Fine-tune with pooling='cls' to "
+                         f"export it as plain BERT")
     sd = {}
     for name, t in module.state_dict().items():
         if name == "head.decoder_weight":  # tied to the word embedding: transformers re-ties it on load
@@ -638,7 +642,7 @@ def _glue_classifier(ck: dict, path) -> tuple:
     cfg = model.config_from_dict(ck["model_config"])
     clf = model.SequenceClassifier(cfg, ck["classifier"]["weight"].shape[0])
     clf.bert.load_state_dict(ck["weights"]["bert"])
-    if "pooler" in ck["weights"]:
+    if "pooler" in ck["weights"] and hasattr(clf, "pooler"):
         clf.pooler.load_state_dict(ck["weights"]["pooler"])
     clf.classifier.load_state_dict(ck["classifier"])
     source = ck.get("source", {})

@@ -51,11 +51,13 @@ class ModelConfig:
     layernorm_eps: float = 1e-12
     init_std: float = 0.02
     pooler: bool = False              # keep a pretrained [CLS] pooler (set by hf.from_hf_bert)
+    pooling: str = "cls"              # classifier input: "cls" (tanh pooler on [CLS]) | "mean" (mean of real tokens)
 
     def __post_init__(self):
         checks = [
             (self.position in ("alibi", "learned"), f"position must be 'alibi' or 'learned', got {self.position!r}"),
             (self.ffn in ("geglu", "gelu"), f"ffn must be 'geglu' or 'gelu', got {self.ffn!r}"),
+            (self.pooling in ("cls", "mean"), f"pooling must be 'cls' or 'mean', got {self.pooling!r}"),
             (self.attn_backend in kernels.BACKENDS, f"attn_backend must be one of {kernels.BACKENDS}"),
             (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"),
             (self.vocab_size > 0 and self.vocab_multiple > 0, "vocab_size and vocab_multiple must be positive"),
@@ -88,10 +90,12 @@ PRESETS = {
     "mosaic-bert-large": dict(n_layers=24, d_model=1024, n_heads=16, d_ff=4096),
     "bert-base": dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072, **_BERT),
     "bert-large": dict(n_layers=24, d_model=1024, n_heads=16, d_ff=4096, **_BERT),
-    # small presets for CPU demos and tests
-    "mosaic-bert-small": dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024),
-    "mosaic-bert-tiny": dict(n_layers=2, d_model=128, n_heads=2, d_ff=512),
-    "bert-tiny": dict(n_layers=2, d_model=128, n_heads=2, d_ff=512, **_BERT),
+    # small presets for CPU demos and tests. The MosaicBERT ones' classifiers pool the mean of the real tokens:
+    # without a next-sentence task MLM never trains [CLS]'s output (it is never masked), and at CPU scale a fresh
+    # pooler on an untrained [CLS] was measured to waste some of what pretraining learned (SequenceClassifier).
+    "mosaic-bert-small": dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, pooling="mean"),
+    "mosaic-bert-tiny": dict(n_layers=2, d_model=128, n_heads=2, d_ff=512, pooling="mean"),
+    "bert-tiny": dict(n_layers=2, d_model=128, n_heads=2, d_ff=512, **_BERT),  # BERT's head: [CLS] + pooler
 }
 
 
@@ -435,8 +439,15 @@ class BertForMaskedLM(nn.Module):
 
 
 class SequenceClassifier(nn.Module):
-    """Sequence classification / regression: tanh pooler on [CLS], dropout, linear.
+    """Sequence classification / regression: a pooled vector per sequence, dropout, linear.
 
+    Pooling (`config.pooling`):
+    - "cls": BERT's tanh pooler (dense + tanh) on the [CLS] token's final hidden state. The paper's fine-tuning
+      head (Hugging Face's BertForSequenceClassification). BERT pretrains [CLS] with next-sentence prediction;
+      MosaicBERT has no such task, so the pooler and [CLS]'s output start untrained.
+    - "mean": the mean of the final hidden states of each sequence's real tokens (no pooler), as in
+      Sentence-BERT (Reimers and Gurevych, 2019) and Cramming (Geiping and Goldstein, 2022). Every token's state
+      is one MLM trained, so a tiny pretraining run hands the classifier more of what it learned.
     num_labels == 1 is regression (MSE, e.g. STS-B); otherwise cross-entropy.
     """
 
@@ -444,7 +455,8 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         self.config, self.num_labels = cfg, num_labels
         self.bert = Bert(cfg)
-        self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
+        if cfg.pooling == "cls":
+            self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = Dropout(cfg.hidden_dropout)
         self.classifier = nn.Linear(cfg.d_model, num_labels)
         init_weights(self, cfg.init_std)
@@ -454,16 +466,20 @@ class SequenceClassifier(nn.Module):
         """A classifier whose encoder (and pooler, when the MLM model has a pretrained one) is a copy of mlm's."""
         clf = cls(replace(mlm.config, pooler=False), num_labels)
         clf.bert.load_state_dict(mlm.bert.state_dict())
-        if hasattr(mlm, "pooler"):
+        if hasattr(mlm, "pooler") and hasattr(clf, "pooler"):
             clf.pooler.load_state_dict(mlm.pooler.state_dict())
         return clf.to(next(mlm.parameters()).device)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
         """-> (logits [B, num_labels], loss or None)."""
         h, lay = self.bert(input_ids, attention_mask, token_type_ids)
-        rows, has_token = lay.cls_rows()
-        cls = h.reshape(-1, h.shape[-1])[rows] * has_token[:, None]  # (B, d): each row's first token, [CLS]
-        logits = self.classifier(self.dropout(torch.tanh(self.pooler(cls))))  # (B, num_labels)
+        if hasattr(self, "pooler"):  # pooling="cls" (read from the modules: hf.py's wrappers reuse this forward)
+            rows, has_token = lay.cls_rows()
+            cls = h.reshape(-1, h.shape[-1])[rows] * has_token[:, None]  # (B, d): each row's first token, [CLS]
+            pooled = torch.tanh(self.pooler(cls))
+        else:
+            pooled = mean_pool(h, lay)  # (B, d)
+        logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
         loss = None
         if labels is not None:
             if self.num_labels == 1:
@@ -471,6 +487,16 @@ class SequenceClassifier(nn.Module):
             else:
                 loss = F.cross_entropy(logits.float(), labels)
         return logits, loss
+
+
+def mean_pool(h, lay: Layout):
+    """Hidden states in either layout -> (B, d): each row's mean over its real tokens (summed in fp32)."""
+    flat = h.reshape(-1, h.shape[-1])  # (nnz, d) or (B * S, d)
+    real = flat if lay.unpadded else flat[lay.real_indices]  # (nnz, d)
+    row = torch.div(lay.real_indices, lay.S, rounding_mode="floor")  # (nnz,): the row of each real token
+    sums = torch.zeros(lay.B, h.shape[-1], device=h.device, dtype=torch.float32).index_add_(0, row, real.float())
+    counts = torch.bincount(row, minlength=lay.B).clamp(min=1).unsqueeze(1)  # (B, 1)
+    return (sums / counts).to(h.dtype)
 
 
 def init_weights(module: nn.Module, std: float):

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import fillmask
 import model as modeling
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
@@ -81,7 +82,8 @@ class TrainConfig:
     model_overrides: str = ""          # "n_layers=4,d_model=256": ModelConfig fields on top of the preset
     dropout: Optional[float] = 0.0     # sets hidden_dropout and attn_dropout (0: every dropout off; none: the preset's)
     # data
-    data: str = "default"              # 'default' (embedded Wikipedia sample), 'c4', or a local path/glob
+    data: str = "default+sentiment"    # 'default' (embedded Wikipedia sample), 'sentiment' (the sentiment sample's
+                                       # training sentences, unlabelled), joined with '+', 'c4', or a local path/glob
     data_mode: str = "chunk"           # 'truncate' (paper) | 'chunk' | 'pack'
     seq_len: int = 128
     mask_prob: float = 0.3             # MosaicBERT: 30% masking. Evaluation always masks 15%.
@@ -89,7 +91,7 @@ class TrainConfig:
     # batch and duration
     global_batch_size: int = 32        # sequences per optimizer step, over all ranks
     micro_batch_size: int = 32         # sequences per forward/backward on one rank
-    max_steps: int = 250               # the LR schedule's length
+    max_steps: int = 500               # the LR schedule's length
     stop_at_step: int = 0              # >0: stop cleanly (with a checkpoint) after this step
     # optimizer (decoupled AdamW) and schedule
     lr: float = 1e-3
@@ -109,12 +111,13 @@ class TrainConfig:
     # logging, evaluation, checkpoints
     out_dir: str = "out/demo"
     log_every: int = 10                # 1 logs every step
-    eval_every: int = 50               # 0 = no evaluation
+    eval_every: int = 100              # 0 = no evaluation
     eval_batches: int = 8
     eval_batch_size: int = 32
-    save_every: int = 125              # 0 = save only at the end (or at stop_at_step)
+    save_every: int = 250              # 0 = save only at the end (or at stop_at_step)
     keep_checkpoints: int = 2          # keep the newest k checkpoints; 0 keeps all
     resume: bool = False               # continue from the latest checkpoint in out_dir
+    samples: bool = True               # print fill-mask predictions for SAMPLE_TEXTS before and after training
 
 
 # The paper's recipe: mosaicml/examples v0.0.4, examples/bert/yamls/main/mosaic-bert-base-uncased.yaml
@@ -129,14 +132,16 @@ _PAPER = dict(
 )
 # Tiny recipes for CPU tests and quick checks.
 _TINY = dict(
-    model_overrides="", dropout=None, data="default", data_mode="chunk", seq_len=128,
+    model_overrides="", dropout=None, data="default", data_mode="chunk", seq_len=128, samples=False,
     global_batch_size=16, micro_batch_size=8, max_steps=40, lr=1e-3, grad_clip=1.0,
     log_every=5, eval_every=20, eval_batches=4, eval_batch_size=16, save_every=20,
 )
 TRAIN_PRESETS = {
-    # The TrainConfig defaults: 4 layers, d=256, the real 50304 vocab, 250 steps of 32 x 128 (~1 s a step on
-    # 2 idle CPU cores). No dropout and lr 1e-3: at 2e-3 and above this model sat on the unigram plateau
-    # (mlm_acc ~0.05) for 200+ steps; at 1e-3 it reaches mlm_acc ~0.14 (eval 0.20 at 15% masking) by step 250.
+    # The TrainConfig defaults: 4 layers, d=256, the real 50304 vocab, 500 steps of 32 rows of up to 128 tokens.
+    # No dropout and lr 1e-3: at 2e-3 and above this model sat on the unigram plateau (mlm_acc ~0.05) for 200+
+    # steps. The data is the Wikipedia sample plus the sentiment sample's training sentences without their labels
+    # (in-domain text for glue.py's demo, "don't stop pretraining"; the dev sentences are never read): 2 rows in 3
+    # are those short sentences, which unpadding makes cheap, so 500 steps cost about what 250 full rows did.
     "demo": {},
     "mosaic-bert-base": dict(_PAPER, model="mosaic-bert-base", mask_prob=0.3, out_dir="out/mosaic-bert-base"),
     # BERT baseline: the paper trains it with the same recipe at 15% masking
@@ -145,6 +150,24 @@ TRAIN_PRESETS = {
     "mosaic-bert-tiny": dict(_TINY, model="mosaic-bert-tiny", mask_prob=0.3, out_dir="out/mosaic-bert-tiny"),
     "bert-tiny": dict(_TINY, model="bert-tiny", mask_prob=0.15, out_dir="out/bert-tiny"),
 }
+
+
+# Held-out sentences for the fill-mask samples (written for this file: in neither corpus), nanoGPT-style evidence
+# that the model learned something: at step 0 the predictions are noise, after the demo they fit the context.
+SAMPLE_TEXTS = (
+    "The city is the [MASK] of the province and its largest city.",
+    "It is one of the [MASK] films of the year.",
+    "The acting is fine, but the [MASK] is a mess.",
+)
+
+
+def print_samples(model, when: str):
+    """Top-5 fill-mask predictions for SAMPLE_TEXTS (fillmask.top_k), eager and in eval mode."""
+    tok = data.get_tokenizer()
+    print(f"fill-mask samples {when}:", flush=True)
+    with torch.compiler.set_stance("force_eager"):
+        for text in SAMPLE_TEXTS:
+            print(fillmask.format_predictions(text, fillmask.top_k(model, tok, text, k=5)), flush=True)
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> int:
@@ -604,6 +627,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         optimizer.load_state_dict(ckpt["optimizer"])
         step, tokens_seen = ckpt["step"], ckpt.get("tokens_seen", 0)
     model = raw_model
+    if master and cfg.samples and step == 0:
+        print_samples(raw_model, "before training")
     use_compile, why = resolve_compile(cfg.compile, device)
     print0(f"compile: {'on' if use_compile else 'off'} ({why})")
     if use_compile:
@@ -793,6 +818,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
                    f"exiting with status {PREEMPTED_EXIT}. Continue with --resume (or the same command again)")
             raise Preempted(step)
 
+    if master and cfg.samples and step == cfg.max_steps:
+        print_samples(raw_model, f"after {step} steps")
     if end < cfg.max_steps:
         print0(f"stopped after step {step} (--stop_at_step); continue with --resume")
     print0(f"done: {step} steps, {fmt_time(time.perf_counter() - t_start)} wall time")

@@ -365,6 +365,24 @@ def test_default_split_is_deterministic_and_disjoint():
     assert docs(data._local_corpus("default", "train")) == docs(train)
 
 
+def test_sentiment_source_is_the_training_sentences_without_labels():
+    """'sentiment': every training sentence of the sentiment sample, split 9:1 by a hash of its text, never a dev
+    sentence and never a label; 'default+sentiment' holds both sources' documents."""
+    tok = data.get_tokenizer()
+    train, val = data._local_corpus("sentiment", "train"), data._local_corpus("sentiment", "validation")
+    with gzip.open(data.ASSETS / "rotten_tomatoes_train.tsv.gz", "rt", encoding="utf-8") as f:
+        rows = [line.rstrip("\n").rsplit("\t", 1) for line in list(f)[1:]]
+    assert len(train.starts) - 1 + len(val.starts) - 1 == len(rows) and 0.07 < (len(val.starts) - 1) / len(rows) < 0.13
+    got = {tok.decode(train.doc(d).tolist()) for d in range(len(train.starts) - 1)}
+    assert got <= {text for text, _ in rows} and not any(text in ("0", "1") for text in got)
+    with gzip.open(data.ASSETS / "rotten_tomatoes_dev.tsv.gz", "rt", encoding="utf-8") as f:
+        dev = {line.rstrip("\n").rsplit("\t", 1)[0] for line in list(f)[1:]}
+    assert not got & (dev - {text for text, _ in rows})
+    both = data._local_corpus("default+sentiment", "train")
+    assert len(both.starts) - 1 == len(train.starts) - 1 + len(data._local_corpus("default", "train").starts) - 1
+    assert len(both.tokens) == len(train.tokens) + len(data._local_corpus("default", "train").tokens)
+
+
 def test_missing_path_and_bad_types(tmp_path):
     with pytest.raises(data.DataError, match="no such file"):
         data.PretrainStream(str(tmp_path / "nope*.jsonl"))

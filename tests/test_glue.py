@@ -508,12 +508,33 @@ def test_finetuning_beats_the_majority_class(tmp_path):
     a pretraining of a few dozen steps, all the test budget allows, does not help a tiny model (it was measured
     to be slower to fine-tune), so the control is the honest test of the fine-tuning loop."""
     cfg = glue.GlueConfig(tasks="sentiment", out_dir=str(tmp_path), init="scratch", ckpt="", model="mosaic-bert-tiny",
-                          epochs=1, lr=1e-3, batch_size=16, max_train_examples=6000, log_interval=100)
+                          epochs=1, lr=1e-3, batch_size=16, max_train_examples=6000, seeds=1, log_interval=100)
     res = glue.run(cfg)
     tr = res["tasks"]["sentiment"]
     assert tr["majority"]["accuracy"] == pytest.approx(0.588)
     assert tr["mean"]["accuracy"] > tr["majority"]["accuracy"] + 0.05, tr
     assert tr["seeds"]["0"]["train_tokens_per_s"] > 0 and tr["seeds"]["0"]["steps"] == 375
+
+
+def test_demo_label_budget_summary_and_demo_json(tmp_path, capsys):
+    """The sentiment demo fine-tunes on its recipe's label budget (-1: all); demo_summary prints the medians, the
+    per-seed scores and their spread, and writes demo.json as fractions."""
+    task = glue.TASKS["sentiment"]
+    assert glue.effective_recipe(glue.GlueConfig(), task)["max_train_examples"] == task.recipe.train_examples == 1000
+    assert glue.effective_recipe(glue.GlueConfig(max_train_examples=-1), task)["max_train_examples"] == -1
+    assert glue.effective_recipe(glue.GlueConfig(), glue.TASKS["rte"])["max_train_examples"] == 0
+    with pytest.raises(glue.ConfigError, match="max_train_examples"):
+        glue.check_config(glue.GlueConfig(max_train_examples=-2))
+    rec = glue.effective_recipe(glue.GlueConfig(), task)
+    res = lambda accs: {"tasks": {"sentiment": {"recipe": rec, "mean": {"accuracy": float(np.mean(accs))},
+                                                "majority": {"accuracy": 0.588},
+                                                "seeds": {str(i): {"accuracy": a} for i, a in enumerate(accs)}}}}
+    glue.demo_summary(res([0.70, 0.74, 0.71]), res([0.60, 0.66, 0.65]), "pretrained", tmp_path)
+    out = capsys.readouterr().out
+    assert "| pretrained | 71.0 | 70.0, 74.0, 71.0 | 70.0-74.0 |" in out and "| 65.0 |" in out and "58.8" in out
+    assert "pretraining buys +6.0 points" in out and "1000 labelled" in out
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    assert demo == {"pretrained": [0.70, 0.74, 0.71], "scratch": [0.60, 0.66, 0.65], "majority": 0.588}
 
 
 def test_sweep_resumes_without_redoing_finished_pairs(tmp_path, monkeypatch):

@@ -233,6 +233,26 @@ def test_classifier_and_regression_heads():
     torch.testing.assert_close(mse, ((pred.squeeze(-1) - torch.tensor([0.5, 4.0, 2.5])) ** 2).mean())
 
 
+def test_mean_pooling_is_the_mean_of_real_tokens_in_both_layouts():
+    """pooling="mean": the classifier reads each row's mean final hidden state over its real tokens (no pooler);
+    checked against a masked mean over the padded hidden states, for the unpadded and the padded encoder."""
+    ids, mask, _, types = batch(4, 9, lengths=[9, 1, 5, 3])
+    for unpad in (True, False):
+        clf = M.SequenceClassifier(replace(TINY, pooling="mean", unpad=unpad), 2).eval()
+        assert not hasattr(clf, "pooler")
+        h, lay = clf.bert(ids, mask, types)
+        hp = M.to_padded(h, lay).float()  # (B, S, d), zeros at pads
+        m = (mask != 0).float().unsqueeze(-1)
+        ref = (hp * m).sum(1) / m.sum(1)  # (B, d)
+        torch.testing.assert_close(M.mean_pool(h, lay).float(), ref, atol=1e-5, rtol=1e-5)
+        logits, _ = clf(ids, mask, types)
+        torch.testing.assert_close(logits, clf.classifier(ref), atol=1e-5, rtol=1e-5)
+    cls = M.SequenceClassifier(replace(TINY, pooling="cls"), 2)
+    assert hasattr(cls, "pooler")
+    with pytest.raises(ValueError, match="pooling"):
+        replace(TINY, pooling="max")
+
+
 # ---------------------------------------------------------------------------- precision
 
 

@@ -408,8 +408,12 @@ def test_short_run_lowers_mlm_loss(tmp_path):
     """20 steps on the sample (bf16 autocast, the default) lower the MLM loss and raise accuracy;
     the metrics file holds the training and evaluation rows the interface promises."""
     p = ok(run(["--preset=mosaic-bert-tiny", "--device=cpu", "--seq_len=64", "--max_steps=20", "--lr=3e-3",
-                "--log_every=5", "--eval_every=20", "--save_every=0", "--eval_batches=2"], tmp_path))
+                "--log_every=5", "--eval_every=20", "--save_every=0", "--eval_batches=2", "--samples=true"], tmp_path))
     assert "step 20/20 | loss" in p.stdout and "tok/s" in p.stdout and "mfu" in p.stdout
+    # fill-mask samples before and after training: every held-out sentence, top-5 for its [MASK]
+    before, after = p.stdout.split("fill-mask samples before training:")[1].split("fill-mask samples after 20 steps:")
+    for part in (before, after):
+        assert all(t in part for t in train.SAMPLE_TEXTS) and part.count("[MASK] #1:") == len(train.SAMPLE_TEXTS)
     r = rows(tmp_path)
     tr = [x for x in r if "loss" in x]
     ev = [x for x in r if "eval_loss" in x]
@@ -494,7 +498,7 @@ def test_presets_resolve():
     bert = train.parse_config(train.TrainConfig, ["--preset=bert-base"], presets=train.TRAIN_PRESETS)
     assert bert.mask_prob == 0.15 and train.model_config(bert).position == "learned"
     demo = train.parse_config(train.TrainConfig, [], presets=train.TRAIN_PRESETS)
-    assert demo.preset == "demo" and demo.data == "default"
+    assert demo.preset == "demo" and demo.data == "default+sentiment"
     off = train.model_config(train.parse_config(train.TrainConfig, ["--dropout=0"]))
     assert off.hidden_dropout == 0 and off.attn_dropout == 0
 

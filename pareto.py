@@ -1,0 +1,477 @@
+"""Time-to-quality: MosaicBERT against a BERT baseline of the same size, at equal pretraining wall-clock.
+
+    python pareto.py --quick --out_dir=out/pareto     # CPU: small size, 2 x 4 min of pretraining (< 25 min in all)
+    python pareto.py --size=base --budget_s=3600      # GPU: the paper's question at base size, an hour per arm
+    python pareto.py --quick --resume                 # continue an interrupted run where its last point left off
+
+The paper's claim (Portes et al. 2023, Figure 1) is about quality per second, not throughput: MosaicBERT is
+Pareto-optimal in accuracy against pretraining wall-clock, and reaches the BERT baseline's GLUE score in about a
+third of the time. bench.py measures tokens per second; this measures what those seconds buy.
+
+Two arms of the same depth, width and heads (`--size`):
+- `mosaic`: the MosaicBERT architecture (ALiBi, GeGLU, unpadded, bf16 LayerNorm, sparse head) and 30% masking;
+- `bert`:   the BERT baseline: learned positions, GELU MLP, padded, fp32 LayerNorm, dense head, attention dropout
+            0.1, and 15% masking.
+Both: the same data stream (order and rows; each arm masks at its own rate), the same optimizer recipe (decoupled
+AdamW, train.py's), the same seed, bf16 autocast, and the same learning-rate schedule over the *time* budget
+(warmup then linear decay as a function of elapsed training time, as Cramming does for a fixed budget).
+
+Fairness on a noisy machine: the arms train interleaved, in alternating slices of the budget (A B, then B A), so
+that whatever else the machine is doing hits both alike. Only training steps are timed (on CUDA, synchronized);
+evaluation, checkpoints, fine-tuning and the compile/warm-up step are excluded and reported separately.
+
+At n_points fixed fractions of the budget each arm is evaluated on the same held-out batches at 15% masking
+(MLM loss and exact top-1 accuracy). At t = 0 and at `downstream_at` of those points its encoder is fine-tuned on
+the embedded sentiment task with glue.py's machinery (glue.run; median dev accuracy over `seeds` seeds).
+
+Outputs in out_dir: pareto.json, pareto.md, pareto.png (when matplotlib is installed), state.pt (resume),
+ckpt/ (the checkpoints fine-tuned) and glue/ (their results.json, which glue.run resumes).
+Headline: the time each arm needs to reach the other's final eval MLM accuracy, as a fraction of the budget.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import data
+import glue
+import model as modeling
+import train
+from config import ConfigError, config_dict, main_guard, parse_config, print_config
+
+ARMS = ("mosaic", "bert")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ParetoConfig:
+    quick: bool = False            # CPU mode: small size, short budget, a cheap fine-tuning recipe (< 25 min on 2 cores)
+    size: str = ""                 # tiny | small | base | large; empty: small with --quick, else base
+    budget_s: float = 0.0          # pretraining seconds per arm; 0: 240 with --quick, else 3600
+    n_points: int = 8              # evaluations at budget fractions 1/n .. n/n (plus t = 0)
+    slices_per_point: int = 2      # interleaving: each arm trains in 2 * n_points alternating slices
+    downstream_at: str = "2,4,8"   # which points (1..n_points) are fine-tuned, besides t = 0; empty: none
+    seeds: int = 3                 # fine-tuning seeds per point (median reported)
+    # the pretraining recipe (train.py's fields; the same for both arms)
+    data: str = ""                 # empty: 'default+sentiment' with --quick (the demo's), else 'c4' (train.py's --data)
+    num_workers: int = 0           # DataLoader workers per arm for streamed data (c4)
+    data_mode: str = "chunk"       # 'chunk' (the demo's); 'truncate' is the paper's, for c4
+    seq_len: int = 128
+    batch_size: int = 0            # sequences per step; 0: 32 with --quick, else 256
+    lr: float = 0.0                # peak lr; 0: 1e-3 with --quick (the demo's), else 5e-4 (the paper's)
+    weight_decay: float = 1e-5
+    warmup_frac: float = 0.06      # of the time budget
+    final_lr_frac: float = 0.02
+    grad_clip: float = 1.0
+    mosaic_mask: float = 0.3
+    bert_mask: float = 0.15
+    eval_batches: int = 8
+    eval_batch_size: int = 32
+    # the fine-tuning recipe (glue.py's fields; 0: the sentiment task's recipe)
+    ft_examples: int = 0           # labelled training sentences; 0: the recipe's label budget (1,000), -1: all
+    ft_epochs: float = 0.0         # 0: 2 with --quick, else the recipe's (5)
+    ft_lr: float = 0.0             # 0: the recipe's (2e-4)
+    # system
+    device: str = "auto"           # auto | cpu | cuda
+    compile: str = "auto"          # auto | on | off (auto: on for CUDA, off on the CPU; see compile_choice)
+    seed: int = 0
+    out_dir: str = "out/pareto"
+    resume: bool = False           # continue from out_dir/state.pt (the run's config must match)
+
+
+def resolve(cfg: ParetoConfig) -> ParetoConfig:
+    """Fill the mode-dependent defaults (0 / empty fields) and check the choices."""
+    q = cfg.quick
+    cfg = dataclasses.replace(
+        cfg, size=cfg.size or ("small" if q else "base"), data=cfg.data or ("default+sentiment" if q else "c4"),
+        budget_s=cfg.budget_s or (240.0 if q else 3600.0), batch_size=cfg.batch_size or (32 if q else 256), lr=cfg.lr or (1e-3 if q else 5e-4),
+        ft_epochs=cfg.ft_epochs or (2.0 if q else 0.0))
+    if f"mosaic-bert-{cfg.size}" not in modeling.PRESETS:
+        sizes = [p.removeprefix("mosaic-bert-") for p in modeling.PRESETS if p.startswith("mosaic-bert-")]
+        raise ConfigError(f"--size={cfg.size}: choose one of {', '.join(sizes)}")
+    if cfg.compile not in ("auto", "on", "off"):
+        raise ConfigError(f"--compile={cfg.compile}: choose auto, on or off")
+    if cfg.n_points < 1 or cfg.slices_per_point < 1 or cfg.seeds < 1 or cfg.budget_s <= 0:
+        raise ConfigError("--n_points, --slices_per_point, --seeds and --budget_s must be positive")
+    bad = [k for k in downstream_points(cfg) if not 1 <= k <= cfg.n_points]
+    if bad:
+        raise ConfigError(f"--downstream_at={cfg.downstream_at}: points are 1..{cfg.n_points} (t = 0 is always done)")
+    return cfg
+
+
+def downstream_points(cfg: ParetoConfig) -> list[int]:
+    return sorted({int(k) for k in cfg.downstream_at.split(",") if k.strip()})
+
+
+def arm_model_config(size: str, arm: str) -> modeling.ModelConfig:
+    """`mosaic`: the mosaic-bert-{size} preset. `bert`: the same depth, width, heads and d_ff with every MosaicBERT
+    switch off (model._BERT: learned positions, GELU, padded, fp32 LayerNorm, dense head, attention dropout 0.1)."""
+    base = modeling.ModelConfig.preset(f"mosaic-bert-{size}")
+    return base if arm == "mosaic" else dataclasses.replace(base, **modeling._BERT)
+
+
+def compile_choice(cfg: ParetoConfig, device: torch.device) -> bool:
+    """auto: compile on CUDA, where it pays; eager on the CPU, where bench.py measures a few % from compiling
+    (within this machine's noise) for ~30-60 s of compilation per arm that a 25-minute quick run cannot spare."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def lr_at(t: float, cfg: ParetoConfig) -> float:
+    """The schedule as a function of elapsed training time t (seconds): linear warmup over warmup_frac of the
+    budget, then linear decay to final_lr_frac at the budget (train.lr_at's shape, on time instead of steps)."""
+    f, w = min(t / cfg.budget_s, 1.0), cfg.warmup_frac
+    if f < w:
+        return cfg.lr * max(f / w, 1e-3)
+    return cfg.lr * (1.0 - (1.0 - cfg.final_lr_frac) * (f - w) / max(1e-9, 1.0 - w))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one arm: model, optimizer, stream, clock
+
+
+class Arm:
+    """One pretraining run that can be advanced slice by slice: only its training steps are timed."""
+
+    def __init__(self, name: str, cfg: ParetoConfig, device: torch.device):
+        self.name, self.cfg, self.device = name, cfg, device
+        self.mcfg = arm_model_config(cfg.size, name)
+        self.mask_prob = cfg.mosaic_mask if name == "mosaic" else cfg.bert_mask
+        self.stream = data.PretrainStream(cfg.data, "train", cfg.seq_len, cfg.data_mode, self.mask_prob, cfg.seed,
+                                          cfg.batch_size, num_workers=cfg.num_workers)
+        torch.manual_seed(cfg.seed)  # the same initial-weight draw for both arms (their shapes differ)
+        self.model = modeling.build(self.mcfg).to(device)
+        tcfg = train.TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = train.build_optimizer(self.model, tcfg, device)
+        self.compiled = compile_choice(cfg, device)
+        self.train_s, self.tokens, self.steps, self.warmup_s = 0.0, 0, 0, 0.0
+        self.points: list[dict] = []
+        self.rng = torch.Generator().manual_seed(cfg.seed + 1)  # dropout stream, saved and restored with the arm
+
+    def amp(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _forward_backward(self, batch: dict):
+        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self.amp():
+            out = self.model(b["input_ids"], b["attention_mask"], b["labels"])
+        (out.loss_sum / out.n_masked.clamp(min=1)).backward()
+
+    def warm_up(self):
+        """Compile (if on) and touch every buffer with one forward/backward on a batch of another stream: its time
+        is reported, not counted, and no weight changes."""
+        if self.compiled:
+            modeling.compile_model(self.model)
+        other = data.PretrainStream(self.cfg.data, "train", self.cfg.seq_len, self.cfg.data_mode, self.mask_prob,
+                                    self.cfg.seed + 12345, self.cfg.batch_size)
+        t0 = time.perf_counter()
+        self._forward_backward(other.next_batch())
+        self._sync()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.warmup_s += time.perf_counter() - t0
+
+    def train_until(self, t_end: float):
+        """Train until this arm's counted training time reaches t_end seconds (the step that crosses it finishes).
+        Within the budget a slice takes at least one step, so a slice shorter than a step still moves the arm;
+        past the budget it takes none, so a slow arm overshoots the budget by at most one step."""
+        self.model.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.rng.get_state())
+            first = self.train_s < self.cfg.budget_s
+            while first or self.train_s < t_end:
+                first = False
+                batch = self.stream.next_batch()  # building the batch counts: the data pipeline is training
+                t0 = time.perf_counter()
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr_at(self.train_s, self.cfg)
+                self._forward_backward(batch)
+                if self.cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self._sync()
+                self.train_s += time.perf_counter() - t0
+                self.tokens += int((batch["attention_mask"] != 0).sum())
+                self.steps += 1
+            self.rng.set_state(torch.get_rng_state())
+
+    def evaluate(self, batches) -> tuple[float, float]:
+        return train.evaluate(self.model, batches, self.device, self.amp, 0, 1)
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "stream": self.stream.state_dict(), "train_s": self.train_s, "tokens": self.tokens,
+                "steps": self.steps, "rng": self.rng.get_state(), "points": self.points}
+
+    def load(self, s: dict):
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.stream.load_state_dict(s["stream"])
+        self.train_s, self.tokens, self.steps, self.points = s["train_s"], s["tokens"], s["steps"], s["points"]
+        self.rng.set_state(s["rng"])
+
+    def save_checkpoint(self, path: Path):
+        """A train.py-style checkpoint of the current weights (what glue.py fine-tunes)."""
+        modeling.atomic_save({"model": self.model.state_dict(), "model_config": config_dict(self.mcfg),
+                              "step": self.steps, "tokenizer": "gpt2"}, str(path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the interleaved run
+
+
+def run_pretraining(cfg: ParetoConfig, device: torch.device, out: Path) -> tuple[dict, dict]:
+    """Both arms through the whole budget in alternating slices; returns (arms, excluded-time report)."""
+    arms = {name: Arm(name, cfg, device) for name in ARMS}
+    evals = data.eval_batches(cfg.data, cfg.seq_len, cfg.data_mode, cfg.eval_batch_size, cfg.eval_batches,
+                              mask_prob=0.15, seed=cfg.seed)
+    state_path = out / "state.pt"
+    excluded = {"warmup_s": {}, "eval_s": 0.0, "checkpoint_s": 0.0}
+    want = downstream_points(cfg)
+    if cfg.resume and state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st["config"] != pretrain_identity(cfg):
+            raise ConfigError(f"--resume: {state_path} was written by another configuration:\n  {st['config']}\n"
+                              f"now:\n  {pretrain_identity(cfg)}\nuse the same flags, or another --out_dir")
+        for name, a in arms.items():
+            a.load(st["arms"][name])
+        excluded = st["excluded"]
+        print(f"resuming from {state_path}: {len(arms['mosaic'].points) - 1} of {cfg.n_points} points done")
+    elif state_path.exists() and not cfg.resume:
+        print(f"warning: starting over in {out}: its state.pt is replaced (use --resume to continue it)")
+
+    def record(a: Arm, k: int):
+        t0 = time.perf_counter()
+        loss, acc = a.evaluate(evals)
+        excluded["eval_s"] += time.perf_counter() - t0
+        a.points.append(dict(wall_s=round(a.train_s, 3), tokens=a.tokens, steps=a.steps, eval_loss=loss,
+                             eval_mlm_acc=acc, downstream_acc=None))
+        print(f"{a.name:6s} point {k}/{cfg.n_points} | wall {a.train_s:7.1f} s | {a.steps:5d} steps | "
+              f"{a.tokens:,} tokens | eval_loss {loss:.4f} | eval_mlm_acc {acc:.4f}", flush=True)
+        if k == 0 or k in want:
+            t0 = time.perf_counter()
+            a.save_checkpoint(out / "ckpt" / f"{a.name}_{k}.pt")
+            excluded["checkpoint_s"] += time.perf_counter() - t0
+
+    def save_state():
+        t0 = time.perf_counter()
+        modeling.atomic_save({"config": pretrain_identity(cfg), "excluded": excluded,
+                              "arms": {n: a.state() for n, a in arms.items()}}, str(state_path))
+        excluded["checkpoint_s"] += time.perf_counter() - t0
+
+    (out / "ckpt").mkdir(parents=True, exist_ok=True)
+    done = len(arms["mosaic"].points) == cfg.n_points + 1 and len(arms["bert"].points) == cfg.n_points + 1
+    for a in arms.values():
+        if done:  # a finished run resumed for its fine-tuning: nothing to train, nothing to warm up
+            continue
+        a.warm_up()
+        excluded["warmup_s"][a.name] = excluded["warmup_s"].get(a.name, 0.0) + a.warmup_s
+        print(f"{a.name:6s} {modeling.n_params(a.model) / 1e6:.1f}M parameters | mask {a.mask_prob:.0%} | "
+              f"compile {'on' if a.compiled else 'off'} | warm-up {a.warmup_s:.1f} s (not counted)", flush=True)
+        if not a.points:
+            record(a, 0)
+    if not cfg.resume or not state_path.exists():
+        save_state()
+    m = cfg.slices_per_point
+    for k in range(len(arms["mosaic"].points), cfg.n_points + 1):
+        for j in range(m):
+            t_end = cfg.budget_s * ((k - 1) * m + j + 1) / (cfg.n_points * m)
+            order = ARMS if ((k - 1) * m + j) % 2 == 0 else ARMS[::-1]  # A B, then B A: neither always goes first
+            for name in order:
+                arms[name].train_until(t_end)
+        for a in arms.values():
+            record(a, k)
+        save_state()
+    return arms, excluded
+
+
+def pretrain_identity(cfg: ParetoConfig) -> dict:
+    """The fields a resumed run must share with the original (the fine-tuning ones may change)."""
+    keep = ("size", "budget_s", "n_points", "slices_per_point", "downstream_at", "data", "data_mode", "seq_len",
+            "batch_size", "lr", "weight_decay", "warmup_frac", "final_lr_frac", "grad_clip", "mosaic_mask",
+            "bert_mask", "eval_batches", "eval_batch_size", "compile", "seed")
+    return {k: getattr(cfg, k) for k in keep}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# downstream: glue.py's sentiment task from the saved checkpoints
+
+
+def downstream(cfg: ParetoConfig, arms: dict, out: Path, excluded: dict, write_outputs):
+    """Fine-tune every saved checkpoint (t = 0 and downstream_at) with glue.run; fills downstream_acc with the
+    median over seeds and rewrites the outputs after each point. glue.run keeps each (checkpoint, seed) in its
+    results.json, so this part resumes too."""
+    dist = glue.setup_distributed(cfg.device)
+    for a in arms.values():
+        for k, p in enumerate(a.points):
+            if not (k == 0 or k in downstream_points(cfg)):
+                continue
+            gcfg = glue.GlueConfig(tasks="sentiment", ckpt=str(out / "ckpt" / f"{a.name}_{k}.pt"),
+                                   out_dir=str(out / "glue" / f"{a.name}_{k}"), seeds=cfg.seeds, seed=cfg.seed,
+                                   epochs=cfg.ft_epochs, lr=cfg.ft_lr, max_train_examples=cfg.ft_examples,
+                                   device=cfg.device, log_interval=10**9)
+            print(f"--- fine-tuning {a.name} point {k} (pretrained {p['wall_s']:.0f} s), {cfg.seeds} seeds", flush=True)
+            t0 = time.perf_counter()
+            res = glue.run(gcfg, init="ckpt", dist=dist)
+            accs = [s["accuracy"] for s in res["tasks"]["sentiment"]["seeds"].values()]
+            p["downstream_acc"] = float(np.median(accs))
+            p["downstream_accs"] = accs
+            p["majority"] = res["tasks"]["sentiment"]["majority"]["accuracy"]
+            excluded["downstream_s"] += time.perf_counter() - t0
+            write_outputs()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the headline, the frontier, the outputs
+
+
+def time_to_reach(points: list[dict], target: float) -> Optional[float]:
+    """First wall-clock at which eval_mlm_acc reaches target, linearly interpolated between points; None if never."""
+    prev = None
+    for p in points:
+        if p["eval_mlm_acc"] >= target:
+            if prev is None:
+                return p["wall_s"]
+            f = (target - prev["eval_mlm_acc"]) / max(p["eval_mlm_acc"] - prev["eval_mlm_acc"], 1e-12)
+            return prev["wall_s"] + f * (p["wall_s"] - prev["wall_s"])
+        prev = p
+    return None
+
+
+def headline(arms: dict, budget_s: float) -> dict:
+    """The paper's "a third of the time": when each arm reaches the other's final eval MLM accuracy."""
+    pm, pb = arms["mosaic"], arms["bert"]
+    fm, fb = pm[-1]["eval_mlm_acc"], pb[-1]["eval_mlm_acc"]
+    tm, tb = time_to_reach(pm, fb), time_to_reach(pb, fm)
+    h = {"mosaic_final_acc": fm, "bert_final_acc": fb,
+         "mosaic_s_to_bert_final": tm, "bert_s_to_mosaic_final": tb,
+         "mosaic_fraction_to_bert_final": None if tm is None else tm / budget_s,
+         "bert_fraction_to_mosaic_final": None if tb is None else tb / budget_s}
+    if tm is not None and fm >= fb:
+        h["summary"] = (f"MosaicBERT reached BERT's final eval MLM accuracy ({fb:.3f}) after {tm:.0f} s of training, "
+                        f"{tm / budget_s:.2f}x the {budget_s:.0f} s budget BERT trained for")
+    elif tb is not None:
+        h["summary"] = (f"BERT reached MosaicBERT's final eval MLM accuracy ({fm:.3f}) after {tb:.0f} s of training, "
+                        f"{tb / budget_s:.2f}x the {budget_s:.0f} s budget: the baseline wins at this budget")
+    else:
+        h["summary"] = "neither arm reached the other's final accuracy"
+    return h
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For (time, quality) pairs: True where no other pair is at least as fast and at least as good (one strictly)."""
+    return [not any((t2 <= t and q2 >= q) and (t2 < t or q2 > q) for t2, q2 in points) for t, q in points]
+
+
+def markdown(res: dict) -> str:
+    all_pts = [(a, p) for a in ARMS for p in res["arms"][a]]
+    front = pareto_front([(p["wall_s"], p["eval_mlm_acc"]) for _, p in all_pts])
+    lines = [f"Device: {res['device']} | torch {res['torch']} | size {res['size']} | budget {res['budget_s']:.0f} s "
+             f"of training per arm", "",
+             "| arm | wall s | steps | tokens | eval loss | eval MLM acc | downstream acc (median) | frontier |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for (a, p), f in zip(all_pts, front):
+        ds = "" if p["downstream_acc"] is None else f"{p['downstream_acc'] * 100:.1f}"
+        lines.append(f"| {a} | {p['wall_s']:.0f} | {p.get('steps', '')} | {p['tokens']:,} | {p['eval_loss']:.3f} | "
+                     f"{p['eval_mlm_acc']:.3f} | {ds} | {'*' if f else ''} |")
+    h = res["headline"]
+    lines += ["", f"**Headline:** {h['summary']}.", "",
+              f"Not counted: warm-up (compile) " + ", ".join(f"{a} {t:.0f} s" for a, t in res["excluded"]["warmup_s"].items())
+              + f", evaluation {res['excluded']['eval_s']:.0f} s, "
+              f"checkpoints {res['excluded']['checkpoint_s']:.0f} s, fine-tuning {res['excluded']['downstream_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> bool:
+    """Two panels: eval MLM accuracy vs wall-clock, downstream accuracy vs pretraining wall-clock; frontier marked."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no pareto.png (pip install matplotlib)")
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"mosaic": "tab:blue", "bert": "tab:orange"}
+    for ax, key, title in ((axes[0], "eval_mlm_acc", "eval MLM accuracy (15% masking)"),
+                           (axes[1], "downstream_acc", "sentiment dev accuracy (median of seeds)")):
+        pts = [(a, p["wall_s"], p[key]) for a in ARMS for p in res["arms"][a] if p[key] is not None]
+        for a in ARMS:
+            xs = [x for b, x, _ in pts if b == a]
+            ys = [y for b, _, y in pts if b == a]
+            ax.plot(xs, ys, "o-", color=colors[a], label="MosaicBERT" if a == "mosaic" else "BERT")
+        front = sorted((x, y) for (_, x, y), f in zip(pts, pareto_front([(x, y) for _, x, y in pts])) if f)
+        if front:
+            ax.step([x for x, _ in front], [y for _, y in front], "k--", where="post", lw=1, label="Pareto frontier")
+        if key == "downstream_acc" and res["arms"]["mosaic"][0].get("majority") is not None:
+            ax.axhline(res["arms"]["mosaic"][0]["majority"], color="gray", lw=0.8, ls=":", label="majority class")
+        ax.set_xlabel("pretraining wall-clock (s, training only)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{res['size']} size, {res['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def main(argv=None):
+    cfg = resolve(parse_config(ParetoConfig, sys.argv[1:] if argv is None else argv))
+    print_config(cfg)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          cfg.device if cfg.device != "auto" else "cpu")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    arms, excluded = run_pretraining(cfg, device, out)
+    excluded.setdefault("downstream_s", 0.0)
+
+    def write_outputs() -> str:
+        """pareto.json, .md, .png from what is done so far (downstream_acc null where not fine-tuned yet)."""
+        res = {"device": device_name(device), "torch": torch.__version__, "size": cfg.size, "budget_s": cfg.budget_s,
+               "config": config_dict(cfg), "arms": {n: a.points for n, a in arms.items()},
+               "headline": headline({n: a.points for n, a in arms.items()}, cfg.budget_s),
+               "excluded": excluded, "total_s": time.perf_counter() - t_all}
+        glue.atomic_write_json(res, out / "pareto.json")
+        table = markdown(res)
+        (out / "pareto.md").write_text(table)
+        png = plot(res, out / "pareto.png")
+        return table + f"\nwrote {out / 'pareto.json'}, {out / 'pareto.md'}{', ' + str(out / 'pareto.png') if png else ''}"
+
+    write_outputs()  # the pretraining results, before the (slower) fine-tuning
+    downstream(cfg, arms, out, excluded, write_outputs)
+    print("\n" + write_outputs() + f" in {(time.perf_counter() - t_all) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main_guard(main)
