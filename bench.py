@@ -482,7 +482,8 @@ def ladder(cfg: BenchConfig) -> list[tuple]:
     for name, change, note in steps:
         c = replace(c, **change)
         rows.append((name, c, True, False, note))
-    mosaic = modeling.ModelConfig.preset(size["mosaic"])
+    # pooling is the classifier's choice (the small presets mean-pool for the demo); MLM steps never use it
+    mosaic = replace(modeling.ModelConfig.preset(size["mosaic"]), pooling=c.pooling)
     assert c == mosaic, f"the ladder must end at the {size['mosaic']} preset:\n{c}\n!=\n{mosaic}"
     rows.append(("mosaic-bert-base", mosaic, True, cfg.compile,
                  "+ torch.compile: the full model" if cfg.compile else "eager (--compile=false)"))
