@@ -76,19 +76,24 @@ def _hf_to_ours(name: str) -> str | None:
         return "head.bias"
     if name.startswith("embeddings.position_ids") or "decoder" in name or "seq_relationship" in name:
         return None
+    return _rename(name, rules, "encoder.layer.", {
+        "attention.output.dense.": "attn_out.",
+        "attention.output.LayerNorm.": "attn_norm.",
+        "intermediate.dense.": "mlp.intermediate.",
+        "output.dense.": "mlp.output.",
+        "output.LayerNorm.": "mlp_norm.",
+    })
+
+
+def _rename(name: str, rules: list, layer_prefix: str, layer_rules: dict) -> str | None:
+    """name with its first matching prefix replaced: `rules` outside the layers, `layer_rules` inside
+    `layer_prefix + "N."` (which becomes `bert.layers.N.`). None when nothing matches."""
     for old, new in rules:
         if name.startswith(old):
             return new + name[len(old):]
-    if name.startswith("encoder.layer."):
-        i, rest = name[len("encoder.layer."):].split(".", 1)
-        sub = {
-            "attention.output.dense.": "attn_out.",
-            "attention.output.LayerNorm.": "attn_norm.",
-            "intermediate.dense.": "mlp.intermediate.",
-            "output.dense.": "mlp.output.",
-            "output.LayerNorm.": "mlp_norm.",
-        }
-        for old, new in sub.items():
+    if name.startswith(layer_prefix):
+        i, rest = name[len(layer_prefix):].split(".", 1)
+        for old, new in layer_rules.items():
             if rest.startswith(old):
                 return f"bert.layers.{i}.{new}{rest[len(old):]}"
     return None
@@ -162,23 +167,14 @@ def _mosaicml_to_ours(name: str) -> str | None:
     ]
     if name in ("cls.predictions.decoder.bias", "cls.predictions.bias"):
         return "head.bias"
-    for old, new in rules:
-        if name.startswith(old):
-            return new + name[len(old):]
-    if name.startswith("bert.encoder.layer."):
-        i, rest = name[len("bert.encoder.layer."):].split(".", 1)
-        sub = {
-            "attention.self.Wqkv.": "Wqkv.",
-            "attention.output.dense.": "attn_out.",
-            "attention.output.LayerNorm.": "attn_norm.",
-            "mlp.gated_layers.": "mlp.gated_layers.",
-            "mlp.wo.": "mlp.wo.",
-            "mlp.layernorm.": "mlp_norm.",
-        }
-        for old, new in sub.items():
-            if rest.startswith(old):
-                return f"bert.layers.{i}.{new}{rest[len(old):]}"
-    return None
+    return _rename(name, rules, "bert.encoder.layer.", {
+        "attention.self.Wqkv.": "Wqkv.",
+        "attention.output.dense.": "attn_out.",
+        "attention.output.LayerNorm.": "attn_norm.",
+        "mlp.gated_layers.": "mlp.gated_layers.",
+        "mlp.wo.": "mlp.wo.",
+        "mlp.layernorm.": "mlp_norm.",
+    })
 
 
 def _mosaicml_vocab(folder: Path, rows: int) -> tuple[int, int]:
