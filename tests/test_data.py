@@ -257,7 +257,8 @@ def test_stream_workers_ignore_preemption_signals(tmp_path):
         _write_jsonl(tmp_path / f"w{f}.jsonl", [_words(40 * f + i, 8) for i in range(20)])
     s = data.PretrainStream(f"stream:{tmp_path}/w*.jsonl", mode="truncate", seq_len=32, global_batch_size=2,
                             num_workers=2)
-    s.next_batch()
+    for _ in range(2):                                # one batch from each worker: both have run their init
+        s.next_batch()
     for w, sig in zip(s._impl._it._workers, (signal.SIGTERM, signal.SIGUSR1)):
         os.kill(w.pid, sig)
     time.sleep(0.5)
