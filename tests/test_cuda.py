@@ -17,7 +17,7 @@ import torch
 
 import model as M
 from conftest import NO_CUDA
-from test_scale import FLEX_HEADS, flex_vs_naive
+from test_scale import FLEX_HEADS, flex_vs_naive, mask_from_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,13 +84,7 @@ def test_flex_compiled_matches_naive_at_block_boundaries_cuda(nnz, dtype, alibi)
         docs.append(n)
         left -= n
     rows = [docs[:2], []] + [[d] for d in docs[2:]]
-    S = max(sum(r) for r in rows)
-    mask = torch.zeros(len(rows), S, dtype=torch.long)
-    for b, r in enumerate(rows):
-        at = 0
-        for i, n in enumerate(r, start=1):
-            mask[b, at:at + n] = i
-            at += n
+    mask = mask_from_rows(rows)
     (out, ref), (g_flex, g_ref) = flex_vs_naive(mask, *FLEX_HEADS, alibi, dtype, torch.device("cuda"))
     # fp32: loose enough for TF32 inside the kernel; a wrong mask or bias is off by O(1)
     tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.float32 else dict(atol=4e-2, rtol=4e-2)

@@ -181,7 +181,12 @@ def packed_masks(draw, nnz_choices=tuple(BLOCK_NNZ)):
     rows = [docs[i:i + per_row] for i in range(0, len(docs), per_row)]
     for _ in range(draw(st.integers(0, 2))):
         rows.insert(draw(st.integers(0, len(rows))), [])  # empty rows
-    S = max(sum(r) for r in rows) + draw(st.integers(0, 3))
+    return mask_from_rows(rows, extra_pad=draw(st.integers(0, 3)))
+
+
+def mask_from_rows(rows: list[list[int]], extra_pad: int = 0) -> torch.Tensor:
+    """Document-id mask [B, S] from each row's document lengths: ids 1, 2, ... in order, 0 for padding."""
+    S = max(sum(r) for r in rows) + extra_pad
     mask = torch.zeros(len(rows), S, dtype=torch.long)
     for b, r in enumerate(rows):
         at = 0
