@@ -87,6 +87,7 @@ import numpy as np
 import torch
 
 import data
+import hf
 import kernels
 import model as modeling
 import train
@@ -113,7 +114,8 @@ class BenchConfig:
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
     threads: int = 0                    # torch.set_num_threads; 0 keeps torch's default
     keep_freed_memory: bool = True      # CPU: train.py's default heap (train.BoundedHeap) for every row, the peer's too
-    compile: bool = True                # the mosaic-bert-base row runs model.compile_model
+    compile: bool = True                # the mosaic-bert-base row runs model.compile_model (and the demo row when
+                                        # train.py's default would compile it); false: both eager
     hf: bool = True                     # time the Hugging Face peer
     ablations: Optional[bool] = None    # each change alone on bert-base+bf16 (default: full mode only)
     # None below means "the mode's default" (quick / full), printed once resolved
@@ -346,13 +348,13 @@ class BatchStats:
 
     @classmethod
     def of(cls, batches: list[dict]) -> "BatchStats":
-        lens = np.concatenate([(b["attention_mask"] != 0).sum(1).numpy() for b in batches])
-        n_real = [int((b["attention_mask"] != 0).sum()) for b in batches]
+        sums = [data.attention_context(b["attention_mask"]) for b in batches]  # per-window, packed rows too
+        n_real = [n for n, _ in sums]
         n_masked = [int((b["labels"] != -100).sum()) for b in batches]
         cells = sum(b["attention_mask"].numel() for b in batches)
         Ss = sorted({b["attention_mask"].shape[1] for b in batches})
         S = str(Ss[0]) if len(Ss) == 1 else f"{Ss[0]}..{Ss[-1]}"
-        return cls(n_real, n_masked, 1 - sum(n_real) / cells, float((lens**2).sum() / lens.sum()),
+        return cls(n_real, n_masked, 1 - sum(n_real) / cells, sum(sq for _, sq in sums) / sum(n_real),
                    sum(n_masked) / sum(n_real), f"{batches[0]['attention_mask'].shape[0]} x {S}")
 
 
@@ -504,10 +506,10 @@ def ablations(cfg: BenchConfig) -> list[tuple]:
 
 def hf_model(cfg: BenchConfig, vocab: int):
     """transformers' BertForMaskedLM at our size and padded vocabulary, SDPA attention. None if not installed."""
-    try:
-        from transformers import BertConfig, BertForMaskedLM  # noqa: PLC0415  (bench/test-only dependency)
-    except ImportError:
+    transformers = hf.import_transformers()  # bench/test-only dependency; a clash with our kernels.py raises
+    if transformers is None:
         return None
+    BertConfig, BertForMaskedLM = transformers.BertConfig, transformers.BertForMaskedLM
     s = SIZES[cfg.size]
     hcfg = BertConfig(vocab_size=vocab, hidden_size=s["d"], num_hidden_layers=s["layers"],
                       num_attention_heads=s["heads"], intermediate_size=s["d_ff"], max_position_embeddings=512,
@@ -594,7 +596,7 @@ def demo_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[
     import train  # noqa: PLC0415
     t = train.TrainConfig()
     mcfg = train.model_config(t)
-    comp, _ = train.resolve_compile(t.compile, device)
+    comp = cfg.compile and train.resolve_compile(t.compile, device, train.planned_tokens(t))[0]
     m = modeling.build(mcfg).to(device).train()
     if comp:
         modeling.compile_model(m)

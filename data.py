@@ -410,6 +410,22 @@ def mlm_mask(ids: np.ndarray, row_keys: np.ndarray, mask_prob: float) -> tuple[n
     return out, labels
 
 
+def attention_context(attention_mask) -> tuple[int, int]:
+    """(real tokens, sum over windows of length^2) of a batch's attention_mask [B, S] (0 at pads, else the
+    window's number within its row: 1 in truncate/chunk rows, 1, 2, 3, ... in packed ones).
+
+    A token attends to its own window only, so attention's work is proportional to sum(len^2), and the mean
+    context a real token sees is the ratio of the two: what MFU counts for attention (model.flops_per_token)
+    instead of the padded row length, which would overstate packed or short rows.
+    """
+    m = np.asarray(attention_mask, dtype=np.int64)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"attention_mask must be a non-empty [B, S] array, got shape {m.shape}")
+    window = (np.arange(m.shape[0], dtype=np.int64)[:, None] * (int(m.max()) + 1) + m)[m != 0]  # (nnz,)
+    lens = np.bincount(window)
+    return int(lens.sum()), int((lens * lens).sum())
+
+
 def _to_batch(input_ids, attention_mask, labels) -> dict:
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels)}

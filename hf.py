@@ -62,6 +62,30 @@ def _require(ok: bool, msg: str):
 # ----------------------------------------------------------------------------------------
 # Hugging Face BERT import
 
+# transformers 5.25 and later require Hugging Face's `kernels` package and import it by that top-level name,
+# which this project's kernels.py takes whenever a script or test runs from this folder (sys.path[0]).
+KERNELS_CLASH = ("transformers could not import Hugging Face's `kernels` package: run from this folder, the name "
+                 "`kernels` is this project's kernels.py. Install transformers<5.25 as requirements.txt pins it and "
+                 "`pip uninstall kernels` (nothing here uses it), or use transformers from another folder.")
+
+
+def import_transformers():
+    """transformers with its BERT classes loaded (for the tests and bench.py's peer rows), or None when it is not
+    installed. The name clash above is an ImportError saying what to do, not a missing-module skip."""
+    try:
+        import transformers  # noqa: PLC0415
+        from transformers import BertForMaskedLM  # noqa: F401, PLC0415  (loads the layers that import `kernels`)
+    except ModuleNotFoundError as e:
+        if e.name == "transformers":
+            return None
+        raise
+    except ImportError as e:
+        if "kernels" in str(e):
+            raise ImportError(KERNELS_CLASH) from e
+        raise
+    return transformers
+
+
 def _hf_to_ours(name: str) -> str | None:
     """Map one HF BERT parameter name to ours (None: not used). q/k/v are fused separately."""
     name = name.removeprefix("bert.")

@@ -23,4 +23,9 @@ def device(request):
 
 
 def pytest_configure(config):
+    import hf  # noqa: PLC0415
+    try:
+        hf.import_transformers()  # None (not installed) skips the HF tests; a name clash stops here, saying why
+    except ImportError as e:
+        pytest.exit(str(e), returncode=4)
     config.addinivalue_line("markers", "cuda: runs only on a CUDA GPU (gpu_check.py runs them: pytest -m cuda)")

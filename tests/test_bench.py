@@ -180,6 +180,21 @@ def test_peer_without_transformers_is_a_skipped_row(monkeypatch):
     assert res["note"] == "skipped: transformers not installed" and res["tokens_per_s"] is None
 
 
+def test_transformers_clashing_with_our_kernels_module_says_what_to_do(monkeypatch):
+    """transformers >= 5.25 imports Hugging Face's `kernels` package, a name our kernels.py takes when run from
+    here: the peer rows and the test session stop with what to do, instead of a skip that reads "not installed"."""
+    import types  # noqa: PLC0415
+
+    def clash(name):
+        raise ImportError("cannot import name 'CUDAProperties' from 'kernels' (/repo/kernels.py)")
+
+    fake = types.ModuleType("transformers")
+    fake.__getattr__ = clash
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    with pytest.raises(ImportError, match="pip uninstall kernels"):
+        bench.hf_model(bench.resolve(bench.BenchConfig(quick=True, size="tiny")), 128)
+
+
 def test_space_separated_flags():
     """`--json PATH` is accepted as `--json=PATH` (the documented interface); booleans stay flags."""
     assert bench.normalize_argv(["--quick", "--json", "a.json", "--size=tiny"]) == \

@@ -490,3 +490,50 @@ def test_eval_batches_fixed_masks_at_15_percent():
     every = data.eval_batches("default", 128, "chunk", 16)             # the whole split, last batch partial
     assert sum(len(x["input_ids"]) for x in every) == data._LocalRows(
         data._local_corpus("default", "validation"), "chunk", 128).n
+
+
+# ---------------------------------------------------------------------------- attention context (for MFU)
+
+
+def _context_naive(mask: np.ndarray) -> tuple[int, int]:
+    """Walk each row, cutting it into runs of one window number: (real tokens, sum of squared run lengths)."""
+    n = sq = 0
+    for row in mask.tolist():
+        for w in set(row) - {0}:
+            length = sum(1 for x in row if x == w)
+            n, sq = n + length, sq + length * length
+    return n, sq
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 40), min_size=1, max_size=5), min_size=1, max_size=5),
+       st.integers(0, 3))
+def test_attention_context_matches_a_naive_walk(row_windows, trailing_pads):
+    """Rows of consecutive windows (lengths drawn, 0-length windows skipped) plus trailing pads, as pack builds
+    them: attention_context agrees with walking the rows window by window."""
+    rows = []
+    for lengths in row_windows:
+        row = [w + 1 for w, L in enumerate(x for x in lengths if x) for _ in range(L)] + [0] * trailing_pads
+        rows.append(row)
+    S = max(1, max(len(r) for r in rows))  # an all-pad batch is legal: (0, 0)
+    mask = np.array([r + [0] * (S - len(r)) for r in rows], np.int64)
+    assert data.attention_context(mask) == _context_naive(mask)
+    assert data.attention_context(torch.from_numpy(mask)) == _context_naive(mask)
+
+
+def test_attention_context_of_packed_and_chunked_batches():
+    """Chunked rows are one window each (context = row lengths); packed rows hold several, so their mean context
+    is shorter than the row; real tokens always equal the attention_mask's non-zeros."""
+    for mode in ("chunk", "pack"):
+        b = data.PretrainStream("default+sentiment", mode=mode, seq_len=64, global_batch_size=8, seed=0).next_batch()
+        m = b["attention_mask"]
+        n, sq = data.attention_context(m)
+        assert n == int((m != 0).sum())
+        lens = (m != 0).sum(1).numpy()
+        if mode == "chunk":
+            assert sq == int((lens ** 2).sum())
+        else:
+            assert int(m.max()) > 1 and sq < int((lens ** 2).sum())
+    for bad in (np.ones(5, np.int64), np.zeros((2, 0), np.int64)):
+        with pytest.raises(ValueError, match=r"\[B, S\]"):
+            data.attention_context(bad)

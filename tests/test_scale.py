@@ -134,12 +134,38 @@ def test_paper_presets_compile_on_cuda_by_default_with_an_opt_out():
     assert train.resolve_compile(bare.compile, cpu)[0] is True
 
 
+def test_cpu_compiles_by_default_only_runs_long_enough_to_pay_it_back():
+    """On the CPU, auto compiles a run of at least CPU_COMPILE_MIN_TOKENS planned tokens (the demo) and keeps
+    shorter ones (the tiny presets, a short demo) eager; explicit flags win either way."""
+    import train
+    from config import parse_config
+    cpu = torch.device("cpu")
+
+    def auto(*flags):
+        cfg = parse_config(train.TrainConfig, list(flags), presets=train.TRAIN_PRESETS)
+        return train.resolve_compile(cfg.compile, cpu, train.planned_tokens(cfg))
+
+    demo = parse_config(train.TrainConfig, [], presets=train.TRAIN_PRESETS)
+    assert train.planned_tokens(demo) == demo.max_steps * demo.global_batch_size * demo.seq_len
+    assert train.planned_tokens(demo) >= train.CPU_COMPILE_MIN_TOKENS
+    on, why = auto()
+    assert on is True and "--compile=false" in why
+    assert auto("--compile=false")[0] is False
+    assert auto("--preset=mosaic-bert-tiny")[0] is False
+    short = train.CPU_COMPILE_MIN_TOKENS // (demo.global_batch_size * demo.seq_len) - 1
+    on, why = auto(f"--max_steps={short}")
+    assert on is False and "--compile=true" in why
+    assert auto(f"--max_steps={short}", "--compile=true")[0] is True
+
+
 def test_startup_log_says_whether_it_compiles(tmp_path, capsys):
     import train
     train.main(["--preset=mosaic-bert-tiny", "--device=cpu", "--seq_len=32", "--global_batch_size=4",
                 "--micro_batch_size=4", "--max_steps=1", "--eval_every=0", "--save_every=0",
                 f"--out_dir={tmp_path}"])
-    assert "compile: off (default on cpu; --compile=true to compile)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compile: off (default on the CPU for runs under 1M planned tokens, this one 0.00M; " \
+           "--compile=true to compile)" in out
 
 
 # ---------------------------------------------------------------------------- FlexAttention forward and backward
