@@ -125,8 +125,10 @@ def arm_model_config(size: str, arm: str) -> modeling.ModelConfig:
 
 
 def compile_choice(cfg: ParetoConfig, device: torch.device) -> bool:
-    """auto: compile on CUDA, where it pays; eager on the CPU, where bench.py measures a few % from compiling
-    (within this machine's noise) for ~30-60 s of compilation per arm that a 25-minute quick run cannot spare."""
+    """auto: compile on CUDA, where it pays; eager on the CPU. There compiling buys the mosaic step 14-17%
+    (bench.py; train.py compiles its CPU demo) but costs ~30-60 s per arm, and each bert arm's padded shapes
+    would need dynamic compiles too: a 25-minute quick run cannot spare it, and its committed results are
+    eager for both arms. --compile=on compares compiled arms."""
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
