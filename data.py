@@ -792,7 +792,7 @@ class _StreamedStream:
 # Public API
 # --------------------------------------------------------------------------------------------------------------
 class PretrainStream:
-    """Masked pretraining batches of one rank: see the module docstring and CONTRACT.md.
+    """Masked pretraining batches of one rank: see the module docstring.
 
     next_batch() -> {'input_ids', 'attention_mask', 'labels'}: CPU int64 [global_batch_size // world_size, seq_len],
     this rank's contiguous share of the next global batch. For local sources num_workers is ignored (batch assembly

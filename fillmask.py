@@ -15,6 +15,7 @@ word (" Paris" is one token), so the space just before each [MASK] is left to th
 """
 
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,10 +67,14 @@ def top_k(model, tok, text: str, k: int = 5) -> list[list[tuple[str, float]]]:
 
 
 def format_predictions(text: str, preds: list[list[tuple[str, float]]]) -> str:
-    """One line per [MASK]: the sentence, then `[MASK] #n: token (p) | token (p) ...`."""
+    """One line per [MASK]: the sentence, then `[MASK] #n: token (p) | token (p) ...`. Tokens print without
+    their surrounding spaces, except where that would hide what they are: whitespace-only tokens, and tokens
+    that only their spaces tell apart in the same row (GPT-2 BPE's " It" and "It") print quoted."""
     lines = [text]
     for n, row in enumerate(preds, 1):
-        lines.append(f"  {MASK} #{n}: " + " | ".join(f"{t.strip() or repr(t)} ({p:.2f})" for t, p in row))
+        stripped = Counter(t.strip() for t, _ in row)
+        shown = [repr(t) if not t.strip() or stripped[t.strip()] > 1 else t.strip() for t, _ in row]
+        lines.append(f"  {MASK} #{n}: " + " | ".join(f"{t} ({p:.2f})" for t, (_, p) in zip(shown, row)))
     return "\n".join(lines)
 
 

@@ -66,3 +66,10 @@ def test_command_line_prints_predictions_for_a_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, "fillmask.py", f"--ckpt={tmp_path / 'missing'}", "x [MASK]"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--ckpt=" in bad.stderr
+
+
+def test_format_predictions_tells_apart_tokens_that_differ_only_in_spaces():
+    """GPT-2 BPE has " It" (a new word) and "It" (glued to the text before): printed stripped, both would read
+    `It`, so such tokens, and whitespace-only ones, print quoted; everything else prints bare."""
+    line = fillmask.format_predictions("x [MASK]", [[(" the", 0.5), (" It", 0.2), ("It", 0.1), ("\n", 0.05)]])
+    assert line.splitlines()[1] == "  [MASK] #1: the (0.50) | ' It' (0.20) | 'It' (0.10) | '\\n' (0.05)"
