@@ -305,7 +305,6 @@ def pretrain_batches(cfg: BenchConfig) -> list[dict]:
 def demo_batches(cfg: BenchConfig) -> list[dict]:
     """(c) the batches `python train.py` trains on: its default TrainConfig's data, mode, length,
     masking and global batch (one micro-batch of 32 x 128 today), exactly as its stream builds them."""
-    import train  # noqa: PLC0415 (bench.py's other workloads do not need train.py)
     t = train.TrainConfig()
     stream = data.PretrainStream(t.data, split="train", seq_len=t.seq_len, mode=t.data_mode, mask_prob=t.mask_prob,
                                  seed=t.seed, global_batch_size=cfg.demo_batch or t.micro_batch_size)
@@ -593,7 +592,6 @@ def demo_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[
     (train.build_optimizer), bf16 autocast, eager or compiled as train.py's default --compile says."""
     if "demo" not in dev_batches:
         return []
-    import train  # noqa: PLC0415
     t = train.TrainConfig()
     mcfg = train.model_config(t)
     comp = cfg.compile and train.resolve_compile(t.compile, device, train.planned_tokens(t))[0]
