@@ -358,6 +358,15 @@ def load_task(task: Task, glue_dir: str, skip_bad_rows: bool = False) -> dict:
     return {s: read_tsv(task, base / f, skip_bad_rows) for s, f in task.files.items()}
 
 
+def label_subset(ex: Examples, budget: int) -> Examples:
+    """A label budget: a fixed random subset of `budget` rows (the same for every seed, run and start; kept in file
+    order), or all rows when budget <= 0 or the split is smaller. probe.py fits its probes on the same subset."""
+    if budget <= 0 or len(ex.a) <= budget:
+        return ex
+    keep = np.sort(np.random.default_rng(0).permutation(len(ex.a))[:budget])
+    return Examples([ex.a[i] for i in keep], [ex.b[i] for i in keep] if ex.b else None, ex.labels[keep], ex.origin)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # tokenization: GPT-2 BPE (data.get_tokenizer) for our checkpoints; BERT WordPiece (hf.WordPiece) for HF checkpoints
 
@@ -898,12 +907,7 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
                             f"would start from {start_name}; pass another --out_dir")
         t0 = time.perf_counter()
         splits = load_task(task, cfg.glue_dir, cfg.skip_bad_rows)
-        budget = rec["max_train_examples"]
-        if budget > 0 and len(splits["train"].a) > budget:
-            keep = np.sort(np.random.default_rng(0).permutation(len(splits["train"].a))[:budget])
-            ex = splits["train"]
-            splits["train"] = Examples([ex.a[i] for i in keep], [ex.b[i] for i in keep] if ex.b else None,
-                                       ex.labels[keep], ex.origin)
+        splits["train"] = label_subset(splits["train"], rec["max_train_examples"])
         train = encode_examples(splits["train"], start.tokenizer, cfg.max_len)
         evals = {s: encode_examples(splits[s], start.tokenizer, cfg.max_len) for s in eval_splits(task)}
         if dist.master:
