@@ -46,7 +46,7 @@ peak memory. Grep the names:
                       median of the rounds is reported. Devices are synchronized around each step.
     matmul peak       timed 2048^3 (CPU) / 8192^3 (GPU) matmuls in bf16 and fp32, one burst per round,
                       interleaved with the rows: the MFU reference in the same run, device and dtype.
-                      On GPUs MFU is also given against the datasheet peak in the row's dtype (train.GPU_PEAK_TFLOPS).
+                      On GPUs MFU is also given against the datasheet peak in the row's dtype (perf.GPU_PEAK_TFLOPS).
     peak memory       CUDA: max_memory_allocated above the allocation at the step's start. CPU: the
                       resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs after
                       malloc_trim) above the RSS at the step's start. Either way plus the row's own
@@ -55,7 +55,7 @@ peak memory. Grep the names:
                       share one pool of parameters (see ParamPool): other rows' models do not count.
     targets           computed from the measured numbers, printed as met / not met.
     projection        the paper's recipe (70,000 steps x 4,096 x 128 tokens) on N devices like this one.
-    heap              CPU: every row runs under train.py's default heap (train.BoundedHeap: glibc keeps freed
+    heap              CPU: every row runs under train.py's default heap (perf.BoundedHeap: glibc keeps freed
                       memory for the next step instead of page-faulting it back in; trimmed past 1.15x the
                       resident set after all warm-ups). --keep_freed_memory=false gives glibc's default.
     threads           torch's default unless --threads. On a machine whose cores other jobs keep busy,
@@ -67,8 +67,6 @@ matplotlib is installed). transformers is a bench/test-only dependency; without 
 carry note 'skipped: transformers not installed'.
 """
 
-import ctypes
-import gc
 import gzip
 import json
 import math
@@ -90,6 +88,7 @@ import data
 import hf
 import kernels
 import model as modeling
+import perf
 import train
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
@@ -113,7 +112,7 @@ class BenchConfig:
     workloads: str = "pretrain,glue,demo,attention"
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
     threads: int = 0                    # torch.set_num_threads; 0 keeps torch's default
-    keep_freed_memory: bool = True      # CPU: train.py's default heap (train.BoundedHeap) for every row, the peer's too
+    keep_freed_memory: bool = True      # CPU: train.py's default heap (perf.BoundedHeap) for every row, the peer's too
     compile: bool = True                # the mosaic-bert-base row runs model.compile_model (and the demo row when
                                         # train.py's default would compile it); false: both eager
     hf: bool = True                     # time the Hugging Face peer
@@ -189,105 +188,6 @@ def normalize_argv(argv: list[str]) -> list[str]:
             out.append(a)
             i += 1
     return out
-
-
-# ----------------------------------------------------------------------------------------
-# Measuring: synchronize, memory high-water mark, matmul peak
-
-
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _status_bytes(key: str) -> Optional[int]:
-    """A /proc/self/status field (kB) in bytes, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _malloc_trim():
-    """Give freed heap memory back to the OS (glibc), so that the RSS high-water mark sees the next step."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0). False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def high_water(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Run fn once; return the memory high-water mark above the level at its start (bytes), or None."""
-    gc.collect()
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return max(0, torch.cuda.max_memory_allocated(device) - start)
-    _malloc_trim()
-    if not _reset_hwm():
-        fn()
-        return None
-    start = _status_bytes("VmRSS")
-    fn()
-    peak = _status_bytes("VmHWM")
-    return None if start is None or peak is None else max(0, peak - start)
-
-
-class MatmulPeak:
-    """The matmul rate this device reaches, per dtype, measured in bursts interleaved with the rows."""
-
-    def __init__(self, device: torch.device, n: Optional[int] = None):
-        self.device = device
-        self.n = n or (8192 if device.type == "cuda" else 2048)
-        self.rates = {"bfloat16": [], "float32": []}
-        self._ab = {}
-
-    def burst(self, reps: int = 3):
-        for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-            if name not in self._ab:
-                a = torch.randn(self.n, self.n, device=self.device, dtype=dt)
-                b = torch.randn(self.n, self.n, device=self.device, dtype=dt)
-                self._ab[name] = (a, b)
-                a @ b  # warm-up
-            a, b = self._ab[name]
-            times = []
-            for _ in range(reps):
-                sync(self.device)
-                t0 = time.perf_counter()
-                a @ b
-                sync(self.device)
-                times.append(time.perf_counter() - t0)
-            self.rates[name].append(2 * self.n**3 / statistics.median(times))
-
-    def peak(self, dtype: str) -> float:
-        return statistics.median(self.rates[dtype])
-
-
-def datasheet_peak(device: torch.device) -> Optional[dict]:
-    """{dtype: dense peak FLOP/s} of this GPU from train.py's table (None on CPU or for an unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    from train import datasheet_peak as sheet  # noqa: PLC0415  (train.py owns the one table)
-    name = torch.cuda.get_device_name(device)
-    peaks = {dt: sheet(name, dt) for dt in ("bfloat16", "float32")}
-    return peaks if peaks["bfloat16"] else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -722,25 +622,25 @@ def dynamo_graphs() -> int:
         return -1
 
 
-def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log, keep_freed: bool = False) -> dict:
+def run(rows: list[Row], repeats: int, device, peak: perf.MatmulPeak, log, keep_freed: bool = False) -> dict:
     live = [r for r in rows if not r.skipped]
     t_start = time.perf_counter()
     # train.py's CPU heap: freed memory kept for the next step; its bound is set after every row's warm-up
-    heap = train.BoundedHeap(keep_freed and device.type == "cpu", warmup=sum(len(r.warm) for r in live))
+    heap = perf.BoundedHeap(keep_freed and device.type == "cpu", warmup=sum(len(r.warm) for r in live))
     for r in live:  # warm-up: every shape (every batch for compiled rows); memory on the last warm-up step
         for k, i in enumerate(r.warm):
             def timed(i=i):
-                sync(device)
+                perf.sync(device)
                 t0 = time.perf_counter()
                 r.step(i)
-                sync(device)
+                perf.sync(device)
                 r.warm_times.append(time.perf_counter() - t0)
                 heap.after_step()
             if k < len(r.warm) - 1:
                 timed()
             else:  # persistent state before the step + the step's high-water mark above its start
                 before = r.state()
-                delta = high_water(timed, device)
+                delta = perf.high_water(timed, device)
                 r.peak_mem = before + (delta or 0)
                 r.step_mem_measured = delta is not None
         log(f"  warm-up {r.workload:9s} {r.name:22s} {sum(r.warm_times):7.1f} s")
@@ -750,10 +650,10 @@ def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log, keep_freed
         t0 = time.perf_counter()
         order = live[k % len(live):] + live[:k % len(live)]  # rotate: no row always first or last
         for r in order:
-            sync(device)
+            perf.sync(device)
             t = time.perf_counter()
             n = r.step(k)  # round k: every row on the same batch
-            sync(device)
+            perf.sync(device)
             r.times.append(time.perf_counter() - t)
             r.tokens.append(n)
             heap.after_step()
@@ -767,7 +667,7 @@ def run(rows: list[Row], repeats: int, device, peak: MatmulPeak, log, keep_freed
 # Results: metrics, targets, projection, outputs
 
 
-def row_result(r: Row, peak: MatmulPeak, sheet: Optional[dict]) -> dict:
+def row_result(r: Row, peak: perf.MatmulPeak, sheet: Optional[dict]) -> dict:
     base = dict(name=r.name, workload=r.workload, note=r.note)
     if r.skipped:
         return dict(base, tokens_per_s=None, step_ms=None, mfu=None, peak_mem_bytes=None, speedup=None)
@@ -977,9 +877,9 @@ def bench(cfg: BenchConfig) -> dict:
     print(f"built {len(rows)} rows in {time.perf_counter() - t0:.1f} s; measuring "
           f"({cfg.repeats} interleaved rounds after warm-up)", flush=True)
 
-    peak = MatmulPeak(device, n=1024 if cfg.size == "tiny" else None)
+    peak = perf.MatmulPeak(device, n=1024 if cfg.size == "tiny" else None)
     status = run(rows, cfg.repeats, device, peak, lambda s: print(s, flush=True), cfg.keep_freed_memory)
-    sheet = datasheet_peak(device)
+    sheet = perf.datasheet_peaks(device)
     results = [row_result(r, peak, sheet) for r in rows]
     add_speedups(results)
     tgts = targets(results, stats)

@@ -15,7 +15,7 @@ embedded data and imports it lazily. Steps, each a subprocess with its own time 
     train     train.py --preset=mosaic-bert-base, 50 steps on the embedded sample (compiled, the CUDA default)
 
 The report (stdout and out/gpu_check/report.md) names the device, torch and CUDA versions, each step's status
-and wall time, the training run's last log line and its MFU against the data-sheet peak (train.GPU_PEAK_TFLOPS),
+and wall time, the training run's last log line and its MFU against the data-sheet peak (perf.GPU_PEAK_TFLOPS),
 and bench.py's tables. The exit status is 0 only when every step passed.
 """
 
@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+import perf
 from config import main_guard, parse_config
 
 ROOT = Path(__file__).resolve().parent
@@ -100,11 +101,10 @@ def pytest_summary(text: str) -> str:
 
 def environment() -> list[str]:
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-    import train  # noqa: PLC0415
-    peak = train.datasheet_peak(name, "bfloat16") if torch.cuda.is_available() else None
+    peak = perf.datasheet_peak(name, "bfloat16") if torch.cuda.is_available() else None
     return [f"- device: {name} x {torch.cuda.device_count()}",
             f"- torch {torch.__version__}, CUDA {torch.version.cuda}, Python {sys.version.split()[0]}",
-            f"- data-sheet dense bf16 peak: {f'{peak / 1e12:,.0f} TFLOP/s' if peak else 'not in train.GPU_PEAK_TFLOPS'}"]
+            f"- data-sheet dense bf16 peak: {f'{peak / 1e12:,.0f} TFLOP/s' if peak else 'not in perf.GPU_PEAK_TFLOPS'}"]
 
 
 def report(done: list[Step], env_lines: list[str], bench_md: Optional[str], date: str) -> str:

@@ -30,13 +30,9 @@ Headline: the time each arm needs to reach the other's final eval MLM accuracy, 
 """
 
 import dataclasses
-import json
-import math
-import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -395,7 +391,7 @@ def markdown(res: dict) -> str:
                      f"{p['eval_mlm_acc']:.3f} | {ds} | {'*' if f else ''} |")
     h = res["headline"]
     lines += ["", f"**Headline:** {h['summary']}.", "",
-              f"Not counted: warm-up (compile) " + ", ".join(f"{a} {t:.0f} s" for a, t in res["excluded"]["warmup_s"].items())
+              "Not counted: warm-up (compile) " + ", ".join(f"{a} {t:.0f} s" for a, t in res["excluded"]["warmup_s"].items())
               + f", evaluation {res['excluded']['eval_s']:.0f} s, "
               f"checkpoints {res['excluded']['checkpoint_s']:.0f} s, fine-tuning {res['excluded']['downstream_s']:.0f} s."]
     return "\n".join(lines) + "\n"

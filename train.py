@@ -7,13 +7,13 @@
 Everything a run does is in this file, top to bottom (grep the names):
     TrainConfig, TRAIN_PRESETS    one dataclass, --field=value flags, named recipes
     init_distributed              torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU
-    BoundedHeap                   CPU default: glibc keeps freed memory (no page faults per step), trimmed at a bound
+    perf.BoundedHeap              CPU default: glibc keeps freed memory (no page faults per step), trimmed at a bound
     decoupled weight decay        MosaicML's DecoupledAdamW expressed with torch's AdamW
     lr_at                         linear warmup, then linear decay to final_lr_frac x peak
     accumulate_gradients          global masked count: a step's MLM loss is sum(CE) / (masked tokens in the global batch)
     no_sync                       gradients are all-reduced once per step, on the last micro-step
     --compile                     torch.compile in one place, on by default on CUDA (resolve_compile)
-    MFU                           against a peak-FLOP table on GPUs, a measured matmul rate on CPUs
+    MFU                           against a peak-FLOP table on GPUs, a measured matmul rate on CPUs (perf.peak_flops)
     save_checkpoint / resume      atomic, weights_only-loadable, exact continuation (data, RNG, schedule)
     autoresume                    a run into an out_dir holding checkpoints of the same config continues them;
                                   of another config, it refuses (checkpoints are never deleted implicitly)
@@ -26,11 +26,9 @@ real tokens (nnz) and of masked tokens is marked dynamic inside model.py (model.
 run compiles once per region instead of once per batch.
 """
 
-import ctypes
 import datetime
 import json
 import os
-import platform
 import random
 import signal
 import sys
@@ -48,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import fillmask
 import model as modeling
+import perf
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
 
@@ -106,7 +105,7 @@ class TrainConfig:
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
     dtype: str = "bfloat16"            # autocast dtype: 'bfloat16' | 'float32' (no autocast)
     compile: Optional[bool] = None     # None (auto): compile on CUDA, eager on the CPU; true/false forces it
-    keep_freed_memory: bool = True     # CPU: glibc keeps freed memory, trimmed back at a bound (see BoundedHeap)
+    keep_freed_memory: bool = True     # CPU: glibc keeps freed memory, trimmed back at a bound (see perf.BoundedHeap)
     seed: int = 0
     # logging, evaluation, checkpoints
     out_dir: str = "out/demo"
@@ -247,73 +246,6 @@ def model_config(cfg: TrainConfig) -> modeling.ModelConfig:
 # Distributed
 
 
-def keep_freed_memory() -> bool:
-    """CPU: glibc keeps freed memory instead of returning it to the kernel (BoundedHeap bounds it).
-
-    A training step frees and re-allocates the same large tensors every step (gradients, activations,
-    autocast's bf16 weight copies, the head's buffers). glibc serves big blocks with mmap and unmaps
-    them on free, so every step page-faults all of that memory back in, zero-filled by the kernel: on
-    this project's 2-core CI machine a third of the demo's step time and ~10% of a MosaicBERT-base step.
-    mallopt gets the memory kept (no mmap for big blocks, no trimming of the heap's top); PyTorch's CPU
-    tuning guide reaches for jemalloc/tcmalloc instead. Alone, this lets a heap whose block sizes change
-    from step to step fragment and grow; BoundedHeap trims it back. Returns whether it applied (glibc only).
-    """
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def resident_bytes() -> Optional[int]:
-    """This process's resident set (Linux /proc/self/statm), or None where it cannot be read."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def peak_resident_bytes() -> int:
-    """The process's resident-set high-water mark so far (getrusage; Linux reports KiB), or 0 without it."""
-    try:
-        import resource  # noqa: PLC0415 (Unix only)
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class BoundedHeap:
-    """The CPU default (--keep_freed_memory=true): freed memory is kept for the next step, and the heap
-    is trimmed back whenever the resident set passes `growth` x its level after `warmup` steps.
-
-    keep_freed_memory removes the per-step page faults; what it leaves is a heap that fragments and
-    keeps growing when allocation sizes drift (before the head was fused, the demo grew from 3.8 GB
-    after 10 steps to 7.6 GB after 250). After each step `after_step` reads the resident set (one
-    small /proc read); past the bound it calls malloc_trim(0), which hands every free page of the heap
-    back to the kernel. The next step faults only its working set back in, once. A no-op where glibc
-    or /proc is missing, or when not enabled (glibc's default behaviour then).
-    """
-
-    def __init__(self, enabled: bool, growth: float = 1.15, warmup: int = 20):
-        self.active = enabled and keep_freed_memory() and resident_bytes() is not None
-        self.growth, self.warmup, self.steps, self.limit, self.trims = growth, warmup, 0, None, 0
-
-    def after_step(self):
-        if not self.active:
-            return
-        self.steps += 1
-        rss = resident_bytes()
-        if self.steps == self.warmup:
-            self.limit = self.growth * rss
-        elif self.limit is not None and rss > self.limit:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            self.trims += 1
-
-
 def init_distributed(device_flag: str, keep_freed: bool = False):
     """Read torchrun's env vars; without them this is one process. Returns (rank, world, device).
     keep_freed: on the CPU, apply keep_freed_memory."""
@@ -326,7 +258,7 @@ def init_distributed(device_flag: str, keep_freed: bool = False):
     if use_cuda:
         torch.cuda.set_device(device)
     elif keep_freed:
-        keep_freed_memory()
+        perf.keep_freed_memory()
     if world > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=DIST_TIMEOUT)
     return rank, world, device
@@ -377,64 +309,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
     return cfg.lr * (1.0 - (1.0 - cfg.final_lr_frac) * progress)
-
-
-# ----------------------------------------------------------------------------------------
-# MFU: model FLOPs utilisation against the device's peak in the run's dtype
-
-# Dense (no sparsity) peaks per GPU in TFLOP/s from the vendors' data sheets: (bf16 tensor core, fp32).
-# fp32 is the plain (non-tensor-core) rate torch's default float32 matmul precision ("highest") runs at;
-# with TF32 allowed (torch.set_float32_matmul_precision("high")) float32 matmuls get half the bf16 peak.
-# Names are matched as whole words, longest first: "L40" never matches "L4", "GB200" never "B200".
-GPU_PEAK_TFLOPS = {
-    "A100": (312, 19.5),
-    "H100": (989, 67), "H100 PCIe": (756, 51), "H100 NVL": (835, 60),
-    "H200": (989, 67), "H200 NVL": (835, 60), "GH200": (989, 67),
-    "L4": (121, 30.3), "L40": (181, 90.5), "L40S": (362, 91.6),
-    "B200": (2250, 75), "GB200": (2500, 80),
-}
-
-
-def _words(name: str) -> list[str]:
-    return name.upper().replace("-", " ").replace("_", " ").split()
-
-
-def datasheet_peak(device_name: str, dtype: str) -> Optional[float]:
-    """Dense peak FLOP/s of a GPU (torch.cuda.get_device_name) for the run's dtype, or None when the
-    name is not in GPU_PEAK_TFLOPS. The longest table key whose words appear, in order and whole, in
-    the name wins: "NVIDIA H100 NVL" is the NVL part, "NVIDIA A100-SXM4-80GB" an A100."""
-    words = _words(device_name)
-    for key in sorted(GPU_PEAK_TFLOPS, key=lambda k: (len(_words(k)), len(k)), reverse=True):
-        kw = _words(key)
-        if any(words[i:i + len(kw)] == kw for i in range(len(words) - len(kw) + 1)):
-            bf16, fp32 = GPU_PEAK_TFLOPS[key]
-            if dtype == "bfloat16":
-                return bf16 * 1e12
-            tf32 = torch.get_float32_matmul_precision() != "highest"
-            return (bf16 / 2 if tf32 else fp32) * 1e12
-    return None
-
-
-def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
-    """FLOP/s one rank can reach: the GPU's data-sheet peak for `dtype`, or on CPU a timed matmul in it."""
-    if device.type == "cuda":
-        return datasheet_peak(torch.cuda.get_device_name(device), dtype)
-    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    n = 2048  # ~17 GFLOP per matmul: long enough to reach the CPU's sustained rate
-    g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched
-    a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
-    for _ in range(2):
-        a @ b  # warm-up
-    # The best of 3 windows of 0.3 s: anything else running on the machine (another job, a data thread)
-    # can only slow a window down, and an understated peak would overstate every MFU of the run.
-    rates = []
-    for _ in range(3):
-        k, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.3:
-            a @ b
-            k += 1
-        rates.append(2 * n**3 * k / (time.perf_counter() - t0))
-    return max(rates)
 
 
 # ----------------------------------------------------------------------------------------
@@ -753,19 +627,19 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
             dist.barrier()
 
     # --- the loop
-    peak = peak_flops(device, cfg.dtype)
+    peak = perf.peak_flops(device, cfg.dtype)
     if peak:
         source = f"measured {cfg.dtype} matmul" if device.type == "cpu" else f"data-sheet dense {cfg.dtype} peak"
         print0(f"MFU reference: {peak / 1e12:.2f} TFLOP/s per rank ({source})")
     else:
-        print0(f"MFU: no data-sheet peak for {torch.cuda.get_device_name(device)!r}; add it to train.GPU_PEAK_TFLOPS")
+        print0(f"MFU: no data-sheet peak for {torch.cuda.get_device_name(device)!r}; add it to perf.GPU_PEAK_TFLOPS")
     mb = cfg.micro_batch_size
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked since last log
     interval_tokens, interval_steps, grad_norm = 0, 0, torch.zeros((), device=device)
     interval_context = 0  # sum over this rank's attention windows of length^2 (data.attention_context)
     t_log = t_start = time.perf_counter()
     first_step = step
-    heap = BoundedHeap(cfg.keep_freed_memory and device.type == "cpu")
+    heap = perf.BoundedHeap(cfg.keep_freed_memory and device.type == "cpu")
     model.train()
     while step < end:
         lr = lr_at(step, cfg)
@@ -811,7 +685,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
             check_finite(step)
             log_metrics(dict(step=step, loss=loss, mlm_acc=acc, lr=lr, tokens_per_s=tok_s, ms_per_step=ms,
                              mfu=mfu, grad_norm=gn, elapsed_s=time.perf_counter() - t_start,
-                             rss_gb=(resident_bytes() or 0) / 2**30, peak_rss_gb=peak_resident_bytes() / 2**30,
+                             rss_gb=(perf.resident_bytes() or 0) / 2**30, peak_rss_gb=perf.peak_resident_bytes() / 2**30,
                              heap_trims=heap.trims))
             stats.zero_()
             interval_tokens, interval_steps, interval_context = 0, 0, 0

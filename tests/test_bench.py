@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import model as M
+import perf
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,7 +147,7 @@ def test_high_water_sees_a_step_allocation():
     def step():
         x = torch.ones(16 * 2**20)  # 64 MiB, written
         return float(x[-1])
-    got = bench.high_water(step, torch.device("cpu"))
+    got = perf.high_water(step, torch.device("cpu"))
     if got is None:
         pytest.skip("no /proc/self/clear_refs on this system: the CPU high-water mark cannot be reset")
     assert got >= 60 * 2**20

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model as M
+import perf
 
 # ---------------------------------------------------------------------------- MLM accuracy (exact top-1)
 
@@ -39,26 +40,24 @@ def test_mlm_accuracy_is_exact_top1_and_ties_are_wrong():
 def test_datasheet_peak_matches_whole_names_longest_first_per_dtype(name, bf16, fp32, monkeypatch):
     """Each data-sheet name gets its own entry ("L40" is not an "L4", "GB200" not a "B200", the NVL parts
     not the SXM figure) and float32 runs are measured against the fp32 peak (TF32 when allowed)."""
-    import train
-    assert train.datasheet_peak(name, "bfloat16") == bf16 * 1e12
+    assert perf.datasheet_peak(name, "bfloat16") == bf16 * 1e12
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
-    assert train.datasheet_peak(name, "float32") == fp32 * 1e12
+    assert perf.datasheet_peak(name, "float32") == fp32 * 1e12
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    assert train.datasheet_peak(name, "float32") == bf16 / 2 * 1e12
+    assert perf.datasheet_peak(name, "float32") == bf16 / 2 * 1e12
 
 
 def test_unknown_gpu_has_no_peak_and_train_and_bench_share_the_table(monkeypatch):
-    """An unknown name (or a near miss) gives None, not a neighbour's figure; bench.py reads train.py's
-    table through the same function, for the device name torch reports."""
-    import bench
-    import train
+    """An unknown name (or a near miss) gives None, not a neighbour's figure; bench.py's per-dtype peaks
+    (perf.datasheet_peaks) and train.py's MFU reference (perf.peak_flops) read the same table, for the
+    device name torch reports."""
     for name in ("NVIDIA GeForce RTX 4090", "NVIDIA L20", "NVIDIA H20", "NVIDIA A10"):
-        assert train.datasheet_peak(name, "bfloat16") is None, name
+        assert perf.datasheet_peak(name, "bfloat16") is None, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
-    assert bench.datasheet_peak(torch.device("cuda")) == {"bfloat16": 362e12, "float32": train.datasheet_peak(
+    assert perf.datasheet_peaks(torch.device("cuda")) == {"bfloat16": 362e12, "float32": perf.datasheet_peak(
         "NVIDIA L40S", "float32")}
-    assert train.peak_flops(torch.device("cuda"), "bfloat16") == 362e12
-    assert bench.datasheet_peak(torch.device("cpu")) is None
+    assert perf.peak_flops(torch.device("cuda"), "bfloat16") == 362e12
+    assert perf.datasheet_peaks(torch.device("cpu")) is None
 
 
 # ---------------------------------------------------------------------------- evaluation through the compiled flex

@@ -505,11 +505,11 @@ def test_presets_resolve():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_keep_freed_memory_stops_page_faulting_reallocations():
-    """train.keep_freed_memory: big tensors freed by one "step" are reused by the next instead of
+    """perf.keep_freed_memory: big tensors freed by one "step" are reused by the next instead of
     being unmapped and page-faulted back in. Measured in fresh processes (mallopt is process-wide):
     minor page faults of steps 3..10 of a loop that allocates, uses and frees ~140 MiB per step."""
-    probe = ("import resource, sys, torch, train\n"
-             "if sys.argv[1] == 'on': assert train.keep_freed_memory()\n"
+    probe = ("import resource, sys, torch, perf\n"
+             "if sys.argv[1] == 'on': assert perf.keep_freed_memory()\n"
              "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
              "for step in range(10):\n"
              "    if step == 2: f0 = faults()\n"
@@ -526,18 +526,18 @@ def test_keep_freed_memory_stops_page_faulting_reallocations():
 
 
 def test_bounded_heap_trims_kept_memory_past_its_bound():
-    """train.BoundedHeap: freed memory stays resident (kept for reuse) until the resident set passes
+    """perf.BoundedHeap: freed memory stays resident (kept for reuse) until the resident set passes
     growth x its level after the warm-up steps; then the heap is trimmed and the resident set falls back."""
-    probe = ("import torch, train\n"
-             "heap = train.BoundedHeap(True, growth=1.2, warmup=2)\n"
+    probe = ("import torch, perf\n"
+             "heap = perf.BoundedHeap(True, growth=1.2, warmup=2)\n"
              "assert heap.active\n"
              "small = lambda: torch.ones(8 * 2**20).sum()\n"  # a 32 MiB working set
              "for _ in range(2): small(); heap.after_step()\n"
              "limit = heap.limit\n"
              "big = torch.ones(256 * 2**20); del big\n"  # 1 GiB, freed but kept by glibc
-             "kept = train.resident_bytes()\n"
+             "kept = perf.resident_bytes()\n"
              "heap.after_step()\n"
-             "print(kept > limit, heap.trims, train.resident_bytes() < limit)\n")
+             "print(kept > limit, heap.trims, perf.resident_bytes() < limit)\n")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

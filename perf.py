@@ -1,0 +1,249 @@
+"""What the machine can do and what a step costs it: peak FLOP/s (the MFU denominator), memory, the CPU heap.
+
+Grep the names:
+    GPU_PEAK_TFLOPS, datasheet_peak   dense bf16/fp32 peaks from the vendors' data sheets, matched on whole words
+    peak_flops                        train.py's MFU reference: the data sheet on GPUs, a timed matmul on CPUs
+    MatmulPeak                        bench.py's: timed matmul bursts interleaved with the benchmark's rows
+    resident_bytes, high_water        the process's resident set, and a step's memory high-water mark
+    keep_freed_memory, BoundedHeap    CPU: glibc keeps freed memory between steps (no page faults), with a bound
+
+MFU = model FLOPs per second (model.flops_per_token x tokens/s) / one of these peaks, in the run's dtype.
+"""
+
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------
+# Peak FLOP/s: the data sheet on GPUs, timed matmuls on CPUs
+
+# Dense (no sparsity) peaks per GPU in TFLOP/s from the vendors' data sheets: (bf16 tensor core, fp32).
+# fp32 is the plain (non-tensor-core) rate torch's default float32 matmul precision ("highest") runs at;
+# with TF32 allowed (torch.set_float32_matmul_precision("high")) float32 matmuls get half the bf16 peak.
+# Names are matched as whole words, longest first: "L40" never matches "L4", "GB200" never "B200".
+GPU_PEAK_TFLOPS = {
+    "A100": (312, 19.5),
+    "H100": (989, 67), "H100 PCIe": (756, 51), "H100 NVL": (835, 60),
+    "H200": (989, 67), "H200 NVL": (835, 60), "GH200": (989, 67),
+    "L4": (121, 30.3), "L40": (181, 90.5), "L40S": (362, 91.6),
+    "B200": (2250, 75), "GB200": (2500, 80),
+}
+
+
+def _words(name: str) -> list[str]:
+    return name.upper().replace("-", " ").replace("_", " ").split()
+
+
+def datasheet_peak(device_name: str, dtype: str) -> Optional[float]:
+    """Dense peak FLOP/s of a GPU (torch.cuda.get_device_name) for the run's dtype, or None when the
+    name is not in GPU_PEAK_TFLOPS. The longest table key whose words appear, in order and whole, in
+    the name wins: "NVIDIA H100 NVL" is the NVL part, "NVIDIA A100-SXM4-80GB" an A100."""
+    words = _words(device_name)
+    for key in sorted(GPU_PEAK_TFLOPS, key=lambda k: (len(_words(k)), len(k)), reverse=True):
+        kw = _words(key)
+        if any(words[i:i + len(kw)] == kw for i in range(len(words) - len(kw) + 1)):
+            bf16, fp32 = GPU_PEAK_TFLOPS[key]
+            if dtype == "bfloat16":
+                return bf16 * 1e12
+            tf32 = torch.get_float32_matmul_precision() != "highest"
+            return (bf16 / 2 if tf32 else fp32) * 1e12
+    return None
+
+
+def datasheet_peaks(device: torch.device) -> Optional[dict]:
+    """{dtype: dense peak FLOP/s} of this GPU from GPU_PEAK_TFLOPS (None on CPU or for an unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peaks = {dt: datasheet_peak(name, dt) for dt in ("bfloat16", "float32")}
+    return peaks if peaks["bfloat16"] else None
+
+
+def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
+    """FLOP/s one rank can reach: the GPU's data-sheet peak for `dtype`, or on CPU a timed matmul in it."""
+    if device.type == "cuda":
+        return datasheet_peak(torch.cuda.get_device_name(device), dtype)
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    n = 2048  # ~17 GFLOP per matmul: long enough to reach the CPU's sustained rate
+    g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched
+    a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
+    for _ in range(2):
+        a @ b  # warm-up
+    # The best of 3 windows of 0.3 s: anything else running on the machine (another job, a data thread)
+    # can only slow a window down, and an understated peak would overstate every MFU of the run.
+    rates = []
+    for _ in range(3):
+        k, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.3:
+            a @ b
+            k += 1
+        rates.append(2 * n**3 * k / (time.perf_counter() - t0))
+    return max(rates)
+
+
+def sync(device: torch.device):
+    """Wait for the device's queued work (CUDA is asynchronous): timings start and stop on it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MatmulPeak:
+    """The matmul rate this device reaches, per dtype, measured in bursts interleaved with the rows."""
+
+    def __init__(self, device: torch.device, n: Optional[int] = None):
+        self.device = device
+        self.n = n or (8192 if device.type == "cuda" else 2048)
+        self.rates = {"bfloat16": [], "float32": []}
+        self._ab = {}
+
+    def burst(self, reps: int = 3):
+        for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+            if name not in self._ab:
+                a = torch.randn(self.n, self.n, device=self.device, dtype=dt)
+                b = torch.randn(self.n, self.n, device=self.device, dtype=dt)
+                self._ab[name] = (a, b)
+                a @ b  # warm-up
+            a, b = self._ab[name]
+            times = []
+            for _ in range(reps):
+                sync(self.device)
+                t0 = time.perf_counter()
+                a @ b
+                sync(self.device)
+                times.append(time.perf_counter() - t0)
+            self.rates[name].append(2 * self.n**3 / statistics.median(times))
+
+    def peak(self, dtype: str) -> float:
+        return statistics.median(self.rates[dtype])
+
+
+# ----------------------------------------------------------------------------------------
+# Memory: resident set and a step's high-water mark
+
+
+def resident_bytes() -> Optional[int]:
+    """This process's resident set (Linux /proc/self/statm), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_resident_bytes() -> int:
+    """The process's resident-set high-water mark so far (getrusage; Linux reports KiB), or 0 without it."""
+    try:
+        import resource  # noqa: PLC0415 (Unix only)
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_bytes(key: str) -> Optional[int]:
+    """A /proc/self/status field (kB) in bytes, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def malloc_trim():
+    """Give every free page of the heap back to the kernel (glibc; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def high_water(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Run fn once; return the memory high-water mark above the level at its start (bytes), or None."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - start)
+    malloc_trim()
+    if not _reset_hwm():
+        fn()
+        return None
+    start = _status_bytes("VmRSS")
+    fn()
+    peak = _status_bytes("VmHWM")
+    return None if start is None or peak is None else max(0, peak - start)
+
+
+# ----------------------------------------------------------------------------------------
+# The CPU heap: freed memory kept between steps, within a bound
+
+
+def keep_freed_memory() -> bool:
+    """CPU: glibc keeps freed memory instead of returning it to the kernel (BoundedHeap bounds it).
+
+    A training step frees and re-allocates the same large tensors every step (gradients, activations,
+    autocast's bf16 weight copies, the head's buffers). glibc serves big blocks with mmap and unmaps
+    them on free, so every step page-faults all of that memory back in, zero-filled by the kernel: on
+    this project's 2-core CI machine a third of the demo's step time and ~10% of a MosaicBERT-base step.
+    mallopt gets the memory kept (no mmap for big blocks, no trimming of the heap's top); PyTorch's CPU
+    tuning guide reaches for jemalloc/tcmalloc instead. Alone, this lets a heap whose block sizes change
+    from step to step fragment and grow; BoundedHeap trims it back. Returns whether it applied (glibc only).
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class BoundedHeap:
+    """The CPU default (--keep_freed_memory=true): freed memory is kept for the next step, and the heap
+    is trimmed back whenever the resident set passes `growth` x its level after `warmup` steps.
+
+    keep_freed_memory removes the per-step page faults; what it leaves is a heap that fragments and
+    keeps growing when allocation sizes drift (before the head was fused, the demo grew from 3.8 GB
+    after 10 steps to 7.6 GB after 250). After each step `after_step` reads the resident set (one
+    small /proc read); past the bound it calls malloc_trim(0), which hands every free page of the heap
+    back to the kernel. The next step faults only its working set back in, once. A no-op where glibc
+    or /proc is missing, or when not enabled (glibc's default behaviour then).
+    """
+
+    def __init__(self, enabled: bool, growth: float = 1.15, warmup: int = 20):
+        self.active = enabled and keep_freed_memory() and resident_bytes() is not None
+        self.growth, self.warmup, self.steps, self.limit, self.trims = growth, warmup, 0, None, 0
+
+    def after_step(self):
+        if not self.active:
+            return
+        self.steps += 1
+        rss = resident_bytes()
+        if self.steps == self.warmup:
+            self.limit = self.growth * rss
+        elif self.limit is not None and rss > self.limit:
+            malloc_trim()
+            self.trims += 1
