@@ -146,12 +146,13 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _status_bytes(key: str) -> Optional[int]:
-    """A /proc/self/status field (kB) in bytes, or None off Linux."""
+def _hwm_bytes() -> Optional[int]:
+    """The resident-set high-water mark VmHWM (/proc/self/status, kB) in bytes, or None off Linux. Unlike
+    peak_resident_bytes (getrusage), it can be reset (_reset_hwm)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(key + ":"):
+                if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -190,9 +191,9 @@ def high_water(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     if not _reset_hwm():
         fn()
         return None
-    start = _status_bytes("VmRSS")
+    start = resident_bytes()
     fn()
-    peak = _status_bytes("VmHWM")
+    peak = _hwm_bytes()
     return None if start is None or peak is None else max(0, peak - start)
 
 
