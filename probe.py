@@ -23,8 +23,20 @@ features, fitted on the demo's labelled sentences, scored on the dev set. Rows, 
 
 The labelled sentences are glue.py's label budget (glue.label_subset: the demo's fixed 1,000 by default). Features
 are standardized on them; the L2 strength is chosen by k-fold cross-validation on them, never on the dev set.
+
+Two more views of why a checkpoint may start fine-tuning behind a random init:
+
+    embedding geometry     the word embeddings of the tokens seen --min_count times or more in the unlabelled
+                           training text: their top singular values, how well the top direction's projection
+                           follows the tokens' log counts, and the cosine of sentiment word pairs (" good"/" bad",
+                           " good"/" great", ...), centred, before and after removing that direction
+                           (all-but-the-top, Mu and Viswanath 2018). At random init the pairs are near 0.
+    --parts                fine-tune (glue.finetune, the demo's recipe) from the pretrained embeddings alone and
+                           from the pretrained layers alone, the rest at the control's own init for that seed,
+                           beside all-pretrained and the control: which part costs or buys the points (minutes)
 """
 
+import collections
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +62,9 @@ class ProbeConfig:
     folds: int = 5             # cross-validation folds for the L2 strength
     max_len: int = 128
     batch_size: int = 64
+    min_count: int = 5         # embedding geometry: tokens seen at least this often in the unlabelled text
+    parts: bool = False        # also fine-tune from each pretrained part alone (embeddings, layers), --seeds seeds
+    max_steps: int = 0         # --parts: cap on fine-tuning steps per run (smoke runs), 0: the recipe's
     json: str = ""             # also write the rows here
 
 
@@ -184,6 +199,78 @@ def lsa_features(tokens: list, terms: np.ndarray, vectors: np.ndarray) -> np.nda
 
 
 # --------------------------------------------------------------------------------------------------------------
+# embedding geometry and fine-tuning from each pretrained part
+
+SENTIMENT_PAIRS = ((" good", " bad"), (" best", " worst"), (" funny", " boring"), (" good", " great"),
+                   (" bad", " terrible"))
+
+
+def remove_top_directions(x: np.ndarray, k: int) -> np.ndarray:
+    """All-but-the-top (Mu and Viswanath, 2018): the rows x [n, d] minus their mean and minus their projection
+    on the top-k principal directions (right singular vectors of the centred rows)."""
+    xc = x - x.mean(0)
+    if k == 0:
+        return xc
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)  # vt: [min(n, d), d]
+    return xc - (xc @ vt[:k].T) @ vt[:k]
+
+
+def embedding_geometry(emb: np.ndarray, counts: dict, tok, min_count: int) -> dict:
+    """What the word embeddings emb [V, d] hold about the tokens seen >= min_count times (counts: id -> count):
+    the top singular values of those rows (centred), the correlation of each row's projection on the top direction
+    with its log count, and the centred cosine of SENTIMENT_PAIRS (those single tokens among the rows) before
+    and after removing the top direction."""
+    ids = np.array(sorted(i for i, n in counts.items() if n >= min_count), np.int64)
+    if len(ids) < 3:
+        raise ConfigError(f"--min_count={min_count}: only {len(ids)} tokens are seen that often; lower it")
+    x = np.asarray(emb[ids], np.float64)
+    xc = x - x.mean(0)
+    _, sv, vt = np.linalg.svd(xc, full_matrices=False)
+    log_count = np.log([counts[int(i)] for i in ids])
+    row = {int(t): j for j, t in enumerate(ids)}
+    pairs = {}
+    for k, name in ((0, "cosine"), (1, "cosine_without_top")):
+        y = remove_top_directions(x, k)
+        y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        for a, b in SENTIMENT_PAIRS:
+            ta, tb = tok.encode(a), tok.encode(b)
+            if len(ta) == len(tb) == 1 and ta[0] in row and tb[0] in row:
+                pairs.setdefault(f"{a.strip()}/{b.strip()}", {})[name] = float(y[row[ta[0]]] @ y[row[tb[0]]])
+    return {"rows": len(ids), "singular_values": [float(v) for v in sv[:4]],
+            "top_vs_log_count": float(np.corrcoef(xc @ vt[0], log_count)[0, 1]), "pairs": pairs}
+
+
+def part_weights(pretrained: dict, fresh: dict, part: str) -> dict:
+    """An encoder state dict: `part` ('all', 'embeddings', 'layers') from the pretrained weights, the rest fresh."""
+    take = {"all": lambda n: True, "embeddings": lambda n: n.startswith("embeddings."),
+            "layers": lambda n: not n.startswith("embeddings.")}[part]
+    return {n: (pretrained[n] if take(n) else fresh[n]) for n in fresh}
+
+
+def finetune_parts(cfg: ProbeConfig, start, task, labelled, dev) -> list:
+    """glue.finetune on the label budget from all-pretrained, each pretrained part alone, and the control (random
+    init), seeds 0..seeds-1; the fresh part of a seed is the control's own init for that seed."""
+    gcfg = glue.GlueConfig(tasks="sentiment", max_train_examples=cfg.labels, max_len=cfg.max_len,
+                           max_steps=cfg.max_steps, log_interval=10 ** 9)
+    dist = glue.setup_distributed("cpu")
+    enc_train, evals = glue.encode_examples(labelled, start.tokenizer, cfg.max_len), {
+        "dev": glue.encode_examples(dev, start.tokenizer, cfg.max_len)}
+    rows = []
+    for part in ("all", "embeddings", "layers", "none"):
+        accs = []
+        for seed in range(cfg.seeds):
+            torch.manual_seed(seed)  # glue.finetune's init for this seed: the control's weights
+            fresh = model.SequenceClassifier(start.model_config, task.num_labels).bert.state_dict()
+            w = None if part == "none" else {"bert": part_weights(start.weights["bert"], fresh, part)}
+            out = glue.finetune(gcfg, task, start, w, seed, enc_train, evals, dist)
+            accs.append(out["metrics"]["accuracy"])
+        rows.append({"pretrained": part, "dev_acc": accs})
+        print(f"  fine-tuned, pretrained part {part:<10}: dev {np.median(accs) * 100:5.1f}% median "
+              f"({', '.join(f'{a * 100:.1f}' for a in accs)})", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -194,6 +281,8 @@ def run(cfg: ProbeConfig) -> dict:
     task = glue.TASKS["sentiment"]
     splits = glue.load_task(task, "")
     labelled = glue.label_subset(splits["train"], cfg.labels)
+    if cfg.parts and not cfg.ckpt:
+        raise ConfigError("--parts fine-tunes from the parts of a checkpoint: pass --ckpt (train.py's out_dir)")
     if len(labelled.a) < 2 * cfg.folds:
         raise ConfigError(f"--labels={cfg.labels}: need at least {2 * cfg.folds} sentences for {cfg.folds}-fold "
                           f"cross-validation")
@@ -239,8 +328,21 @@ def run(cfg: ProbeConfig) -> dict:
     add("LSA", None, None, lsa_train, lsa_dev)
     add("bag-of-words + LSA", None, None, np.hstack([bow_train, lsa_train]), np.hstack([bow_dev, lsa_dev]))
 
+    counts = collections.Counter(int(t) for ids in unlabelled for t in ids)
+    geometry = []
+    pretrained = [("pretrained", None, start.weights["bert"])] if start.weights is not None else []
+    for name, seed, weights in pretrained + [("random init", 0, None)]:  # the control's init for seed 0
+        torch.manual_seed(0 if seed is None else seed)
+        bert = model.SequenceClassifier(start.model_config, 2).bert
+        if weights is not None:
+            bert.load_state_dict(weights)
+        emb = bert.embeddings.word_embeddings.weight.detach().float().numpy()
+        geometry.append({"encoder": name, "seed": seed, **embedding_geometry(emb, counts, tok, cfg.min_count)})
+
     out = {"config": config_dict(cfg), "source": start.source, "n_train": len(y_train), "n_dev": len(y_dev),
-           "rows": rows}
+           "rows": rows, "geometry": geometry}
+    if cfg.parts:
+        out["parts"] = finetune_parts(cfg, start, task, labelled, splits["dev"])
     print("\n" + markdown(out))
     if cfg.json:
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +362,23 @@ def markdown(out: dict) -> str:
         spread = f"{min(accs):.1f}-{max(accs):.1f} over {len(accs)}" if len(accs) > 1 else ""
         lines.append(f"| {feats} | {'' if layer is None else layer} | {same[0]['dim']} | "
                      f"{float(np.median(accs)):.1f} | {spread} |")
+    g = out["geometry"]
+    pairs = list(dict.fromkeys(p for r in g for p in r["pairs"]))
+    lines += ["", f"Word embeddings of the {g[0]['rows']:,} tokens seen >= {out['config']['min_count']} times in "
+              f"the unlabelled training text; centred cosines, before -> after removing the top direction:", "",
+              "| encoder | top singular values | r(top direction, log count) | " + " | ".join(pairs) + " |",
+              "|---|---|---:|" + "---:|" * len(pairs)]
+    for r in g:
+        cos = [r["pairs"].get(p) for p in pairs]
+        lines.append(f"| {r['encoder']} | {', '.join(f'{v:.2f}' for v in r['singular_values'])} | "
+                     f"{r['top_vs_log_count']:+.2f} | " + " | ".join(
+                         f"{c['cosine']:+.2f} -> {c['cosine_without_top']:+.2f}" if c else "" for c in cos) + " |")
+    if "parts" in out:
+        lines += ["", "Fine-tuned (glue.py's recipe) from each pretrained part, the rest at the control's init:", "",
+                  "| pretrained part | dev accuracy (median) | seeds |", "|---|---:|---|"]
+        for r in out["parts"]:
+            lines.append(f"| {r['pretrained']} | {float(np.median(r['dev_acc'])) * 100:.1f} | "
+                         f"{', '.join(f'{a * 100:.1f}' for a in r['dev_acc'])} |")
     return "\n".join(lines)
 
 

@@ -105,8 +105,12 @@ def test_cli_probes_a_checkpoint_and_random_init(tmp_path, capsys):
     model.atomic_save(ck, str(tmp_path / "run" / "ckpt_0000003.pt"))
     out = tmp_path / "probe.json"
     probe.main([f"--ckpt={tmp_path / 'run'}", "--labels=40", "--seeds=1", "--lsa_dims=8", "--folds=2",
-                f"--json={out}"])
+                "--parts=true", "--max_steps=2", f"--json={out}"])
     res = json.loads(out.read_text())
+    assert [g["encoder"] for g in res["geometry"]] == ["pretrained", "random init"]
+    assert all(g["rows"] > 100 and len(g["singular_values"]) == 4 for g in res["geometry"])
+    assert [r["pretrained"] for r in res["parts"]] == ["all", "embeddings", "layers", "none"]
+    assert all(len(r["dev_acc"]) == 1 and 0 <= r["dev_acc"][0] <= 1 for r in res["parts"])
     feats = [(r["features"], r["layer"]) for r in res["rows"]]
     layers = range(cfg.n_layers + 1)
     assert feats == ([("pretrained", i) for i in layers] + [("random init", i) for i in layers]
@@ -118,3 +122,50 @@ def test_cli_probes_a_checkpoint_and_random_init(tmp_path, capsys):
     assert e.value.code == 1 and "no pretrained checkpoint" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--labels must be a count"):
         probe.main(["--labels=0"])
+    with pytest.raises(ConfigError, match="--parts fine-tunes from the parts of a checkpoint"):
+        probe.main(["--ckpt=", "--parts=true"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 3), st.integers(0, 10 ** 6))
+def test_remove_top_directions_is_centred_and_orthogonal_to_what_it_removes(d, k, seed):
+    x = np.random.default_rng(seed).normal(size=(3 * d, d)) * np.arange(1, d + 1)  # distinct variances
+    y = probe.remove_top_directions(x, k)
+    xc = x - x.mean(0)
+    _, _, vt = np.linalg.svd(xc)
+    assert np.allclose(y.mean(0), 0) and np.allclose(y @ vt[:k].T, 0)
+    assert np.allclose(y @ vt[k:].T, xc @ vt[k:].T)  # the other directions untouched: y = x's projection on them
+
+
+def test_embedding_geometry_finds_a_planted_frequency_direction():
+    """Embeddings = noise + log(count) along one direction u: the top direction follows the log counts, and it is
+    what makes " good" and " bad" (both frequent) look alike; without it their cosine is the noise's."""
+    tok = glue.load_start(glue.GlueConfig(ckpt=""), "scratch").tokenizer
+    rng = np.random.default_rng(0)
+    emb = rng.normal(0, 0.05, size=(1000, 16))
+    u = rng.normal(size=16)
+    u /= np.linalg.norm(u)
+    counts = {i: int(rng.integers(1, 1000)) for i in range(300, 1000)}
+    good, bad = tok.encode(" good")[0], tok.encode(" bad")[0]
+    big = np.zeros((max(good, bad) + 1, 16))
+    big[:1000] = emb
+    big[[good, bad]] = rng.normal(0, 0.05, size=(2, 16))
+    counts.update({good: 5000, bad: 5000})
+    big += np.log([counts.get(i, 1) for i in range(len(big))])[:, None] * u
+    g = probe.embedding_geometry(big, counts, tok, min_count=2)
+    assert g["rows"] == len([c for c in counts.values() if c >= 2])
+    assert abs(g["top_vs_log_count"]) > 0.99 and g["singular_values"][0] > 10 * g["singular_values"][1]
+    cos = g["pairs"]["good/bad"]
+    assert cos["cosine"] > 0.95 and abs(cos["cosine_without_top"]) < 0.3
+    y = big[[good, bad]] - big[sorted(i for i, c in counts.items() if c >= 2)].mean(0)
+    assert cos["cosine"] == pytest.approx(float(y[0] @ y[1] / np.linalg.norm(y, axis=1).prod()))
+
+
+def test_part_weights_takes_each_part_from_where_it_says():
+    pre = {"embeddings.word_embeddings.weight": 1, "layers.0.Wqkv.weight": 2}
+    fresh = {"embeddings.word_embeddings.weight": -1, "layers.0.Wqkv.weight": -2}
+    assert probe.part_weights(pre, fresh, "all") == pre
+    assert probe.part_weights(pre, fresh, "embeddings") == {"embeddings.word_embeddings.weight": 1,
+                                                            "layers.0.Wqkv.weight": -2}
+    assert probe.part_weights(pre, fresh, "layers") == {"embeddings.word_embeddings.weight": -1,
+                                                        "layers.0.Wqkv.weight": 2}
