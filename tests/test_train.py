@@ -219,6 +219,7 @@ def _two_rank_gradient_worker(rank, init_file, out_file):
         stats = train.all_reduce(train.accumulate_gradients(ddp, mine, accum=2, mb=2, world=2))
         if rank == 0:
             torch.save({"stats": stats, "grads": {n: p.grad for n, p in m.named_parameters()}}, out_file)
+        torch.distributed.barrier()  # both ranks done before either tears gloo down (else one may abort at exit)
     finally:
         torch.distributed.destroy_process_group()
 
