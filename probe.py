@@ -228,16 +228,27 @@ def embedding_geometry(emb: np.ndarray, counts: dict, tok, min_count: int) -> di
     _, sv, vt = np.linalg.svd(xc, full_matrices=False)
     log_count = np.log([counts[int(i)] for i in ids])
     row = {int(t): j for j, t in enumerate(ids)}
-    pairs = {}
+    found = {f"{a.strip()}/{b.strip()}": (row[ta[0]], row[tb[0]]) for a, b in SENTIMENT_PAIRS
+             for ta, tb in [(tok.encode(a), tok.encode(b))]
+             if len(ta) == len(tb) == 1 and ta[0] in row and tb[0] in row}  # pair -> (row, row)
+    pairs = {p: {} for p in found}
     for k, name in ((0, "cosine"), (1, "cosine_without_top")):
         y = remove_top_directions(x, k)
         y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-        for a, b in SENTIMENT_PAIRS:
-            ta, tb = tok.encode(a), tok.encode(b)
-            if len(ta) == len(tb) == 1 and ta[0] in row and tb[0] in row:
-                pairs.setdefault(f"{a.strip()}/{b.strip()}", {})[name] = float(y[row[ta[0]]] @ y[row[tb[0]]])
+        for p, (i, j) in found.items():
+            pairs[p][name] = float(y[i] @ y[j])
     return {"rows": len(ids), "singular_values": [float(v) for v in sv[:4]],
             "top_vs_log_count": float(np.corrcoef(xc @ vt[0], log_count)[0, 1]), "pairs": pairs}
+
+
+def encoder(start, seed: int, weights: dict | None = None) -> model.Bert:
+    """glue.finetune's encoder for `seed`, dropout off: the control's own init (glue.finetune seeds, then builds
+    the classifier, encoder first), or `weights` loaded over it."""
+    torch.manual_seed(seed)
+    bert = model.SequenceClassifier(replace(start.model_config, hidden_dropout=0.0), 2).bert
+    if weights is not None:
+        bert.load_state_dict(weights)
+    return bert
 
 
 def part_weights(pretrained: dict, fresh: dict, part: str) -> dict:
@@ -259,8 +270,7 @@ def finetune_parts(cfg: ProbeConfig, start, task, labelled, dev) -> list:
     for part in ("all", "embeddings", "layers", "none"):
         accs = []
         for seed in range(cfg.seeds):
-            torch.manual_seed(seed)  # glue.finetune's init for this seed: the control's weights
-            fresh = model.SequenceClassifier(start.model_config, task.num_labels).bert.state_dict()
+            fresh = encoder(start, seed).state_dict()
             w = None if part == "none" else {"bert": part_weights(start.weights["bert"], fresh, part)}
             out = glue.finetune(gcfg, task, start, w, seed, enc_train, evals, dist)
             accs.append(out["metrics"]["accuracy"])
@@ -308,10 +318,7 @@ def run(cfg: ProbeConfig) -> dict:
     if start.weights is not None:
         encoders.insert(0, ("pretrained", None, start.weights["bert"]))
     for name, seed, weights in encoders:
-        torch.manual_seed(0 if seed is None else seed)  # as glue.finetune: the control's init for this seed
-        bert = model.SequenceClassifier(replace(start.model_config, hidden_dropout=0.0), 2).bert
-        if weights is not None:
-            bert.load_state_dict(weights)
+        bert = encoder(start, seed or 0, weights)
         for layer, (xt, xd) in enumerate(zip(layer_features(bert, enc_train, tok.pad_id, cfg.batch_size),
                                              layer_features(bert, enc_dev, tok.pad_id, cfg.batch_size))):
             add(name, layer, seed, xt, xd)
@@ -332,11 +339,7 @@ def run(cfg: ProbeConfig) -> dict:
     geometry = []
     pretrained = [("pretrained", None, start.weights["bert"])] if start.weights is not None else []
     for name, seed, weights in pretrained + [("random init", 0, None)]:  # the control's init for seed 0
-        torch.manual_seed(0 if seed is None else seed)
-        bert = model.SequenceClassifier(start.model_config, 2).bert
-        if weights is not None:
-            bert.load_state_dict(weights)
-        emb = bert.embeddings.word_embeddings.weight.detach().float().numpy()
+        emb = encoder(start, seed or 0, weights).embeddings.word_embeddings.weight.detach().float().numpy()
         geometry.append({"encoder": name, "seed": seed, **embedding_geometry(emb, counts, tok, cfg.min_count)})
 
     out = {"config": config_dict(cfg), "source": start.source, "n_train": len(y_train), "n_dev": len(y_dev),
