@@ -958,7 +958,8 @@ def demo_summary(main: dict, control: Optional[dict], main_label: str, out_dir: 
     print(f"| majority class (of the training set) | {majority * 100:.1f} | | |")
     if len(rows) == 2:
         gap = (np.median(rows[0][1]) - np.median(rows[1][1])) * 100
-        print(f"\npretraining buys {gap:+.1f} points (median over {len(rows[0][1])} seeds)")
+        print(f"\npretraining buys {gap:+.1f} points (median over {len(rows[0][1])} fine-tuning seeds of one "
+              f"pretraining run; the pretraining seed, train.py --seed, moves it as well)")
         if out_dir is not None:
             atomic_write_json({"pretrained": rows[0][1], "scratch": rows[1][1], "majority": majority},
                               out_dir / "demo.json")
