@@ -314,10 +314,8 @@ def run(cfg: ProbeConfig) -> dict:
               f" dim {r['dim']:>5}: dev {r['dev_acc'] * 100:5.1f}%  (cv {r['cv_acc'] * 100:5.1f}%, l2 {r['l2']:g})",
               flush=True)
 
-    encoders = [("random init", s, None) for s in range(cfg.seeds)]
-    if start.weights is not None:
-        encoders.insert(0, ("pretrained", None, start.weights["bert"]))
-    for name, seed, weights in encoders:
+    pretrained = [("pretrained", None, start.weights["bert"])] if start.weights is not None else []
+    for name, seed, weights in pretrained + [("random init", s, None) for s in range(cfg.seeds)]:
         bert = encoder(start, seed or 0, weights)
         for layer, (xt, xd) in enumerate(zip(layer_features(bert, enc_train, tok.pad_id, cfg.batch_size),
                                              layer_features(bert, enc_dev, tok.pad_id, cfg.batch_size))):
@@ -337,7 +335,6 @@ def run(cfg: ProbeConfig) -> dict:
 
     counts = collections.Counter(int(t) for ids in unlabelled for t in ids)
     geometry = []
-    pretrained = [("pretrained", None, start.weights["bert"])] if start.weights is not None else []
     for name, seed, weights in pretrained + [("random init", 0, None)]:  # the control's init for seed 0
         emb = encoder(start, seed or 0, weights).embeddings.word_embeddings.weight.detach().float().numpy()
         geometry.append({"encoder": name, "seed": seed, **embedding_geometry(emb, counts, tok, cfg.min_count)})
