@@ -3,16 +3,21 @@
 Every script has one dataclass config. `parse_config` turns `--field=value` arguments into
 an instance of it: values are parsed by the field's type, unknown keys and ill-typed values
 are rejected with the list of valid keys, and `--preset=name` (when the script has presets)
-is applied first so that explicit flags override it.
+is applied first so that explicit flags override it. `--help` (or `-h`) prints every field with its
+default and the comment beside it in the dataclass, then exits.
 
     cfg = parse_config(TrainConfig, sys.argv[1:], presets=TRAIN_PRESETS)
     print_config(cfg)
 """
 
 import dataclasses
+import inspect
 import json
+import re
 import sys
 import typing
+
+HELP_FLAGS = ("--help", "-h")
 
 
 class ConfigError(ValueError):
@@ -55,15 +60,62 @@ def _parse_value(name: str, text: str, typ):
     raise ConfigError(f"--{name}: unsupported field type {typ!r}")
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """The comment after each field in the class's source (`name: type = default  # comment`), where any."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments, name, column = {}, None, -1
+    for line in source.splitlines():
+        field = re.match(r"\s+(\w+)\s*:[^#]*?(#\s?(.*))?$", line)
+        more = re.match(r"(\s+)#\s?(.*)$", line)
+        if more and name and len(more.group(1)) == column:  # a comment continued under the field's comment
+            comments[name] += " " + more.group(2).strip()
+        elif field and not more:
+            name, column = field.group(1), line.find("#") if field.group(2) else -1
+            if field.group(2):
+                comments[name] = field.group(3).strip()
+        else:
+            name = None
+    return comments
+
+
+def usage(cls, presets: dict[str, dict] | None = None) -> str:
+    """What --help prints: the script's own docstring (its first paragraph), then every field with its type,
+    default and comment, then the presets."""
+    script = sys.modules["__main__"]
+    lines = [f"usage: python {script.__file__.rsplit('/', 1)[-1] if getattr(script, '__file__', None) else '...'} "
+             f"[--field=value ...]"]
+    doc = (script.__doc__ or "").strip().split("\n\n")[0]
+    if doc:
+        lines += ["", doc]
+    comments, hints = _field_comments(cls), typing.get_type_hints(cls)
+    lines += ["", f"{cls.__name__} fields (--field=value; a boolean also takes --field alone):"]
+    for f in dataclasses.fields(cls):
+        default = (json.dumps(f.default) if f.default is not dataclasses.MISSING
+                   else "(computed)" if f.default_factory is not dataclasses.MISSING else "(required)")
+        hint = hints[f.name]
+        typ = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+        lines.append(f"  --{f.name}={default}  [{typ}]" + (f"  {comments[f.name]}" if f.name in comments else ""))
+    if presets:
+        lines += ["", "--preset=NAME applies a named recipe first (explicit flags override it): " + ", ".join(presets)]
+    return "\n".join(lines)
+
+
 def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None, **base):
     """Build `cls` from `--field=value` flags (and `--flag` alone for a boolean True).
 
     `presets` maps a preset name to field overrides; `--preset=NAME` applies one before
-    the other flags. `base` gives values that hold before the preset and flags.
+    the other flags. `base` gives values that hold before the preset and flags. `--help`
+    or `-h` prints `usage(cls, presets)` and exits with status 0.
     """
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(usage(cls, presets))
+        sys.exit(0)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    valid = sorted(fields)
+    valid = sorted(fields | ({"preset"} if presets is not None else set()))
     values: dict = {}
     preset_name = None
     for arg in argv:
@@ -78,8 +130,8 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None, *
             preset_name = text
             continue
         if key not in fields:
-            raise ConfigError(f"unknown flag --{key}. Valid fields: {', '.join(valid)}"
-                              + (", preset" if presets is not None else ""))
+            raise ConfigError(f"unknown flag --{key}. Valid fields: {', '.join(valid)} (--help lists them "
+                              f"with their defaults)")
         if not eq:
             if bool not in (hints[key], *typing.get_args(hints[key])):  # bool or Optional[bool]
                 raise ConfigError(f"--{key} needs a value: --{key}=VALUE")

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from config import ConfigError, main_guard, parse_config, print_config
+from config import HELP_FLAGS, ConfigError, main_guard, parse_config, print_config
 
 MASK = "[MASK]"
 
@@ -93,8 +93,9 @@ def main(argv: Optional[list[str]] = None):
     import model as modeling
 
     argv = sys.argv[1:] if argv is None else argv
-    texts = [a for a in argv if not a.startswith("--")]
-    cfg = parse_config(FillMaskConfig, [a for a in argv if a.startswith("--")])
+    flags = [a for a in argv if a.startswith("--") or a in HELP_FLAGS]
+    texts = [a for a in argv if a not in flags]
+    cfg = parse_config(FillMaskConfig, flags)
     if not texts:
         raise ConfigError(f'give one or more sentences with {MASK}, e.g. python fillmask.py "The capital of France '
                           f'is {MASK}."')

@@ -104,7 +104,8 @@ class TrainConfig:
     # system
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
     dtype: str = "bfloat16"            # autocast dtype: 'bfloat16' | 'float32' (no autocast)
-    compile: Optional[bool] = None     # None (auto): compile on CUDA, eager on the CPU; true/false forces it
+    compile: Optional[bool] = None     # None (auto): on CUDA; on the CPU for runs of >= 1M planned tokens (the
+                                       # demo), where it pays back its compile time; true/false forces it
     keep_freed_memory: bool = True     # CPU: glibc keeps freed memory, trimmed back at a bound (see perf.BoundedHeap)
     seed: int = 0
     # logging, evaluation, checkpoints

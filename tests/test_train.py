@@ -5,6 +5,7 @@ Most tests run train.py as a subprocess, because the interface (flags, exit stat
 out_dir/metrics.jsonl, checkpoints) is what they check.
 """
 
+import dataclasses
 import datetime
 import io
 import json
@@ -440,6 +441,19 @@ def test_short_run_lowers_mlm_loss(tmp_path):
 def test_bad_flags_exit_2_with_a_message(tmp_path, flag, expect):
     p = run(TINY + [flag], tmp_path)
     assert p.returncode == 2 and expect in p.stderr, p.stderr
+
+
+def test_help_lists_every_field_with_its_default_and_comment_and_runs_nothing(tmp_path):
+    p = run(["--help"], tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "usage: python train.py [--field=value ...]"
+    for f in dataclasses.fields(train.TrainConfig):  # every field, with the dataclass default as JSON
+        assert sum(line.startswith(f"  --{f.name}={json.dumps(f.default)}  [") for line in lines) == 1, f.name
+    data = next(line for line in lines if line.startswith("  --data="))
+    assert "'default' (embedded Wikipedia sample)" in data and "or a local path/glob" in data  # a continued comment
+    assert any(line.startswith("--preset=NAME") and "mosaic-bert-base" in line for line in lines)
+    assert not (tmp_path / "metrics.jsonl").exists()  # --help trains nothing
 
 
 def test_micro_batch_must_divide_the_per_rank_batch(tmp_path):
