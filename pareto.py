@@ -65,7 +65,8 @@ class ParetoConfig:
     # the pretraining recipe (train.py's fields; the same for both arms)
     data: str = ""                 # empty: 'default+sentiment' with --quick (the demo's), else 'c4' (train.py's --data)
     num_workers: int = 0           # DataLoader workers per arm for streamed data (c4)
-    data_mode: str = "chunk"       # 'chunk' (the demo's); 'truncate' is the paper's, for c4
+    data_mode: str = "chunk"       # 'chunk': a document's windows, short ones padded, so the padded bert arm
+                                   # pays for its padding (the demo packs); 'truncate' is the paper's, for c4
     seq_len: int = 128
     batch_size: int = 0            # sequences per step; 0: 32 with --quick, else 256
     lr: float = 0.0                # peak lr; 0: 1e-3 with --quick (the demo's), else 5e-4 (the paper's)
