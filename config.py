@@ -13,6 +13,7 @@ default and the comment beside it in the dataclass, then exits.
 import dataclasses
 import inspect
 import json
+import os
 import re
 import sys
 import typing
@@ -68,14 +69,14 @@ def _field_comments(cls) -> dict[str, str]:
         return {}
     comments, name, column = {}, None, -1
     for line in source.splitlines():
-        field = re.match(r"\s+(\w+)\s*:[^#]*?(#\s?(.*))?$", line)
+        field = re.match(r"\s+(\w+)\s*:[^#]*?(#\s?(.*))?$", line)  # a comment-only line never matches
         more = re.match(r"(\s+)#\s?(.*)$", line)
-        if more and name and len(more.group(1)) == column:  # a comment continued under the field's comment
-            comments[name] += " " + more.group(2).strip()
-        elif field and not more:
-            name, column = field.group(1), line.find("#") if field.group(2) else -1
+        if field:
+            name, column = field.group(1), line.find("#")  # -1 when the field has no comment
             if field.group(2):
                 comments[name] = field.group(3).strip()
+        elif more and name in comments and len(more.group(1)) == column:  # continued under the field's comment
+            comments[name] += " " + more.group(2).strip()
         else:
             name = None
     return comments
@@ -85,8 +86,8 @@ def usage(cls, presets: dict[str, dict] | None = None) -> str:
     """What --help prints: the script's own docstring (its first paragraph), then every field with its type,
     default and comment, then the presets."""
     script = sys.modules["__main__"]
-    lines = [f"usage: python {script.__file__.rsplit('/', 1)[-1] if getattr(script, '__file__', None) else '...'} "
-             f"[--field=value ...]"]
+    name = os.path.basename(getattr(script, "__file__", None) or "SCRIPT.py")
+    lines = [f"usage: python {name} [--field=value ...]"]
     doc = (script.__doc__ or "").strip().split("\n\n")[0]
     if doc:
         lines += ["", doc]
