@@ -111,6 +111,8 @@ class BenchConfig:
     size: str = "base"                  # 'base' | 'tiny' (bert-tiny / mosaic-bert-tiny / tiny HF: smoke tests)
     workloads: str = "pretrain,glue,demo,attention"
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
+    dtype: str = "auto"                 # every row's precision: 'auto' (bf16 where this device runs it fast, else
+                                        # float32: the bf16-only rows are then skipped, with the reason) | bfloat16 | float32
     threads: int = 0                    # torch.set_num_threads; 0 keeps torch's default
     keep_freed_memory: bool = True      # CPU: train.py's default heap (perf.BoundedHeap) for every row, the peer's too
     compile: bool = True                # the mosaic-bert-base row runs model.compile_model (and the demo row when
@@ -143,14 +145,22 @@ SIZES = {  # our presets and the HF peer's shape
 WORKLOADS = ("pretrain", "glue", "demo", "attention")
 
 
+def bench_device(cfg: BenchConfig) -> torch.device:
+    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                        "cpu" if cfg.device == "auto" else cfg.device)
+
+
 def resolve(cfg: BenchConfig) -> BenchConfig:
-    """Fill the mode's defaults and check the choices."""
+    """Fill the mode's defaults, make --dtype concrete for the device, and check the choices."""
     defaults = QUICK if cfg.quick else FULL
     cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     if cfg.size not in SIZES:
         raise ConfigError(f"--size={cfg.size}: choose one of {', '.join(SIZES)}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device={cfg.device}: choose auto, cpu or cuda")
+    if cfg.dtype not in perf.DTYPES:
+        raise ConfigError(f"--dtype={cfg.dtype}: choose one of {', '.join(perf.DTYPES)}")
+    cfg = replace(cfg, dtype=perf.resolve_dtype(cfg.dtype, bench_device(cfg))[0])
     bad = set(split_list(cfg.workloads)) - set(WORKLOADS)
     if bad:
         raise ConfigError(f"--workloads: unknown {sorted(bad)}; choose from {', '.join(WORKLOADS)}")
@@ -368,12 +378,17 @@ def skipped_row(name, workload, reason) -> Row:
                skipped=reason)
 
 
+# Rows that measure bf16 itself: run only where the rows run in bf16 (--dtype resolved to bfloat16).
+BF16_ONLY = ("+bf16", "+lowp-layernorm", "bf16+lowp-layernorm")
+
+
 def ladder(cfg: BenchConfig) -> list[tuple]:
-    """(row name, ModelConfig, bf16, compile, note) from bert-base to mosaic-bert-base, one change at a time."""
-    size = SIZES[cfg.size]
+    """(row name, ModelConfig, bf16, compile, note) from bert-base to mosaic-bert-base, one change at a time.
+    In float32 (--dtype resolved so) every row after bert-base runs in float32, and BF16_ONLY rows are skipped."""
+    size, low = SIZES[cfg.size], cfg.dtype == "bfloat16"
     c = modeling.ModelConfig.preset(size["bert"])
     rows = [("bert-base", c, False, False, "padded, learned positions, GELU, dense head, fp32")]
-    rows.append(("+bf16", c, True, False, "bf16 autocast, fp32 LayerNorm"))
+    rows.append(("+bf16", c, low, False, "bf16 autocast, fp32 LayerNorm"))
     steps = [("+unpad", dict(unpad=True), "real tokens only"),
              ("+alibi", dict(position="alibi", attn_backend="auto", attn_dropout=0.0),
               "ALiBi, fused attention (no attention dropout)"),
@@ -382,25 +397,26 @@ def ladder(cfg: BenchConfig) -> list[tuple]:
              ("+sparse-pred", dict(sparse_prediction=True), "head on masked tokens only (= mosaic-bert-base eager)")]
     for name, change, note in steps:
         c = replace(c, **change)
-        rows.append((name, c, True, False, note))
+        rows.append((name, c, low, False, note))
     # pooling is the classifier's choice (the small presets mean-pool for the demo); MLM steps never use it
     mosaic = replace(modeling.ModelConfig.preset(size["mosaic"]), pooling=c.pooling)
     assert c == mosaic, f"the ladder must end at the {size['mosaic']} preset:\n{c}\n!=\n{mosaic}"
-    rows.append(("mosaic-bert-base", mosaic, True, cfg.compile,
+    rows.append(("mosaic-bert-base", mosaic, low, cfg.compile,
                  "+ torch.compile: the full model" if cfg.compile else "eager (--compile=false)"))
     return rows
 
 
 def ablations(cfg: BenchConfig) -> list[tuple]:
     """Each change alone on top of bert-base + bf16 (unpad alone is the ladder's +unpad row)."""
-    base = modeling.ModelConfig.preset(SIZES[cfg.size]["bert"])
-    rows = [("bf16+alibi", replace(base, position="alibi", attn_backend="auto", attn_dropout=0.0), False),
-            ("bf16+geglu", replace(base, ffn="geglu"), False),
+    base, low = modeling.ModelConfig.preset(SIZES[cfg.size]["bert"]), cfg.dtype == "bfloat16"
+    p = "bf16" if low else "fp32"
+    rows = [(f"{p}+alibi", replace(base, position="alibi", attn_backend="auto", attn_dropout=0.0), False),
+            (f"{p}+geglu", replace(base, ffn="geglu"), False),
             ("bf16+lowp-layernorm", replace(base, low_precision_layernorm=True), False),
-            ("bf16+sparse-pred", replace(base, sparse_prediction=True), False)]
+            (f"{p}+sparse-pred", replace(base, sparse_prediction=True), False)]
     if cfg.compile:
-        rows.append(("bf16+compile", base, True))
-    return [(n, c, True, comp, "one change alone on bert-base+bf16") for n, c, comp in rows]
+        rows.append((f"{p}+compile", base, True))
+    return [(n, c, low, comp, f"one change alone on bert-base+{p}") for n, c, comp in rows]
 
 
 def hf_model(cfg: BenchConfig, vocab: int):
@@ -471,6 +487,9 @@ def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list
         for name, mcfg, bf16, comp, note in specs:
             if workload == "glue" and cfg.quick and name not in quick_glue:
                 continue
+            if name in BF16_ONLY and cfg.dtype != "bfloat16":
+                rows.append(skipped_row(name, workload, "measures bf16; the rows run in float32 (the dtype line says why)"))
+                continue
             m = models[(json.dumps(asdict(mcfg), sort_keys=True), comp)]
             own = list(m.parameters())
 
@@ -489,10 +508,10 @@ def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list
 
 def demo_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[Row]:
     """The demo's step: train.py's default model (its preset, overrides and dropout) and optimizer
-    (train.build_optimizer), bf16 autocast, eager or compiled as train.py's default --compile says."""
+    (train.build_optimizer), in the rows' precision, eager or compiled as train.py's default --compile says."""
     if "demo" not in dev_batches:
         return []
-    t = train.TrainConfig()
+    t = train.TrainConfig(dtype=cfg.dtype)
     mcfg = train.model_config(t)
     comp = cfg.compile and train.resolve_compile(t.compile, device, train.planned_tokens(t))[0]
     m = modeling.build(mcfg).to(device).train()
@@ -514,13 +533,14 @@ def demo_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[
 
 
 def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Row]:
-    """The peer on every MLM workload, dynamic padding, in each of its configurations worth trying:
-    bf16 autocast with SDPA attention (transformers' default) and with its eager attention (faster
+    """The peer on every MLM workload, dynamic padding, in each of its configurations worth trying, in the
+    rows' precision (bf16 autocast where --dtype resolved so): SDPA attention (transformers' default) and with its eager attention (faster
     on some CPUs: with attention dropout the CPU's SDPA runs its fp32 math kernel), plus fp32 in
     full mode. The targets compare against the fastest of them."""
     mcfg = modeling.ModelConfig.preset(SIZES[cfg.size]["bert"])  # same shape and vocabulary: same FLOPs
-    variants = [("hf-bert-base", True, "sdpa"), ("hf-bert-base-eager", True, "eager")]
-    variants += [] if cfg.quick else [("hf-bert-base-fp32", False, "sdpa")]
+    low = cfg.dtype == "bfloat16"  # the same precision as our rows: a ratio compares like with like
+    variants = [("hf-bert-base", low, "sdpa"), ("hf-bert-base-eager", low, "eager")]
+    variants += [] if cfg.quick or not low else [("hf-bert-base-fp32", False, "sdpa")]
     if not cpu_batches:
         return []
     m = hf_model(cfg, mcfg.padded_vocab_size)
@@ -571,25 +591,26 @@ def tensor_bytes(*objs) -> int:
 
 def attention_rows(cfg: BenchConfig, device) -> list[Row]:
     """(c) kernels.attention alone: packed qkv [nnz, 3, H, D] of n = tokens // L full sequences of
-    length L, ALiBi, bf16. The per-batch plan (mask / block mask) is built once, outside the timing,
+    length L, ALiBi, in the rows' precision. The per-batch plan (mask / block mask) is built once, outside the timing,
     as the model builds it once per batch for all its layers. CPU: flex forward only (no backward in
     this torch), naive and sdpa both ways; GPU: all forward and backward."""
     s = SIZES[cfg.size]
     H, D = s["heads"], s["d"] // s["heads"]
     slopes = kernels.alibi_slopes(H).to(device)
     passes = [("fwd", False)] if device.type == "cpu" else []
+    dt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     rows = []
     for L in [int(x) for x in split_list(cfg.attn_lengths)]:
         n = max(1, cfg.attn_tokens // L)
         cu = torch.arange(0, (n + 1) * L, L, dtype=torch.int32, device=device)  # (n+1,)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
-        qkv0 = torch.randn(n * L, 3, H, D, generator=g, device=device).to(torch.bfloat16)  # (nnz, 3, H, D)
-        dout = torch.randn(n * L, H, D, generator=g, device=device).to(torch.bfloat16)  # (nnz, H, D)
+        qkv0 = torch.randn(n * L, 3, H, D, generator=g, device=device).to(dt)  # (nnz, 3, H, D)
+        dout = torch.randn(n * L, H, D, generator=g, device=device).to(dt)  # (nnz, H, D)
         for backend in split_list(cfg.attn_backends):
             for label, backward in passes + [("fwd+bwd", True)]:
                 if backward and backend == "flex" and device.type == "cpu":
                     continue
-                plan = kernels.plan_attention(cu, L, slopes, backend, (H, D), torch.bfloat16)
+                plan = kernels.plan_attention(cu, L, slopes, backend, (H, D), dt)
                 qkv = qkv0.clone().requires_grad_(backward)
 
                 def step(i, qkv=qkv, plan=plan, backward=backward, dout=dout):
@@ -604,8 +625,8 @@ def attention_rows(cfg: BenchConfig, device) -> list[Row]:
                 fpt = 4.0 * L * H * D * (3 if backward else 1)  # QK^T and PV: 2 x 2*L*d per token forward
                 nbytes = tensor_bytes(qkv, dout, plan)  # inputs + the plan (sdpa's (n, H, L, L) mask, flex's block mask)
                 warm = [0, 0] if backend == "flex" else [0]  # flex compiles on its first call
-                rows.append(Row(f"{backend}-{label}@{L}", "attention", step, warm, fpt, "bfloat16",
-                                lambda nbytes=nbytes: nbytes, note=f"{n} x {L} tokens, H={H} D={D}, ALiBi, bf16",
+                rows.append(Row(f"{backend}-{label}@{L}", "attention", step, warm, fpt, cfg.dtype,
+                                lambda nbytes=nbytes: nbytes, note=f"{n} x {L} tokens, H={H} D={D}, ALiBi, {cfg.dtype}",
                                 compiled=backend == "flex",
                                 info=dict(backend=backend, seq_len=L, n_seqs=n, backward=backward)))
     return rows
@@ -714,17 +735,18 @@ def targets(results: list[dict], stats: dict) -> list[dict]:
                + (f" ({p['name']})" if p else ""), m["tokens_per_s"] / p["tokens_per_s"] if m and p else None,
                ratio, "x")
     m = get("pretrain", "mosaic-bert-base")
-    target("pretrain: mosaic-bert-base MFU >= 75% of the measured bf16 matmul rate",
+    target(f"pretrain: mosaic-bert-base MFU >= 75% of the measured {m['dtype'] if m else ''} matmul rate",
            m["mfu"] if m else None, 0.75, "mfu")
     d = next((x for x in results if x["workload"] == "demo" and x["tokens_per_s"]), None)
     if "demo" in stats:
-        target("demo: python train.py's step MFU >= 40% of the measured bf16 matmul rate",
+        target(f"demo: python train.py's step MFU >= 40% of the measured {d['dtype'] if d else ''} matmul rate",
                d["mfu"] if d else None, 0.40, "mfu")
     for w in ("pretrain", "glue"):
-        u, p = get(w, "+unpad"), get(w, "+bf16")
+        padded = "+bf16" if get(w, "+bf16") else "bert-base"  # in float32 the +bf16 row is skipped
+        u, p = get(w, "+unpad"), get(w, padded)
         if w in stats:
             need = 0.8 / (1 - stats[w].pad_frac)
-            target(f"{w}: +unpad >= 0.8 x 1/(1 - padding {stats[w].pad_frac:.1%}) = {need:.2f}x the padded +bf16 row",
+            target(f"{w}: +unpad >= 0.8 x 1/(1 - padding {stats[w].pad_frac:.1%}) = {need:.2f}x the padded {padded} row",
                    u["tokens_per_s"] / p["tokens_per_s"] if u and p else None, need, "x")
     return out
 
@@ -842,15 +864,17 @@ def device_name(device: torch.device) -> str:
 
 
 def bench(cfg: BenchConfig) -> dict:
-    cfg = resolve(cfg)
+    flag, cfg = cfg.dtype, resolve(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = bench_device(cfg)
+    dtype, why, warning = perf.resolve_dtype(flag, device)
     torch.manual_seed(cfg.seed)
     header = [f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-              f"{'quick' if cfg.quick else 'full'} mode, {cfg.size} size"]
-    print(header[0], flush=True)
+              f"{'quick' if cfg.quick else 'full'} mode, {cfg.size} size", f"dtype: {dtype} ({why})"]
+    if warning:
+        header.append(f"warning: {warning}")
+    print("\n".join(header), flush=True)
     print_config(cfg)
     t_all = time.perf_counter()
     wl = split_list(cfg.workloads)
@@ -877,15 +901,16 @@ def bench(cfg: BenchConfig) -> dict:
     print(f"built {len(rows)} rows in {time.perf_counter() - t0:.1f} s; measuring "
           f"({cfg.repeats} interleaved rounds after warm-up)", flush=True)
 
-    peak = perf.MatmulPeak(device, n=1024 if cfg.size == "tiny" else None)
+    peak = perf.MatmulPeak(device, n=1024 if cfg.size == "tiny" else None,
+                           dtypes=("bfloat16", "float32") if dtype == "bfloat16" else ("float32",))
     status = run(rows, cfg.repeats, device, peak, lambda s: print(s, flush=True), cfg.keep_freed_memory)
     sheet = perf.datasheet_peaks(device)
     results = [row_result(r, peak, sheet) for r in rows]
     add_speedups(results)
     tgts = targets(results, stats)
     proj = projection(results, stats, cfg.n_devices)
-    header.append(f"matmul peak (measured, median of {len(peak.rates['bfloat16'])} bursts of {peak.n}^3): "
-                  f"bf16 {peak.peak('bfloat16') / 1e9:,.0f} GFLOP/s, fp32 {peak.peak('float32') / 1e9:,.0f} GFLOP/s"
+    header.append(f"matmul peak (measured, median of {len(peak.rates['float32'])} bursts of {peak.n}^3): "
+                  + ", ".join(f"{k} {peak.peak(k) / 1e9:,.0f} GFLOP/s" for k in peak.rates)
                   + (f"; datasheet bf16 {sheet['bfloat16'] / 1e12:,.0f}, fp32 {sheet['float32'] / 1e12:,.1f} TFLOP/s"
                      if sheet else ""))
     header.append("peak mem: the row's parameters + AdamW state + the step's high-water mark above its start ("
@@ -898,7 +923,7 @@ def bench(cfg: BenchConfig) -> dict:
     print(md)
 
     out = dict(device=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
-               matmul_peak_flops=peak.peak("bfloat16"),
+               matmul_peak_flops=peak.peak(dtype),
                matmul_peak_flops_by_dtype={k: peak.peak(k) for k in peak.rates},
                datasheet_peak_flops=sheet, config=config_dict(cfg),
                workloads={w: asdict(s) for w, s in stats.items()}, rows=results, targets=tgts, projection=proj,

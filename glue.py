@@ -43,6 +43,7 @@ import torch
 import data
 import hf
 import model
+import perf
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 from train import init_distributed
 
@@ -83,7 +84,7 @@ class GlueConfig:
     warmup: float = 0.06         # fraction of steps with linear warmup, then linear decay to 0
     dropout: float = 0.1         # hidden dropout while fine-tuning (the paper's 0.1), whatever pretraining used
     eval_batch_size: int = 128
-    dtype: str = "bfloat16"      # autocast dtype: bfloat16 | float32 (no autocast)
+    dtype: str = "auto"          # auto (bf16 where this device runs it fast, else float32) | bfloat16 | float32
     device: str = "auto"         # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
     from_mnli: bool = True       # start RTE, MRPC, STS-B from the MNLI-fine-tuned encoder when there is one
     control: Optional[bool] = None  # also fine-tune a from-scratch copy (default: only for the sentiment sample)
@@ -615,7 +616,7 @@ def predict(clf, data: Encoded, cfg: GlueConfig, pad_id: int, dist: Dist, regres
     for s in range(0, len(mine), cfg.eval_batch_size):
         idx = mine[s:s + cfg.eval_batch_size]
         b = collate(data, idx, pad_id)
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        with perf.autocast(dist.device, cfg.dtype):
             logits, _ = clf(b["input_ids"].to(dist.device), b["attention_mask"].to(dist.device),
                             b["token_type_ids"].to(dist.device))
         logits = logits.float()  # [B, num_labels]
@@ -684,7 +685,7 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
             b = collate(train, mine, start.tokenizer.pad_id)
             tok_window += int(b["attention_mask"].sum())  # real tokens, counted on the CPU copy (no sync)
             b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items()}
-            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            with perf.autocast(dist.device, cfg.dtype):
                 _, loss = ddp(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["labels"])
             # the model's loss is the mean over this rank's rows; DDP averages over ranks. Scale so the gradient
             # is the mean over the global batch, also when the last batch splits unevenly.
@@ -819,7 +820,7 @@ def markdown_table(res: dict) -> str:
 
 
 def check_config(cfg: GlueConfig):
-    choices = dict(dtype=("bfloat16", "float32"), device=("auto", "cpu", "cuda"),
+    choices = dict(dtype=perf.DTYPES, device=("auto", "cpu", "cuda"),
                    init=("auto", "ckpt", "scratch", "hf", "mosaicml"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -847,6 +848,14 @@ def parse_tasks(cfg: GlueConfig) -> list[str]:
     return sorted(dict.fromkeys(names), key=lambda t: (t != "mnli", names.index(t)))
 
 
+def resolve_dtype(cfg: GlueConfig, dist: Dist, say: bool = False) -> GlueConfig:
+    """--dtype=auto made concrete for this device (perf.resolve_dtype); with `say`, the choice is printed."""
+    dtype, why, warning = perf.resolve_dtype(cfg.dtype, dist.device)
+    if say:
+        print(f"dtype: {dtype} ({why})" + (f"\nwarning: {warning}" if warning else ""), flush=True)
+    return dataclasses.replace(cfg, dtype=dtype)
+
+
 def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None) -> dict:
     """Fine-tune every (task, seed) not yet in out_dir/results.json; return the summarized results."""
     check_config(cfg)
@@ -855,6 +864,7 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
         init = ("mosaicml" if hf.is_mosaicml(cfg.hf) else "hf") if cfg.hf else "ckpt"
     tasks = parse_tasks(cfg)
     dist = dist or setup_distributed(cfg.device)
+    cfg = resolve_dtype(cfg, dist)
     start = load_start(cfg, init)
     mc = start.model_config
     if getattr(mc, "position", "alibi") == "learned" and cfg.max_len > mc.max_positions:
@@ -973,6 +983,7 @@ def main(argv=None):
     check_config(cfg)
     parse_tasks(cfg)
     dist = setup_distributed(cfg.device)
+    cfg = resolve_dtype(cfg, dist, say=dist.master)
     if dist.master:
         print_config(cfg)
     try:

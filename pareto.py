@@ -13,7 +13,7 @@ Two arms of the same depth, width and heads (`--size`):
 - `bert`:   the BERT baseline: learned positions, GELU MLP, padded, fp32 LayerNorm, dense head, attention dropout
             0.1, and 15% masking.
 Both: the same data stream (order and rows; each arm masks at its own rate), the same optimizer recipe (decoupled
-AdamW, train.py's), the same seed, bf16 autocast, and the same learning-rate schedule over the *time* budget
+AdamW, train.py's), the same seed, the same precision (--dtype=auto: bf16 where the machine runs it fast), and the same learning-rate schedule over the *time* budget
 (warmup then linear decay as a function of elapsed training time, as Cramming does for a fixed budget).
 
 Fairness on a noisy machine: the arms train interleaved, in alternating slices of the budget (A B, then B A), so
@@ -43,6 +43,7 @@ import torch
 import data
 import glue
 import model as modeling
+import perf
 import train
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
@@ -84,6 +85,7 @@ class ParetoConfig:
     ft_lr: float = 0.0             # 0: the recipe's (2e-4)
     # system
     device: str = "auto"           # auto | cpu | cuda
+    dtype: str = "auto"            # auto (bf16 where this device runs it fast, else float32) | bfloat16 | float32
     compile: str = "auto"          # auto | on | off (auto: on for CUDA, off on the CPU; see compile_choice)
     seed: int = 0
     out_dir: str = "out/pareto"
@@ -100,6 +102,8 @@ def resolve(cfg: ParetoConfig) -> ParetoConfig:
     if f"mosaic-bert-{cfg.size}" not in modeling.PRESETS:
         sizes = [p.removeprefix("mosaic-bert-") for p in modeling.PRESETS if p.startswith("mosaic-bert-")]
         raise ConfigError(f"--size={cfg.size}: choose one of {', '.join(sizes)}")
+    if cfg.dtype not in perf.DTYPES:
+        raise ConfigError(f"--dtype={cfg.dtype}: choose one of {', '.join(perf.DTYPES)}")
     if cfg.compile not in ("auto", "on", "off"):
         raise ConfigError(f"--compile={cfg.compile}: choose auto, on or off")
     if cfg.n_points < 1 or cfg.slices_per_point < 1 or cfg.seeds < 1 or cfg.budget_s <= 0:
@@ -161,7 +165,7 @@ class Arm:
         self.rng = torch.Generator().manual_seed(cfg.seed + 1)  # dropout stream, saved and restored with the arm
 
     def amp(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return perf.autocast(self.device, self.cfg.dtype)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -325,7 +329,7 @@ def downstream(cfg: ParetoConfig, arms: dict, out: Path, excluded: dict, write_o
             gcfg = glue.GlueConfig(tasks="sentiment", ckpt=str(out / "ckpt" / f"{a.name}_{k}.pt"),
                                    out_dir=str(out / "glue" / f"{a.name}_{k}"), seeds=cfg.seeds, seed=cfg.seed,
                                    epochs=cfg.ft_epochs, lr=cfg.ft_lr, max_train_examples=cfg.ft_examples,
-                                   device=cfg.device, log_interval=10**9)
+                                   device=cfg.device, dtype=cfg.dtype, log_interval=10**9)
             print(f"--- fine-tuning {a.name} point {k} (pretrained {p['wall_s']:.0f} s), {cfg.seeds} seeds", flush=True)
             t0 = time.perf_counter()
             res = glue.run(gcfg, init="ckpt", dist=dist)
@@ -446,9 +450,12 @@ def device_name(device: torch.device) -> str:
 
 def main(argv=None):
     cfg = resolve(parse_config(ParetoConfig, sys.argv[1:] if argv is None else argv))
-    print_config(cfg)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           cfg.device if cfg.device != "auto" else "cpu")
+    dtype, why, warning = perf.resolve_dtype(cfg.dtype, device)  # both arms run in it
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    print_config(cfg)
+    print(f"dtype: {dtype} ({why})" + (f"\nwarning: {warning}" if warning else ""), flush=True)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()

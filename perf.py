@@ -1,6 +1,7 @@
 """What the machine can do and what a step costs it: peak FLOP/s (the MFU denominator), memory, the CPU heap.
 
 Grep the names:
+    resolve_dtype, cpu_bf16_probe     --dtype=auto: bf16 where this device runs bf16 matmuls fast, else float32
     GPU_PEAK_TFLOPS, datasheet_peak   dense bf16/fp32 peaks from the vendors' data sheets, matched on whole words
     peak_flops                        train.py's MFU reference: the data sheet on GPUs, a timed matmul on CPUs
     MatmulPeak                        bench.py's: timed matmul bursts interleaved with the benchmark's rows
@@ -10,15 +11,110 @@ Grep the names:
 MFU = model FLOPs per second (model.flops_per_token x tokens/s) / one of these peaks, in the run's dtype.
 """
 
+import contextlib
 import ctypes
+import functools
 import gc
 import os
 import platform
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
+
+
+# ----------------------------------------------------------------------------------------
+# Precision: bf16 where the machine runs it fast (--dtype=auto)
+
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+class Bf16Probe(NamedTuple):
+    native: Optional[bool]  # the CPU advertises bf16 matmul instructions (AVX-512-BF16 or AMX); None: unknown
+    speedup: float          # measured bf16 / float32 matmul rate on a small product (> 1: bf16 is faster)
+    forced: str = ""        # set from CPU_BF16_ENV: 'native' or 'absent' stands in for the flags
+
+
+def _cpu_flags() -> Optional[set]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux x86), or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _matmul_rate(dtype: torch.dtype, n: int, reps: int) -> float:
+    """The best rate of `reps` timed n^3 products: another process on the machine can only slow one down."""
+    g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched
+    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+# Set to 'absent' (or 'native') to take the other CPU kind's --dtype=auto choice on this machine: the test suite
+# runs as it would on a CPU without fast bf16. The log line says when it is set.
+CPU_BF16_ENV = "MOSAICBERT_CPU_BF16"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_probe() -> Bf16Probe:
+    """Whether bf16 matmuls are fast on this CPU: the feature flags, and timed 256^3 products in each dtype.
+
+    Once per process; well under 0.1 s where bf16 is native, about 0.3 s where it is not (there a bf16
+    matmul runs some 50x slower than float32: oneDNN has no bf16 kernel without AVX-512-BF16 or AMX).
+    The flags decide where they can be read; the timing, the best of interleaved rounds, gives the ratio.
+    """
+    flags, forced = _cpu_flags(), os.environ.get(CPU_BF16_ENV, "")
+    native = None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16"})
+    if forced in ("native", "absent"):
+        native = forced == "native"
+    rates = [(_matmul_rate(torch.bfloat16, 256, 2), _matmul_rate(torch.float32, 256, 2)) for _ in range(4)]
+    speedup = max(r[0] for r in rates) / max(r[1] for r in rates)
+    return Bf16Probe(native, speedup, forced if forced in ("native", "absent") else "")
+
+
+def _ratio(speedup: float) -> str:
+    return f"{speedup:.1f}x faster than" if speedup >= 1 else f"{1 / speedup:.0f}x slower than"
+
+
+def resolve_dtype(flag: str, device: torch.device) -> tuple[str, str, Optional[str]]:
+    """--dtype: (the dtype to run, why, a warning or None). `auto` picks bfloat16 on CUDA devices that support
+    it and on CPUs with native bf16 matmuls (AVX-512-BF16, AMX), float32 everywhere else. Where the CPU's flags
+    cannot be read, the timed product decides. An explicit --dtype is honoured, with a warning when slow."""
+    if flag not in DTYPES:
+        raise ValueError(f"--dtype={flag}: choose one of {', '.join(DTYPES)}")
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        if flag != "auto":
+            warn = None if ok or flag == "float32" else "this GPU has no native bf16; expect it to be slow"
+            return flag, f"--dtype={flag}", warn
+        return ("bfloat16", "auto: this GPU supports bf16") if ok else ("float32", "auto: this GPU has no bf16")
+    if device.type != "cpu":  # meta and other test devices: no probe, as asked
+        return ("float32" if flag == "auto" else flag), f"--dtype={flag} on {device.type}", None
+    probe = cpu_bf16_probe()
+    fast = probe.native if probe.native is not None else probe.speedup >= 1.0
+    ratio = f"bf16 matmul runs {_ratio(probe.speedup)} float32 on this CPU"
+    if probe.forced:
+        ratio += f"; {CPU_BF16_ENV}={probe.forced} says bf16 is {probe.forced}"
+    if flag == "auto":
+        return ("bfloat16" if fast else "float32"), f"auto: {ratio}", None
+    warn = None if fast or flag == "float32" else f"{ratio}; --dtype=auto would pick float32"
+    return flag, f"--dtype={flag}", warn
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast for dtype 'bfloat16'; nothing (plain float32) otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------
@@ -71,7 +167,9 @@ def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
     if device.type == "cuda":
         return datasheet_peak(torch.cuda.get_device_name(device), dtype)
     dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    n = 2048  # ~17 GFLOP per matmul: long enough to reach the CPU's sustained rate
+    # 2048^3 (~17 GFLOP) reaches the CPU's sustained rate; where the dtype is slow (bf16 without native
+    # support: ~12 s per product) a small product keeps the measurement within a second.
+    n = 2048 if 2 * 2048**3 / _matmul_rate(dt, 256, 1) < 0.25 else 256
     g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched
     a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
     for _ in range(2):
@@ -88,6 +186,37 @@ def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
     return max(rates)
 
 
+def fmt_flops(rate: float) -> str:
+    """A FLOP/s figure in the unit that shows it: '1.4 GFLOP/s', '312.00 TFLOP/s'."""
+    return f"{rate / 1e12:.2f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
+
+
+MIN_PLAUSIBLE_PEAK = 1e9  # FLOP/s: a measured peak below this is a broken measurement, not a machine
+
+
+def mfu_reference(device: torch.device, dtype: str) -> tuple[Optional[float], str]:
+    """(the peak MFU is taken against, or None; the line that says what it is, or why MFU is n/a)."""
+    peak = peak_flops(device, dtype)
+    if device.type == "cuda":
+        if peak is None:
+            return None, (f"MFU: n/a (no data-sheet peak for {torch.cuda.get_device_name(device)!r}; "
+                          f"add it to perf.GPU_PEAK_TFLOPS)")
+        return peak, f"MFU reference: {fmt_flops(peak)} per rank (data-sheet dense {dtype} peak)"
+    if peak is None or peak < MIN_PLAUSIBLE_PEAK:
+        return None, (f"MFU: n/a (the measured {dtype} matmul rate, {(peak or 0) / 1e9:.3f} GFLOP/s, "
+                      f"is implausibly low to measure against)")
+    return peak, f"MFU reference: {fmt_flops(peak)} per rank (measured {dtype} matmul)"
+
+
+def mfu(flops_per_s: float, peak: Optional[float]) -> Optional[float]:
+    """Model FLOPs utilisation, or None (printed n/a) without a peak or where the step beats the 'peak':
+    then the peak was understated (a busy machine while it was measured), and no MFU above 100% is shown."""
+    if not peak:
+        return None
+    u = flops_per_s / peak
+    return u if u <= 1.0 else None
+
+
 def sync(device: torch.device):
     """Wait for the device's queued work (CUDA is asynchronous): timings start and stop on it."""
     if device.type == "cuda":
@@ -97,14 +226,15 @@ def sync(device: torch.device):
 class MatmulPeak:
     """The matmul rate this device reaches, per dtype, measured in bursts interleaved with the rows."""
 
-    def __init__(self, device: torch.device, n: Optional[int] = None):
+    def __init__(self, device: torch.device, n: Optional[int] = None, dtypes=("bfloat16", "float32")):
         self.device = device
         self.n = n or (8192 if device.type == "cuda" else 2048)
-        self.rates = {"bfloat16": [], "float32": []}
+        self.rates = {name: [] for name in dtypes}  # only the dtypes the rows run in: bf16 can be 50x slow
         self._ab = {}
 
     def burst(self, reps: int = 3):
-        for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        for name in self.rates:
+            dt = getattr(torch, name)
             if name not in self._ab:
                 a = torch.randn(self.n, self.n, device=self.device, dtype=dt)
                 b = torch.randn(self.n, self.n, device=self.device, dtype=dt)

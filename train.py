@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -103,7 +103,8 @@ class TrainConfig:
     grad_clip: float = 1.0             # max global grad norm; 0 = off
     # system
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
-    dtype: str = "bfloat16"            # autocast dtype: 'bfloat16' | 'float32' (no autocast)
+    dtype: str = "auto"                # 'auto' (bf16 where this device runs it fast, else float32; perf.resolve_dtype)
+                                       # | 'bfloat16' (autocast) | 'float32' (no autocast)
     compile: Optional[bool] = None     # None (auto): on CUDA; on the CPU for runs of >= 1M planned tokens (the
                                        # demo), where it pays back its compile time; true/false forces it
     keep_freed_memory: bool = True     # CPU: glibc keeps freed memory, trimmed back at a bound (see perf.BoundedHeap)
@@ -127,7 +128,7 @@ class TrainConfig:
 _PAPER = dict(
     model_overrides="", dropout=None, data="c4", data_mode="truncate", seq_len=128, num_workers=4,
     global_batch_size=4096, micro_batch_size=128, max_steps=70_000, lr=5e-4, beta1=0.9, beta2=0.98,
-    eps=1e-6, weight_decay=1e-5, warmup_frac=0.06, final_lr_frac=0.02, grad_clip=0.0, dtype="bfloat16",
+    eps=1e-6, weight_decay=1e-5, warmup_frac=0.06, final_lr_frac=0.02, grad_clip=0.0, dtype="auto",
     seed=17, log_every=10, eval_every=2000, eval_batches=40, eval_batch_size=128, save_every=3500,
 )
 # Tiny recipes for CPU tests and quick checks.
@@ -174,7 +175,7 @@ def print_samples(model, when: str):
 
 def check_config(cfg: TrainConfig, world_size: int) -> int:
     """Validate choices and the batch arithmetic. Returns the gradient accumulation steps."""
-    choices = dict(device=("auto", "cpu", "cuda"), dtype=("bfloat16", "float32"),
+    choices = dict(device=("auto", "cpu", "cuda"), dtype=perf.DTYPES,
                    data_mode=("truncate", "chunk", "pack"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -459,12 +460,17 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
             print(*a, **k, flush=True)
 
     accum = check_config(cfg, world)
+    dtype, why, warning = perf.resolve_dtype(cfg.dtype, device)
+    cfg = replace(cfg, dtype=dtype)  # the resolved config is what is printed and saved
     mcfg = model_config(cfg)
     if master:
         print_config(cfg)
         print_config(mcfg)
     print0(f"batch: global {cfg.global_batch_size} = micro {cfg.micro_batch_size} x {accum} accumulation "
-           f"steps x {world} rank{'s' if world > 1 else ''} | device {device} | dtype {cfg.dtype}")
+           f"steps x {world} rank{'s' if world > 1 else ''} | device {device}")
+    print0(f"dtype: {cfg.dtype} ({why})")
+    if warning:
+        print0(f"warning: {warning}")
 
     # --- resume: read the checkpoint first, so a mismatch fails before any work. Without --resume, an out_dir
     # holding checkpoints is resumed automatically when they come from the same config (autoresume: running the
@@ -575,10 +581,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
                 f.write(json.dumps(row) + "\n")
 
     # --- precision
-    use_bf16 = cfg.dtype == "bfloat16"
-
     def amp():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        return perf.autocast(device, cfg.dtype)
 
     # --- checkpointing
     nonfinite = torch.zeros((), device=device)  # > 0 once any loss or grad norm was NaN/inf (no sync per step)
@@ -628,12 +632,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
             dist.barrier()
 
     # --- the loop
-    peak = perf.peak_flops(device, cfg.dtype)
-    if peak:
-        source = f"measured {cfg.dtype} matmul" if device.type == "cpu" else f"data-sheet dense {cfg.dtype} peak"
-        print0(f"MFU reference: {peak / 1e12:.2f} TFLOP/s per rank ({source})")
-    else:
-        print0(f"MFU: no data-sheet peak for {torch.cuda.get_device_name(device)!r}; add it to perf.GPU_PEAK_TFLOPS")
+    peak, peak_line = perf.mfu_reference(device, cfg.dtype)  # measured in the dtype that runs
+    print0(peak_line)
+    peak_beaten = False  # the step outran the measured peak: MFU n/a, said once
     mb = cfg.micro_batch_size
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked since last log
     interval_tokens, interval_steps, grad_norm = 0, 0, torch.zeros((), device=device)
@@ -675,7 +676,12 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
             tok_s = tok / dt
             # MFU's attention term counts the mean context a token actually attended to (its window)
             context = interval_context / max(interval_tokens, 1)
-            mfu = modeling.flops_per_token(mcfg, context, cfg.mask_prob) * tok_s / (peak * world) if peak else None
+            flops_per_s = modeling.flops_per_token(mcfg, context, cfg.mask_prob) * tok_s / world
+            mfu = perf.mfu(flops_per_s, peak)
+            if peak and mfu is None and not peak_beaten:
+                peak_beaten = True
+                print0(f"mfu n/a: this step runs {perf.fmt_flops(flops_per_s)} per rank, above the measured "
+                       f"peak of {perf.fmt_flops(peak)} (measured on a busy machine?)")
             eta = (end - step) * dt / interval_steps
             print0(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | mlm_acc {acc:.3f} | "
                    f"lr {f'{lr:.1e}'.replace('e-0', 'e-')} | {ms:,.0f} ms | {tok_s:,.0f} tok/s | "

@@ -64,10 +64,17 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
         have_hf = True
     except ImportError:
         have_hf = False
+    low = j["config"]["dtype"] == "bfloat16"  # --dtype=auto made concrete: float32 where bf16 is slow here
+    assert j["config"]["dtype"] == perf.resolve_dtype("auto", torch.device("cpu"))[0]
     for r in j["rows"]:
         if r["name"].startswith("hf-") and not have_hf:
             assert r["note"] == "skipped: transformers not installed"
             continue
+        if r["name"] in bench.BF16_ONLY and not low:
+            assert r["note"].startswith("skipped: measures bf16") and r["tokens_per_s"] is None, r
+            continue
+        if "dtype" in r:
+            assert r["dtype"] == j["config"]["dtype"] or r["name"] == "bert-base", r
         for col in ("tokens_per_s", "step_ms", "mfu", "peak_mem_bytes"):
             assert _finite_positive(r[col]), (r["workload"], r["name"], col, r[col])
         assert r["mfu"] < 1.5, (r["name"], r["mfu"])  # sanity: MFU in the right units
@@ -85,8 +92,9 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
     expected.append((0.75, row[("pretrain", "mosaic-bert-base")]["mfu"]))
     expected.append((0.40, next(r for (wl, _), r in row.items() if wl == "demo")["mfu"]))
     for w in ("pretrain", "glue"):
+        padded = row[(w, "+bf16" if low else "bert-base")]  # float32: the +bf16 row is skipped
         expected.append((0.8 / (1 - j["workloads"][w]["pad_frac"]),
-                         row[(w, "+unpad")]["tokens_per_s"] / row[(w, "+bf16")]["tokens_per_s"]))
+                         row[(w, "+unpad")]["tokens_per_s"] / padded["tokens_per_s"]))
     assert len(j["targets"]) == len(expected) == 6
     for t, (threshold, value) in zip(j["targets"], expected):
         assert t["threshold"] == pytest.approx(threshold), t
@@ -156,7 +164,7 @@ def test_high_water_sees_a_step_allocation():
 def test_ladder_changes_one_thing_at_a_time_and_ends_at_mosaic():
     """bert-base -> +bf16 -> ... -> mosaic-bert-base: consecutive rows differ by one change (the +alibi
     step also drops attention dropout), and the last row is exactly the mosaic preset, compiled."""
-    rows = bench.ladder(bench.resolve(bench.BenchConfig(quick=True, size="tiny")))
+    rows = bench.ladder(bench.resolve(bench.BenchConfig(quick=True, size="tiny", dtype="bfloat16")))
     names = [r[0] for r in rows]
     assert names == ["bert-base", "+bf16", "+unpad", "+alibi", "+geglu", "+lowp-layernorm", "+sparse-pred",
                      "mosaic-bert-base"]
@@ -169,6 +177,27 @@ def test_ladder_changes_one_thing_at_a_time_and_ends_at_mosaic():
             | ({"compile"} if acomp != bcomp else set())
         allowed = {"+alibi": {"position", "attn_backend", "attn_dropout"}}.get(name)
         assert changed == allowed if allowed else len(changed) == 1, (name, changed)
+
+
+def test_float32_rows_skip_only_what_measures_bf16():
+    """--dtype=float32 (what auto picks on a CPU without fast bf16): the ladder keeps its rows and configs, every
+    row runs in float32, the bf16-only rows are skipped with a one-line reason, and the peer runs in float32 too
+    (a ratio compares like with like)."""
+    cfg = bench.resolve(bench.BenchConfig(quick=True, size="tiny", dtype="float32"))
+    assert cfg.dtype == "float32"
+    ladder = bench.ladder(cfg)
+    assert [r[0] for r in ladder] == [r[0] for r in bench.ladder(replace(cfg, dtype="bfloat16"))]
+    assert not any(bf16 for _, _, bf16, _, _ in ladder)
+    cpu = bench.pretrain_batches(replace(cfg, pretrain_batch=2, n_batches=1))
+    stats = {"pretrain": bench.BatchStats.of(cpu)}
+    rows = bench.model_rows(cfg, torch.device("cpu"), {"pretrain": bench.to_device_batches(cpu, torch.device("cpu"))},
+                            stats)
+    skipped = {r.name for r in rows if r.skipped}
+    assert skipped == {"+bf16", "+lowp-layernorm"}
+    assert all(r.dtype == "float32" for r in rows if not r.skipped)
+    assert all(r.note.startswith("skipped: measures bf16") for r in rows if r.skipped)
+    variants = [(r.name, r.info.get("bf16")) for r in bench.hf_rows(cfg, torch.device("cpu"), {"pretrain": []}, stats)]
+    assert all(not bf16 for _, bf16 in variants)
 
 
 def test_peer_without_transformers_is_a_skipped_row(monkeypatch):

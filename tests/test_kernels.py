@@ -383,8 +383,11 @@ def test_linear_cross_entropy_matches_naive_bf16_autocast(M, chunk, seed):
     torch.testing.assert_close(fused[0], ref[0], rtol=2e-3, atol=1e-2)
     assert fused[1].item() == ref[1].item()
     assert fused[2].dtype == torch.bfloat16 and fused[3].dtype == fused[4].dtype == torch.float32
-    for got, want in zip(fused[2:], ref[2:]):
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)
+    # x's gradient reduces over the vocabulary, w's and b's over the rows: bf16 rounding (epsilon 2^-7) of each
+    # term, summed in another order, grows with the square root of the reduction length.
+    eps = torch.finfo(torch.bfloat16).eps
+    for got, want, n in zip(fused[2:], ref[2:], (200, M, M)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=max(2e-3, eps * math.sqrt(n) / 4))
 
 
 def test_linear_cross_entropy_all_ignored_and_no_grad():
