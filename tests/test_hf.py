@@ -3,10 +3,14 @@ WordPiece; the export (round trip, logits against transformers, AutoModel / sequ
 tokenizer.json against data.Tokenizer on the embedded corpus, and the fill-mask pipeline against fillmask.top_k.
 Everything offline: transformers never reaches the hub here."""
 import gzip
+import importlib
 import json
 import math
 import os
+import sys
+import types as types_module
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,6 +249,43 @@ def test_export_logits_match_transformers(exported):
             h = enc(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
             assert (h[real] - ours.encode(ids, mask, types)[real]).abs().max() < 1e-4
 
+
+
+def _import_hf_modeling(monkeypatch):
+    """hf_modeling.py imported from the repository, with the repository as its package (its imports are relative,
+    as inside an export): a stand-in package whose path is the repository root; removed again afterwards."""
+    pkg = types_module.ModuleType("_repo")
+    pkg.__path__ = [str(hf.ROOT)]
+    monkeypatch.setitem(sys.modules, "_repo", pkg)
+    for name in ("_repo.hf_modeling", "_repo.model", "_repo.kernels"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    mod = importlib.import_module("_repo.hf_modeling")
+    for name in ("_repo.hf_modeling", "_repo.model", "_repo.kernels"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return mod
+
+
+def test_hf_modeling_is_real_code_and_the_export_copies_it_byte_for_byte(exported, monkeypatch):
+    """hf_modeling.py (a file of the repository, not a string) imports; the classes config.json's auto_map names are
+    in it; built from our config and given our weights, its MaskedLM gives our logits; and the export holds it,
+    byte for byte, as modeling_mosaicbert.py (BERT-shaped exports hold no modelling code at all)."""
+    kind, ours, folder = exported
+    if kind == "bert":
+        assert not (folder / "modeling_mosaicbert.py").exists() and not (folder / "model.py").exists()
+        return
+    assert (folder / "modeling_mosaicbert.py").read_bytes() == (hf.ROOT / "hf_modeling.py").read_bytes()
+    mod = _import_hf_modeling(monkeypatch)
+    assert Path(mod.__file__).resolve() == hf.MODELING_FILE
+    for ref in json.loads((folder / "config.json").read_text())["auto_map"].values():
+        file, cls = ref.split(".")
+        assert file == "modeling_mosaicbert" and isinstance(getattr(mod, cls), type), ref
+    wrapped = mod.MosaicBertForMaskedLM(mod.MosaicBertConfig(model_config=asdict(ours.config))).eval()
+    wrapped.load_state_dict(ours.state_dict())
+    ids, mask, _, types = batch(3, 11, lengths=[11, 6, 1], vocab=data.N_TOKENS)
+    with torch.no_grad():
+        real = mask.bool()
+        got = wrapped(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        assert (got[real] - ours.logits(ids, mask, types)[real]).abs().max() < 1e-5
 
 def test_export_sequence_classifier(tmp_path):
     """A fine-tuned classifier loads with AutoModelForSequenceClassification and gives our logits; a pretrained
