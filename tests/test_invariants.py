@@ -6,13 +6,14 @@ production path that training and evaluation actually run, with the same crafted
            is wrong (first index wins)          sizes 1, 2, 3, 256) and BertForMaskedLM.forward's n_correct
     rows all -100, no masked token at all       linear_cross_entropy at every chunking; the model's forward
     loss normalised by the global count         linear_cross_entropy's gradient of loss_sum / N with uneven
-                                                masked counts per chunk
+                                                masked counts per chunk (through the model and
+                                                train.accumulate_gradients: test_train.py's global-mean tests)
     all-pad rows and one-token rows             attention: naive, sdpa (math and flash kernels), flex (its block
                                                 mask and score_mod, run eagerly); the model's encoder per
                                                 backend; mean_pool; the classifier ("mean" and "cls" pooling)
     packed documents at 128-token boundaries    document_block_mask, flex and sdpa on packed rows
 
-The hypothesis strategies here are adversarial: logits from a few small integers (ties in every other row,
+The hypothesis strategies here are adversarial: logits from a few small integers (frequent ties,
 exact in fp32 and bf16), label masks that are empty, full or single, lengths at the 128-token block boundary;
 `example` pins the cases that must always run.
 """
