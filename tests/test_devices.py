@@ -213,6 +213,23 @@ def test_bench_rows_reach_the_model_on_their_device(meta_guard):
         assert reached(r.step, 0) == "BertForMaskedLM.forward", r.name
 
 
+# ---------------------------------------------------------------------------- hf.py
+def test_hf_export_reaches_the_model_on_its_device(meta_guard, tmp_path):
+    """The export's parity check loads it with transformers and calls it (test_hf.py): the remote code's wrappers
+    (their own copy of model.py, wrapped here too) build the default attention mask on the input's device."""
+    from conftest import require_transformers
+    import hf
+    transformers = require_transformers()
+    hf.export_model(model.build(model.ModelConfig.preset(TINY)), tmp_path)
+    theirs = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    bert_cls = type(theirs.bert)
+    assert bert_cls is not model.Bert  # the export's copy: our wrappers above do not reach it
+    meta_guard.setattr(bert_cls, "forward", _checked(bert_cls, "forward", bert_cls.forward))
+    ids = torch.tensor([[data.CLS_ID, 464, data.MASK_ID, data.SEP_ID]], device=META)
+    assert reached(theirs.to(META), input_ids=ids) == "Bert.forward"
+    assert reached(meta_mlm().logits, ids, torch.ones_like(ids)) == "BertForMaskedLM.logits"  # ours, beside it
+
+
 # ---------------------------------------------------------------------------- the harness itself
 def test_the_harness_catches_an_input_left_on_the_cpu(meta_guard):
     """A CPU tensor given to a meta model fails with the entry point and the argument; a CPU model runs."""
