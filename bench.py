@@ -502,7 +502,8 @@ def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list
                             "bfloat16" if bf16 else "float32", lambda own=own: state_bytes(own, opt),
                             note=note, compiled=comp,
                             info=dict(bf16=bf16, compile=comp, **{k: getattr(mcfg, k) for k in switches},
-                                      attn_backend=kernels.resolve_backend(mcfg.attn_backend, device))))
+                                      attn_backend=kernels.resolve_backend(mcfg.attn_backend, device,
+                                                                           mcfg.attn_dropout))))
     return rows
 
 

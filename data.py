@@ -95,12 +95,16 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------------------------
+# GPT-2's pre-tokenizer split (OpenAI's encoder.py), carried here: tiktoken_ext.openai_public exports it as
+# r50k_pat_str only in recent releases. tests/test_data.py checks the ids against tiktoken's own gpt2 definition.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
 class Tokenizer:
     """GPT-2 BPE with ids identical to tiktoken.get_encoding("gpt2"), plus [CLS] [SEP] [PAD] [MASK] (50257..50260).
 
-    The ranks come from assets/gpt2.tiktoken (checked against its sha256), the split regex and <|endoftext|> from
-    tiktoken's own r50k/gpt2 definition. encode() treats every string as ordinary text: "[CLS]" in a document is
-    five BPE tokens, never the special id.
+    The ranks come from assets/gpt2.tiktoken (checked against its sha256), the split regex is GPT2_PATTERN.
+    encode() treats every string as ordinary text: "[CLS]" in a document is five BPE tokens, never the special id.
     """
 
     cls_id, sep_id, pad_id, mask_id, eot_id = CLS_ID, SEP_ID, PAD_ID, MASK_ID, EOT_ID
@@ -110,11 +114,10 @@ class Tokenizer:
     def __init__(self):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
-        from tiktoken_ext.openai_public import r50k_pat_str
 
         ranks = load_tiktoken_bpe(str(GPT2_FILE), expected_hash=GPT2_SHA256)
         specials = {"<|endoftext|>": EOT_ID, "[CLS]": CLS_ID, "[SEP]": SEP_ID, "[PAD]": PAD_ID, "[MASK]": MASK_ID}
-        self.enc = tiktoken.Encoding("gpt2-bert", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+        self.enc = tiktoken.Encoding("gpt2-bert", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                      special_tokens=specials)
 
     def encode(self, text: str) -> list[int]:

@@ -47,11 +47,12 @@ def encode_masked(tok, text: str) -> list[int]:
 def top_k(model, tok, text: str, k: int = 5) -> list[list[tuple[str, float]]]:
     """For each [MASK] in text, in order, the k most likely tokens as (decoded token, probability).
 
-    model is a model.BertForMaskedLM. The softmax runs over the real vocabulary (config.vocab_size): the rows
-    that only pad the embedding to a multiple of 64 are not tokens and are never predicted.
+    model is a model.BertForMaskedLM, on any device: the input is built on its parameters' device. The softmax
+    runs over the real vocabulary (config.vocab_size): the rows that only pad the embedding to a multiple of 64
+    are not tokens and are never predicted.
     """
     ids = encode_masked(tok, text)
-    input_ids = torch.tensor([ids])                             # [1, S]
+    input_ids = torch.tensor([ids], device=next(model.parameters()).device)  # [1, S]
     attention_mask = torch.ones_like(input_ids)
     was_training = model.training
     model.eval()

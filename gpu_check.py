@@ -1,13 +1,14 @@
 """Check every GPU path on a CUDA machine in one command, and print a report to paste into the README.
 
-    python gpu_check.py                      # on a machine with a CUDA GPU: ~10 minutes, no internet needed
+    python gpu_check.py                      # on a machine with a CUDA GPU: 10-25 minutes, no internet needed
+    python gpu_check.py --steps=tests        # one step (or a comma list): each fits a 10-minute command
     python gpu_check.py --dry_run            # anywhere: print the commands it would run
 
 It needs only what the GPU machines here have: CUDA torch 2.11 or newer, numpy, tiktoken, pytest and
 hypothesis (transformers for bench.py's Hugging Face row). `datasets` is not needed: every step runs on the
 embedded data and imports it lazily. Steps, each a subprocess with its own time limit, run in order:
 
-    tests     pytest -m cuda: flex vs naive forward and backward compiled (bf16, fp32, block-boundary nnz and
+    tests     pytest -v -m cuda: flex vs naive forward and backward compiled (bf16, fp32, block-boundary nnz and
               16,383/16,384), compiled graphs per region over 20 varying-nnz batches, one host sync per forward
               (torch.cuda.set_sync_debug_mode), a short mosaic-bert-base run whose loss falls, and DDP over NCCL
               equal to one process when there are 2+ GPUs
@@ -16,11 +17,13 @@ embedded data and imports it lazily. Steps, each a subprocess with its own time 
 
 The report (stdout and out/gpu_check/report.md) names the device, torch and CUDA versions, each step's status
 and wall time, the training run's last log line and its MFU against the data-sheet peak (perf.GPU_PEAK_TFLOPS),
-and bench.py's tables. The exit status is 0 only when every step passed.
+and bench.py's tables. A step that runs past its limit is stopped (with everything it started) and the report
+shows the end of what it printed, e.g. the test it was in. The exit status is 0 only when every step passed.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +34,7 @@ from typing import Optional
 import torch
 
 import perf
-from config import main_guard, parse_config
+from config import ConfigError, main_guard, parse_config
 
 ROOT = Path(__file__).resolve().parent
 
@@ -40,9 +43,12 @@ ROOT = Path(__file__).resolve().parent
 class GpuCheckConfig:
     out_dir: str = "out/gpu_check"
     dry_run: bool = False        # print the steps' commands and exit
-    tests_timeout: int = 280     # seconds per step: 280 + 160 + 150 = 9.8 minutes at the very most
-    bench_timeout: int = 160
-    train_timeout: int = 150
+    steps: str = "tests,bench,train"  # which steps, in this order (one per command where commands are limited)
+    # seconds per step, each under 10 minutes: compiling flex forward and backward for 4 variants and two
+    # models (tests), bench's compiled rows and flex attention, and the compiled base model's first steps
+    tests_timeout: int = 540
+    bench_timeout: int = 480
+    train_timeout: int = 420
     train_steps: int = 50
 
 
@@ -57,10 +63,11 @@ class Step:
 
 
 def steps(cfg: GpuCheckConfig) -> list[Step]:
+    """The steps cfg.steps names, in the order given."""
     out = Path(cfg.out_dir)
     py = sys.executable
-    return [
-        Step("tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"], cfg.tests_timeout),
+    every = [
+        Step("tests", [py, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", "tests"], cfg.tests_timeout),
         Step("bench", [py, "bench.py", "--quick", f"--json={out / 'bench.json'}"], cfg.bench_timeout),
         Step("train", [py, "train.py", "--preset=mosaic-bert-base", "--data=default", "--data_mode=chunk",
                        "--num_workers=2", "--global_batch_size=256", "--micro_batch_size=128",
@@ -68,21 +75,33 @@ def steps(cfg: GpuCheckConfig) -> list[Step]:
                        "--keep_checkpoints=1", f"--out_dir={out / time.strftime('train-%Y%m%d-%H%M%S')}"],
              cfg.train_timeout),  # a new out_dir each time: train.py would autoresume (and skip) a finished run
     ]
+    by_name = {s.name: s for s in every}
+    names = [n.strip() for n in cfg.steps.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        raise ConfigError(f"--steps={cfg.steps}: choose from {', '.join(by_name)} (a comma list)")
+    return [by_name[n] for n in names]
 
 
-def run_step(step: Step, env: dict) -> Step:
-    """Run one step, streaming its output through and keeping it for the report."""
+def run_step(step: Step, env: dict, log_dir: Path) -> Step:
+    """Run one step, its output (stdout and stderr, in order) written to log_dir/<name>.log as it goes, so a step
+    stopped at its limit keeps what it printed. At the limit the step's whole process group is killed: its
+    workers too (DataLoader, torchrun), which would otherwise keep running."""
     print(f"\n=== {step.name}: {' '.join(map(str, step.cmd))}", flush=True)
+    log = Path(log_dir) / f"{step.name}.log"
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run([str(c) for c in step.cmd], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=step.timeout)
-        step.output = p.stdout + p.stderr
-        step.status = "passed" if p.returncode == 0 else f"FAILED (exit {p.returncode})"
-    except subprocess.TimeoutExpired as e:
-        step.output = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        step.status = f"TIMED OUT after {step.timeout} s"
+    with open(log, "w") as f:
+        p = subprocess.Popen([str(c) for c in step.cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        try:
+            rc = p.wait(timeout=step.timeout)
+            step.status = "passed" if rc == 0 else f"FAILED (exit {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            step.status = f"TIMED OUT after {step.timeout} s"
     step.wall_s = time.perf_counter() - t0
+    step.output = log.read_text(errors="replace")
     print(step.output[-4000:], flush=True)
     return step
 
@@ -90,6 +109,10 @@ def run_step(step: Step, env: dict) -> Step:
 def last_line(text: str, prefix: str) -> Optional[str]:
     lines = [line for line in text.splitlines() if line.startswith(prefix)]
     return lines[-1] if lines else None
+
+
+def last_lines(text: str, n: int = 30) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()][-n:]
 
 
 def pytest_summary(text: str) -> str:
@@ -117,12 +140,18 @@ def report(done: list[Step], env_lines: list[str], bench_md: Optional[str], date
             result = last_line(s.output, "step ") or "no step line"
         else:
             result = "tables below" if bench_md else "no bench report"
+        if s.status.startswith("TIMED OUT") and result.startswith("no "):
+            result = (last_lines(s.output, 1) or ["no output"])[0].strip()[:160]  # where it was when stopped
         lines.append(f"| {s.name} | {s.status} | {s.wall_s:,.0f} | `{result}` |")
     train = next((s for s in done if s.name == "train"), None)
     if train is not None:
         ref = last_line(train.output, "MFU reference") or last_line(train.output, "MFU:")
         comp = last_line(train.output, "compile:")
         lines += ["", f"mosaic-bert-base training: {comp or 'compile: ?'}; {ref or 'no MFU reference line'}"]
+    for s in done:
+        if s.status.startswith("TIMED OUT"):
+            lines += ["", f"#### {s.name}: the end of its output when it was stopped", "", "```",
+                      *last_lines(s.output), "```"]
     if bench_md:
         lines += ["", "#### bench.py --quick", "", bench_md.strip()]
     return "\n".join(lines) + "\n"
@@ -142,7 +171,7 @@ def main(argv=None):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    done = [run_step(s, env) for s in todo]
+    done = [run_step(s, env, out) for s in todo]
     md_path = out / "bench.md"
     bench_md = md_path.read_text() if md_path.exists() else None
     text = report(done, environment(), bench_md, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))

@@ -33,6 +33,7 @@ For speed the per-batch work (pad indices, the additive mask, the block mask) is
 """
 
 import contextlib
+import functools
 import math
 import types
 from dataclasses import dataclass
@@ -228,12 +229,25 @@ class AttentionPlan:
     flex_fn: object = None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, attn_dropout: float = 0.0) -> str:
+    """The backend `backend` names on `device`. "auto": flex on CUDA (packed: no work on padding), sdpa elsewhere,
+    and sdpa on CUDA too when the model has attention dropout, which flex lacks. On CUDA the choice is printed
+    once per process, with its reason."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        return "flex" if torch.device(device).type == "cuda" else "sdpa"
-    return backend
+    if backend != "auto":
+        return backend
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    chosen = "flex" if attn_dropout == 0 else "sdpa"
+    _say_auto_backend(chosen, float(attn_dropout))
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _say_auto_backend(chosen: str, attn_dropout: float):
+    why = "flex has no attention dropout" if chosen == "sdpa" else "no attention dropout"
+    print(f"attention: auto -> {chosen} on CUDA ({why}; attn_dropout={attn_dropout:g})", flush=True)
 
 
 def plan_attention(cu_seqlens, max_seqlen, slopes=None, backend="auto", head_shape=None,
@@ -242,7 +256,7 @@ def plan_attention(cu_seqlens, max_seqlen, slopes=None, backend="auto", head_sha
     head_shape their (H, D). max_seqlen and nnz (the real-token count) are Python ints: given them,
     the sdpa and flex plans never wait on the device (nnz=None reads it from cu_seqlens: a host sync)."""
     device = cu_seqlens.device
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, dropout_p)
     plan = AttentionPlan(backend, cu_seqlens, int(max_seqlen), slopes, dropout_p)
     nnz = int(cu_seqlens[-1]) if nnz is None else nnz
     if backend == "naive":

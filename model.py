@@ -309,7 +309,9 @@ class Bert(nn.Module):
             # Plan attention at the padded width S, not the batch's true longest sequence:
             # the shapes then depend only on (B, S), which torch.compile can treat as static.
             p = cfg.attn_dropout if self.training else 0.0
-            attn = kernels.plan_attention(cu_seqlens, S, slopes, cfg.attn_backend, (cfg.n_heads, cfg.head_dim), dtype, p,
+            # resolved from the configured dropout, not p: training and evaluation run the same backend
+            backend = kernels.resolve_backend(cfg.attn_backend, real.device, cfg.attn_dropout)
+            attn = kernels.plan_attention(cu_seqlens, S, slopes, backend, (cfg.n_heads, cfg.head_dim), dtype, p,
                                           nnz=nnz)
         else:
             attn = kernels.padded_attention_mask(attention_mask, slopes, dtype)
@@ -532,7 +534,7 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """
     bert = model.bert if hasattr(model, "bert") else model
     cfg, device = bert.config, next(model.parameters()).device
-    flex = cfg.unpad and kernels.resolve_backend(cfg.attn_backend, device) == "flex"
+    flex = cfg.unpad and kernels.resolve_backend(cfg.attn_backend, device, cfg.attn_dropout) == "flex"
     options = dict(backend=backend, dynamic=True if flex else None)
     for layer in bert.layers:
         layer.compile(**options)

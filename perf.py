@@ -130,6 +130,14 @@ GPU_PEAK_TFLOPS = {
     "H200": (989, 67), "H200 NVL": (835, 60), "GH200": (989, 67),
     "L4": (121, 30.3), "L40": (181, 90.5), "L40S": (362, 91.6),
     "B200": (2250, 75), "GB200": (2500, 80),
+    # export parts: H800 and A800 have the H100's and A100's compute (NVLink cut), H20 a smaller Hopper
+    "H800": (989, 67), "H800 PCIe": (756, 51), "A800": (312, 19.5), "H20": (148, 44),
+    # AWS's A10G has no NVIDIA data sheet: 70 is AWS's dense bf16 figure (a large bf16 matmul reaches ~69 on one;
+    # the A10 data sheet's 125 is a different, faster part), fp32 the A10 sheet's 31.2
+    "A10G": (70, 31.2),
+    # Ada workstation and GeForce: bf16 with fp32 accumulate, as torch's matmuls run it (GeForce runs it at half
+    # its fp16-accumulate rate: the RTX 4090's 330 TFLOP/s is fp16 accumulate)
+    "RTX 4090": (165.2, 82.6), "RTX 6000 Ada": (364.2, 91.1),
 }
 
 

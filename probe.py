@@ -131,16 +131,18 @@ def layer_features(bert: model.Bert, enc: glue.Encoded, pad_id: int, batch_size:
     """Each sentence's mean hidden state over its real tokens after the embeddings and after every layer:
     a list of n_layers + 1 arrays [n, d]. Read with forward hooks, so the model's own forward runs."""
     outs, feats = [], [[] for _ in range(len(bert.layers) + 1)]
+    device = next(bert.parameters()).device
     hooks = [m.register_forward_hook(lambda mod, inp, out: outs.append(out))
              for m in (bert.embeddings, *bert.layers)]
     try:
         bert.eval()
         for i in range(0, len(enc), batch_size):
             b = glue.collate(enc, list(range(i, min(i + batch_size, len(enc)))), pad_id)
+            b = {k: v.to(device) for k, v in b.items()}
             outs.clear()
             _, lay = bert(b["input_ids"], b["attention_mask"], b["token_type_ids"])
             for layer, h in enumerate(outs):  # (nnz, d) unpadded or (B, S, d) -> (B, d)
-                feats[layer].append(model.mean_pool(h, lay).float().numpy())
+                feats[layer].append(model.mean_pool(h, lay).float().cpu().numpy())
     finally:
         for h in hooks:
             h.remove()

@@ -761,7 +761,7 @@ def accumulate_gradients(model, batch: dict, accum: int, mb: int, world: int, am
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         return t.pin_memory().to(device, non_blocking=True)
-    return t
+    return t.to(device)  # a no-op on the CPU; any other device (tests/test_devices.py's meta) gets the tensor moved
 
 
 def fmt_time(seconds: float) -> str:

@@ -1,5 +1,7 @@
 """Shared test setup: import the project's flat modules, never wait on the network, and the `device`
-parameter (the CPU always; CUDA when torch sees a GPU, else skipped with a reason naming it)."""
+parameter (the CPU always; CUDA when torch sees a GPU, else skipped with a reason naming it), and
+require_transformers: the tests that need transformers skip, saying why, when it is missing or unusable here."""
+import functools
 import os
 import sys
 
@@ -22,10 +24,34 @@ def device(request):
     return torch.device(request.param)
 
 
-def pytest_configure(config):
+@functools.lru_cache(maxsize=None)
+def transformers_status() -> tuple:
+    """(transformers, None) when it imports; (None, why) when it is not installed or cannot be used here."""
     import hf  # noqa: PLC0415
     try:
-        hf.import_transformers()  # None (not installed) skips the HF tests; a name clash stops here, saying why
-    except ImportError as e:
-        pytest.exit(str(e), returncode=4)
+        module = hf.import_transformers()
+    except ImportError as e:  # a name clash (hf.KERNELS_CLASH): its message says what to do
+        return None, str(e)
+    return module, None if module is not None else "transformers is not installed (requirements.txt lists it)"
+
+
+def require_transformers():
+    """transformers, for a test (or module) that needs it; otherwise that test skips, saying why."""
+    module, why = transformers_status()
+    if module is None:
+        pytest.skip(why, allow_module_level=True)
+    return module
+
+
+def skip_if_transformers_clash():
+    """Skip a test that runs with or without transformers but cannot run when it is installed and unusable."""
+    module, why = transformers_status()
+    if module is None and "not installed" not in why:
+        pytest.skip(why)
+
+
+def pytest_configure(config):
+    _, why = transformers_status()
+    if why and "not installed" not in why:  # the other tests still run; the ones needing transformers skip
+        config.issue_config_time_warning(pytest.PytestConfigWarning(f"tests needing transformers skip: {why}"), 2)
     config.addinivalue_line("markers", "cuda: runs only on a CUDA GPU (gpu_check.py runs them: pytest -m cuda)")

@@ -17,6 +17,7 @@ import bench
 import model as M
 import perf
 import train
+from conftest import skip_if_transformers_clash
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +36,7 @@ def test_quick_tiny_run_reports_every_row_and_column(tmp_path):
     table is written beside it. torch.compile and flex are off to keep this short (test_model and
     test_kernels cover them); batches are tiny, and one thread: on a shared machine whose cores are
     oversubscribed, a 2-thread OpenMP step stalls at every barrier (4x slower here)."""
+    skip_if_transformers_clash()  # bench.py refuses to run its HF rows then (hf.KERNELS_CLASH says why)
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--quick", "--size=tiny", "--json", str(out), "--compile=false",
            "--attn_backends=naive,sdpa", "--attn_lengths=32,64", "--attn_tokens=128", "--pretrain_batch=2",

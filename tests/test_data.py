@@ -73,6 +73,26 @@ def test_tokenizer_ids_equal_tiktoken_gpt2(monkeypatch):
     assert tok.decode(tok.encode(texts[0])) == texts[0]
 
 
+def test_tokenizer_needs_no_pattern_from_tiktoken_ext(monkeypatch):
+    """data.Tokenizer carries GPT-2's split regex (older tiktoken releases lack tiktoken_ext's r50k_pat_str): it
+    builds without that name, and splits whitespace, contractions and digits as tiktoken's own pattern does."""
+    import tiktoken
+    import tiktoken_ext.openai_public as public
+    from tiktoken.load import load_tiktoken_bpe
+
+    ref_pattern = getattr(public, "r50k_pat_str", None)
+    if ref_pattern is not None:
+        monkeypatch.delattr(public, "r50k_pat_str")
+    tok = data.Tokenizer()  # a fresh one (get_tokenizer caches), built without tiktoken_ext's pattern
+    if ref_pattern is None:
+        pytest.skip("this tiktoken has no r50k_pat_str to compare with (the tokenizer built without it)")
+    ref = tiktoken.Encoding("ref", pat_str=ref_pattern, mergeable_ranks=load_tiktoken_bpe(str(data.GPT2_FILE)),
+                            special_tokens={})
+    texts = ["trailing   ", "  two\n\n\nlines \t\n end\n", "it's we'll they've I'd you're", "x  1234567 89",
+             "\u00a0nbsp\u3000ideographic  ", "ésß中 -- ...!?", "'s'S 'll", "a\r\n b", " ", ""]
+    assert [tok.encode(t) for t in texts] == [ref.encode_ordinary(t) for t in texts]
+
+
 def test_special_ids_and_vocab():
     tok = data.get_tokenizer()
     assert (tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id) == (50257, 50258, 50259, 50260)

@@ -20,6 +20,7 @@ from hypothesis import given, settings, strategies as st
 import glue
 import hf
 import model
+from conftest import require_transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).resolve().parent / "fixtures" / "glue"
@@ -388,7 +389,7 @@ def _make_vocab(folder: Path, texts, lower: bool):
 
 @pytest.mark.parametrize("lower", [True, False])
 def test_wordpiece_matches_transformers(tmp_path, lower):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     sample = glue.load_task(glue.TASKS["sentiment"], "")["dev"].a[:300]
     _make_vocab(tmp_path, sample[:200] + SENTENCES, lower)
     ours = hf.WordPiece.from_folder(tmp_path)
@@ -412,7 +413,7 @@ def test_wordpiece_matches_transformers(tmp_path, lower):
 
 
 def test_pair_truncation_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     _make_vocab(tmp_path, ["hello world"], lower=True)
     theirs = transformers.BertTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     ours = hf.WordPiece.from_folder(tmp_path)
@@ -604,7 +605,7 @@ def test_mnli_start_missing_is_said(tmp_path, capsys):
 
 
 def _tiny_hf_folder(folder: Path, vocab_extra=0):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     texts = [*glue.load_task(glue.TASKS["rte"], str(FIX))["train"].a, *SENTENCES]
     vocab = _make_vocab(folder, texts, lower=True)
     config = transformers.BertConfig(vocab_size=len(vocab) - vocab_extra, hidden_size=32, num_hidden_layers=1,
@@ -618,7 +619,7 @@ def test_hf_bert_folder_fine_tunes_with_its_wordpiece_vocab(tmp_path, monkeypatc
     negligible lr the dev logits glue.py scores equal those of transformers' own BertModel (its pooler) on the
     same ids, followed by the classification layer; and those ids are transformers' BertTokenizer's for the
     dev pairs. Fails if the weights, the pooler or the vocabulary are not the folder's."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     _tiny_hf_folder(tmp_path / "hf")
     cfg = glue.GlueConfig(tasks="rte", glue_dir=str(FIX), hf=str(tmp_path / "hf"), out_dir=str(tmp_path / "o"),
                           seeds=1, max_steps=2, log_interval=1000, lr=1e-12, dtype="float32", eval_batch_size=4)

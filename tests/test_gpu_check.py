@@ -1,7 +1,9 @@
 """gpu_check.py's logic on the CPU: its commands parse, its path never needs `datasets`, its report reads."""
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import bench
 import gpu_check
 import train
-from config import parse_config
+from config import ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_DATASETS = "import sys; sys.modules['datasets'] = None\n"  # `import datasets` then raises ImportError
@@ -19,13 +21,40 @@ NO_DATASETS = "import sys; sys.modules['datasets'] = None\n"  # `import datasets
 def test_step_commands_parse_with_the_scripts_own_configs():
     """Every flag gpu_check passes is one train.py and bench.py accept (a typo would only show on the GPU)."""
     s = {x.name: x for x in gpu_check.steps(gpu_check.GpuCheckConfig(out_dir="o"))}
-    assert s["tests"].cmd[1:] == ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"]
+    assert s["tests"].cmd[1:] == ["-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", "tests"]
     cfg = parse_config(train.TrainConfig, s["train"].cmd[2:], presets=train.TRAIN_PRESETS)
     assert cfg.model == "mosaic-bert-base" and cfg.max_steps == 50 and cfg.compile is None
     assert train.check_config(cfg, 1) == 2
     bcfg = parse_config(bench.BenchConfig, s["bench"].cmd[2:])
     assert bcfg.quick and bcfg.json.endswith("bench.json")
-    assert sum(x.timeout for x in s.values()) < 600  # the whole check in under 10 minutes
+    assert all(x.timeout < 600 for x in s.values())  # each step fits one 10-minute command (--steps=NAME)
+    only = gpu_check.steps(gpu_check.GpuCheckConfig(out_dir="o", steps="train,tests"))
+    assert [x.name for x in only] == ["train", "tests"]
+    with pytest.raises(ConfigError, match="choose from tests, bench, train"):
+        gpu_check.steps(gpu_check.GpuCheckConfig(steps="tests,bnech"))
+
+
+# A step that prints, starts a worker that outlives it (as DataLoader workers and torchrun's do), then hangs.
+HANGS = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print("tests/test_kernels.py::test_flex_matches_naive[bf16] PASSED", flush=True)
+print("tests/test_model.py::test_compiled_regions ", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_step_past_its_limit_is_stopped_and_the_report_shows_where(tmp_path):
+    """The step and its workers are killed at the limit (not left running, not waited for), and the report shows
+    the end of its output: the test it was in, in the table and in a section of its own."""
+    step = gpu_check.Step("tests", [sys.executable, "-c", HANGS], timeout=3)
+    t0 = time.perf_counter()
+    gpu_check.run_step(step, {**os.environ, "PYTHONUNBUFFERED": "1"}, tmp_path)
+    assert time.perf_counter() - t0 < 20
+    assert step.status == "TIMED OUT after 3 s"
+    md = gpu_check.report([step], [], None, "2026-12-06")
+    assert "| tests | TIMED OUT after 3 s | 3 | `tests/test_model.py::test_compiled_regions` |" in md
+    assert "#### tests: the end of its output when it was stopped" in md and "test_flex_matches_naive[bf16] PASSED" in md
 
 
 def test_gpu_path_never_imports_datasets(tmp_path):

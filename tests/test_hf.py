@@ -23,9 +23,10 @@ import data  # noqa: E402
 import fillmask  # noqa: E402
 import hf  # noqa: E402
 import model as M  # noqa: E402
+from conftest import require_transformers  # noqa: E402
 from test_model import batch  # noqa: E402
 
-transformers = pytest.importorskip("transformers")  # test-only dependency, in requirements.txt
+transformers = require_transformers()  # test-only dependency, in requirements.txt
 
 
 # ---------------------------------------------------------------------------- HF BERT import (moved from model.py)

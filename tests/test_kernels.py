@@ -328,6 +328,21 @@ def test_backend_resolution_and_errors():
         K.attention(torch.zeros(4, 2, 2, 8), cu_from_lengths([4]), 4, None, "sdpa")
 
 
+def test_auto_backend_on_cuda_avoids_flex_when_there_is_attention_dropout(capsys):
+    """auto resolves on a CUDA device object (no GPU needed): flex without attention dropout, sdpa with it (flex
+    has none), and the log line says which and why; the CPU stays on sdpa. plan_attention resolves `auto` with its
+    dropout the same way."""
+    K._say_auto_backend.cache_clear()
+    cuda = torch.device("cuda")
+    assert K.resolve_backend("auto", cuda, 0.1) == "sdpa"
+    assert K.resolve_backend("auto", cuda, 0.0) == "flex"
+    assert K.resolve_backend("auto", torch.device("cpu"), 0.1) == "sdpa"
+    assert K.resolve_backend("flex", cuda, 0.1) == "flex"  # named explicitly: kept (plan_attention says why not)
+    out = capsys.readouterr().out
+    assert "auto -> sdpa on CUDA (flex has no attention dropout; attn_dropout=0.1)" in out
+    assert "auto -> flex on CUDA" in out
+
+
 def test_attention_dropout_only_in_sdpa_and_naive():
     qkv, cu, L = random_batch([4, 3], 2, 8)
     with pytest.raises(ValueError, match="dropout"):

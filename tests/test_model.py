@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import kernels
 import model as M
 
 TINY = M.ModelConfig.preset("mosaic-bert-tiny", hidden_dropout=0.0, vocab_size=300)
@@ -411,6 +412,23 @@ def test_compiled_training_step_matches_eager_without_recompiles():
 
 # 3 heads of 16: a head count that is not a power of two (and the shape test_kernels' flex test compiles for)
 ALIBI3 = replace(TINY, n_layers=1, d_model=48, n_heads=3, d_ff=64)
+
+
+def test_a_model_with_attention_dropout_trains_under_auto_on_cuda(monkeypatch):
+    """An unpadded model with attn_dropout and attn_backend auto resolves its backend from the configured dropout
+    (the same in training and evaluation): with `auto` answered as on CUDA, a training forward runs on sdpa
+    instead of raising flex's no-dropout error."""
+    real = kernels.resolve_backend
+    monkeypatch.setattr(kernels, "resolve_backend", lambda b, device, p=0.0: real(b, torch.device("cuda"), p))
+    cfg = replace(M.ModelConfig.preset("mosaic-bert-tiny"), attn_backend="auto", attn_dropout=0.1)
+    m = M.BertForMaskedLM(cfg).train()
+    ids = torch.randint(0, 100, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = torch.where(torch.rand(2, 16) < 0.3, ids, -100)
+    labels[0, 0] = ids[0, 0]
+    out = m(ids, mask, labels)
+    assert torch.isfinite(out.loss_sum)
 
 
 def test_flex_backend_in_model_matches_naive_in_inference():

@@ -36,6 +36,9 @@ def test_mlm_accuracy_is_exact_top1_and_ties_are_wrong():
     ("NVIDIA H200", 989, 67), ("NVIDIA H200 NVL", 835, 60), ("NVIDIA GH200 480GB", 989, 67),
     ("NVIDIA L4", 121, 30.3), ("NVIDIA L40", 181, 90.5), ("NVIDIA L40S", 362, 91.6),
     ("NVIDIA B200", 2250, 75), ("NVIDIA GB200", 2500, 80),
+    ("NVIDIA H800", 989, 67), ("NVIDIA H800 PCIe", 756, 51), ("NVIDIA A800-SXM4-80GB", 312, 19.5),
+    ("NVIDIA A800 80GB PCIe", 312, 19.5), ("NVIDIA H20", 148, 44), ("NVIDIA A10G", 70, 31.2),
+    ("NVIDIA GeForce RTX 4090", 165.2, 82.6), ("NVIDIA RTX 6000 Ada Generation", 364.2, 91.1),
 ])
 def test_datasheet_peak_matches_whole_names_longest_first_per_dtype(name, bf16, fp32, monkeypatch):
     """Each data-sheet name gets its own entry ("L40" is not an "L4", "GB200" not a "B200", the NVL parts
@@ -51,7 +54,7 @@ def test_unknown_gpu_has_no_peak_and_train_and_bench_share_the_table(monkeypatch
     """An unknown name (or a near miss) gives None, not a neighbour's figure; bench.py's per-dtype peaks
     (perf.datasheet_peaks) and train.py's MFU reference (perf.peak_flops) read the same table, for the
     device name torch reports."""
-    for name in ("NVIDIA GeForce RTX 4090", "NVIDIA L20", "NVIDIA H20", "NVIDIA A10"):
+    for name in ("NVIDIA GeForce RTX 4080", "NVIDIA L20", "NVIDIA A10", "Quadro RTX 6000", "NVIDIA RTX A6000"):
         assert perf.datasheet_peak(name, "bfloat16") is None, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
     assert perf.datasheet_peaks(torch.device("cuda")) == {"bfloat16": 362e12, "float32": perf.datasheet_peak(
