@@ -44,7 +44,7 @@ import data
 import hf
 import model
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
-from train import init_distributed
+from train import init_distributed, wrap_ddp
 
 ROOT = Path(__file__).resolve().parent
 GLUE_TASKS = ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte")
@@ -644,8 +644,7 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
         if "pooler" in weights and hasattr(clf, "pooler"):  # a trained [CLS] pooler, when the head pools [CLS]
             clf.pooler.load_state_dict(weights["pooler"])
     clf.to(dist.device)
-    ddp = torch.nn.parallel.DistributedDataParallel(clf, device_ids=[dist.device.index] if dist.device.type ==
-                                                    "cuda" else None) if dist.world > 1 else clf
+    ddp = wrap_ddp(clf, dist.device) if dist.world > 1 else clf
 
     # decoupled weight decay: torch's AdamW decays by lr * weight_decay, so weight_decay = wd / peak_lr
     # gives a decay of wd * lr / peak_lr per step. As in train.py, biases and LayerNorm are not decayed.

@@ -27,6 +27,7 @@ run compiles once per region instead of once per batch.
 """
 
 import datetime
+import inspect
 import json
 import os
 import random
@@ -261,8 +262,21 @@ def init_distributed(device_flag: str, keep_freed: bool = False):
     elif keep_freed:
         perf.keep_freed_memory()
     if world > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=DIST_TIMEOUT)
+        # device_id on CUDA binds the group to this rank's GPU (NCCL then connects eagerly, no guessing)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=DIST_TIMEOUT,
+                                **({"device_id": device} if use_cuda else {}))
     return rank, world, device
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
+    """DDP for data-parallel training. No buffer broadcast before each forward: the only buffers are the constant ALiBi
+    slopes, which DDP would otherwise re-broadcast from rank 0 on every forward. gradient_as_bucket_view:
+    the .grad tensors are views into the all-reduce buckets (no copy in or out, one gradient's memory less)."""
+    # newer torch renames the flag (forward_sync_buffers; its buffers are still synced once, at init: fine here)
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               **no_buffer_sync)
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -537,7 +551,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         modeling.compile_model(raw_model)
         print0(f"compile: regions wrapped in {time.perf_counter() - t0:.1f} s (compiled lazily on the first step)")
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_ddp(model, device)
 
     if ckpt is not None:
         stream.load_state_dict(ckpt["data"])  # raises DataError if it does not fit this data

@@ -355,6 +355,36 @@ def test_process_group_timeout_outlasts_a_slow_first_batch(monkeypatch):
     assert seen.get("timeout", datetime.timedelta(minutes=10)) >= datetime.timedelta(minutes=30)
 
 
+def test_cuda_process_group_is_bound_to_the_node_local_gpu(monkeypatch):
+    """On CUDA each rank takes the GPU of its node-local rank (LOCAL_RANK, not the global RANK: rank 3 of a
+    2-node job is GPU 1 of its node) and binds the process group to it with device_id."""
+    seen = {}
+    monkeypatch.setattr(train.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train.torch.cuda, "set_device", lambda d: seen.update(set_device=d))
+    for k, v in {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(k, v)
+    rank, world, device = train.init_distributed("cuda")
+    assert (rank, world, device) == (3, 4, torch.device("cuda", 1))
+    assert seen["device_id"] == torch.device("cuda", 1) and seen["set_device"] == device
+    assert seen["backend"] == "nccl"
+
+
+def test_ddp_keeps_constant_buffers_local_and_grads_in_buckets(tmp_path):
+    """The model's only buffers are the constant ALiBi slopes: DDP must not re-broadcast them every forward.
+    Gradients live in DDP's all-reduce buckets (no copy in or out)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        m = train.modeling.build(train.modeling.ModelConfig.preset("mosaic-bert-tiny", vocab_size=64))
+        assert any(True for _ in m.buffers())  # there is something DDP could broadcast
+        ddp = train.wrap_ddp(m, torch.device("cpu"))
+        assert not ddp.will_sync_module_buffers()
+        assert ddp.gradient_as_bucket_view
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------
 # Checkpoint safety
 
