@@ -495,7 +495,9 @@ def mean_pool(h, lay: Layout):
     real = flat if lay.unpadded else flat[lay.real_indices]  # (nnz, d)
     row = torch.div(lay.real_indices, lay.S, rounding_mode="floor")  # (nnz,): the row of each real token
     sums = torch.zeros(lay.B, h.shape[-1], device=h.device, dtype=torch.float32).index_add_(0, row, real.float())
-    counts = torch.bincount(row, minlength=lay.B).clamp(min=1).unsqueeze(1)  # (B, 1)
+    # tokens per row by index_add, not bincount: bincount sizes its output from max(row), a host sync on CUDA
+    ones = torch.ones(row.numel(), 1, device=h.device, dtype=torch.float32)  # (nnz, 1)
+    counts = torch.zeros(lay.B, 1, device=h.device, dtype=torch.float32).index_add_(0, row, ones).clamp(min=1)  # (B, 1)
     return (sums / counts).to(h.dtype)
 
 
