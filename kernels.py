@@ -548,20 +548,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+# Rows per chunk of the fused decoder + cross-entropy, per device type. The CPU's decoder matmul is near its
+# peak at 256 rows (83 rows ran it at ~75%). A GPU launches ~25 kernels per chunk: at 256 rows the ~4,900
+# masked rows of a 128 x 128 micro-batch made ~20 chunks of small launches. 2,048 rows make 3, and hold
+# 2,048 x V x 6 bytes of buffers (bf16 logits and fp32 scratch: 0.6 GB at V=50304).
+CHUNK_ROWS = {"cpu": 256, "cuda": 2048}
+
+
+def default_chunk_rows(device: torch.device) -> int:
+    """linear_cross_entropy's rows per chunk on this device (CHUNK_ROWS; other accelerators as CUDA)."""
+    return CHUNK_ROWS.get(torch.device(device).type, CHUNK_ROWS["cuda"])
+
+
 def linear_cross_entropy(x, weight, bias, labels, chunk_rows: int = 0):
     """Fused decoder + cross-entropy: (sum over rows of CE(x W^T + b), rows whose argmax is the label).
 
     x (M, d), weight (V, d), bias (V,), labels (M,) with -100 for rows to ignore. Returns two scalars:
     the fp32 loss sum (differentiable in x, weight and bias) and the int64 count of rows whose logits'
     argmax (first index on ties) equals the label. Under autocast the matmuls run in its dtype, as
-    F.linear would; the log-sum-exp is fp32 either way. chunk_rows: rows per chunk (0: 256, enough rows
-    for the decoder matmul to run near the CPU's peak; 83 rows ran it at ~75%). Reference: linear_cross_entropy_naive. At d=256 and V=50304 (the CPU
+    F.linear would; the log-sum-exp is fp32 either way. chunk_rows: rows per chunk (0: default_chunk_rows
+    of x's device). Reference: linear_cross_entropy_naive. At d=256 and V=50304 (the CPU
     demo) the head is about half the step's FLOPs and most of its memory traffic.
     """
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if chunk_rows <= 0:
-        chunk_rows = 256
+        chunk_rows = default_chunk_rows(x.device)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))  # no G in evaluation
     with torch.autocast(dev, enabled=False):
         return _LinearCrossEntropy.apply(x, weight, bias, labels, chunk_rows, dtype, grad)

@@ -424,6 +424,24 @@ def test_linear_cross_entropy_matches_naive_bf16_autocast(M, chunk, seed):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)
 
 
+def test_linear_cross_entropy_chunk_is_chosen_per_device(monkeypatch):
+    """256 rows suit the CPU's matmul; on CUDA they made ~20 chunks of ~25 small launches per micro-batch, so
+    CUDA takes thousands. Checked on device objects (no GPU needed), and that the fused loss asks for its
+    input's device when chunk_rows is not given."""
+    assert K.default_chunk_rows(torch.device("cpu")) == 256
+    for dev in (torch.device("cuda"), torch.device("cuda", 3), "cuda:1"):
+        assert 2048 <= K.default_chunk_rows(dev) <= 4096, dev
+    asked, seen = [], []
+    monkeypatch.setattr(K, "default_chunk_rows", lambda d: asked.append(torch.device(d)) or 5)
+    real_apply = K._LinearCrossEntropy.apply
+    monkeypatch.setattr(K._LinearCrossEntropy, "apply", lambda *a: seen.append(a[4]) or real_apply(*a))
+    x, w, b, labels = torch.randn(12, 4), torch.randn(9, 4), torch.zeros(9), torch.randint(0, 9, (12,))
+    K.linear_cross_entropy(x, w, b, labels)
+    assert asked == [torch.device("cpu")] and seen == [5]
+    K.linear_cross_entropy(x, w, b, labels, chunk_rows=3)
+    assert seen == [5, 3]
+
+
 def test_linear_cross_entropy_all_ignored_and_no_grad():
     x, w, b, labels = _lce_case(6, 4, 9, 6, 0)
     loss, correct, gx, gw, gb = _lce_grads(K.linear_cross_entropy, x, w, b, labels)
