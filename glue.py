@@ -14,7 +14,8 @@ What is here, top to bottom:
 - tokenization: data.get_tokenizer() (GPT-2 BPE) for our checkpoints, hf.WordPiece (the `tokenizers` library)
   for HF and MosaicML checkpoints; pairs become [CLS] a [SEP] b [SEP] (token types 0, 1), longest segment
   truncated first;
-- one fine-tuning run per (task, seed); under torchrun the ranks share out the runs (--parallel=batches: DDP), batches padded to their longest row (the model unpads);
+- one fine-tuning run per (task, seed), batches padded to their longest row (the model unpads); under torchrun
+  the ranks share out the runs (--parallel=batches: DDP splits each batch instead);
 - RTE, MRPC and STS-B start from the MNLI-fine-tuned encoder, as in the paper;
 - out_dir/results.json, updated atomically after every finished (task, seed): an interrupted sweep resumes.
 Results are those of the final evaluation, not the best one. Metrics are stored as fractions (x100 when printed).
