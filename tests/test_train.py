@@ -125,6 +125,37 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
         assert first["grad_norm"] == pytest.approx(norm, rel=1e-4), out
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_two_node_rendezvous_equals_one_process(tmp_path):
+    """Multi-node as users launch it: two torchrun launchers ("nodes" of one rank each, both LOCAL_RANK 0) meet
+    through a c10d rendezvous on loopback. Data shards by the global rank, logs and checkpoints come from global
+    rank 0 only, so the final weights equal a 1-process run's with twice the accumulation. Sharding or electing
+    the writer by the node-local rank would give both nodes the same data, or two writers."""
+    args = TINY + FP32 + ["--dropout=0", "--micro_batch_size=2", "--max_steps=2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=two-node-test",
+                "--local_addr=127.0.0.1", "train.py"]
+    nodes = [subprocess.Popen(launcher + args + [f"--out_dir={tmp_path / 'nodes'}"], cwd=ROOT, env=ENV, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    for p, (out, err) in zip(nodes, outs):
+        assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+    assert sum("step 2/2" in out for out, _ in outs) == 1  # one node logs: the one holding global rank 0
+    assert "x 2 ranks" in "".join(out for out, _ in outs)
+    ok(run(args, tmp_path / "one"))
+    assert [s for s, _ in losses(tmp_path / "nodes")] == [1, 2]
+    for (_, a), (_, b) in zip(losses(tmp_path / "one"), losses(tmp_path / "nodes")):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert_state_close(load(ckpts(tmp_path / "one")[-1])["model"], load(ckpts(tmp_path / "nodes")[-1])["model"], 1e-5)
+
+
 # Tiny in-process models for the exact-gradient tests: 8 rows of 12 tokens, as 4 micro-batches of 2 rows (1 process)
 # or 2 ranks x 2 micro-batches. Masked tokens per micro-batch: 1, 0, 13, 3 (per rank: 1 and 16). Row 7 is all padding.
 GRAD_CFG = dict(vocab_size=300, hidden_dropout=0.0, attn_dropout=0.0, attn_backend="sdpa")
