@@ -636,6 +636,14 @@ def predict(clf, data: Encoded, cfg: GlueConfig, pad_id: int, dist: Dist, regres
     return result
 
 
+def maybe_compile(clf, cfg: GlueConfig, device: torch.device) -> bool:
+    """--compile (unset: on CUDA only, as in train.py): the encoder layers compiled in place, regionally."""
+    on = resolve_compile(cfg.compile, device)[0]
+    if on:
+        model.compile_model(clf)
+    return on
+
+
 def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict], seed: int,
              train: Encoded, evals: dict, dist: Dist) -> dict:
     """Fine-tune from `weights` (None: random init); return the final evaluation's metrics, speed, weights."""
@@ -648,8 +656,7 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
         if "pooler" in weights and hasattr(clf, "pooler"):  # a trained [CLS] pooler, when the head pools [CLS]
             clf.pooler.load_state_dict(weights["pooler"])
     clf.to(dist.device)
-    if resolve_compile(cfg.compile, dist.device)[0]:
-        model.compile_model(clf)  # before DDP; predict runs the same compiled layers
+    maybe_compile(clf, cfg, dist.device)  # before DDP; predict runs the same compiled layers
     ddp = wrap_ddp(clf, dist.device) if dist.world > 1 else clf
 
     # decoupled weight decay: torch's AdamW decays by lr * weight_decay, so weight_decay = wd / peak_lr

@@ -750,3 +750,16 @@ def test_torchrun_two_ranks_split_the_runs_and_equal_one_process(tmp_path):
         two = runs["two"]["seeds"][seed]
         for key in ("accuracy", "steps", "train_tokens"):
             assert two[key] == one[key], (seed, key, two[key], one[key])
+
+
+def test_fine_tuning_compiles_on_cuda_by_default(monkeypatch):
+    """glue.py compiles the encoder layers on CUDA unless told not to (as train.py does); the CPU stays eager.
+    Checked on device objects: the compile itself is replaced, so no GPU is needed."""
+    seen = []
+    monkeypatch.setattr(glue.model, "compile_model", lambda m: seen.append(m))
+    clf = object()
+    cfg = glue.GlueConfig()
+    assert glue.maybe_compile(clf, cfg, torch.device("cuda", 0)) and seen == [clf]
+    assert not glue.maybe_compile(clf, cfg, torch.device("cpu")) and seen == [clf]
+    assert not glue.maybe_compile(clf, dataclasses.replace(cfg, compile=False), torch.device("cuda", 0))
+    assert glue.maybe_compile(clf, dataclasses.replace(cfg, compile=True), torch.device("cpu")) and len(seen) == 2
