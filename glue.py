@@ -14,7 +14,8 @@ What is here, top to bottom:
 - tokenization: data.get_tokenizer() (GPT-2 BPE) for our checkpoints, hf.WordPiece (the `tokenizers` library)
   for HF and MosaicML checkpoints; pairs become [CLS] a [SEP] b [SEP] (token types 0, 1), longest segment
   truncated first;
-- one fine-tuning run per (task, seed), DDP under torchrun, batches padded to their longest row (the model unpads);
+- one fine-tuning run per (task, seed), batches padded to their longest row (the model unpads); under torchrun
+  the ranks share out the runs (--parallel=batches: DDP splits each batch instead);
 - RTE, MRPC and STS-B start from the MNLI-fine-tuned encoder, as in the paper;
 - out_dir/results.json, updated atomically after every finished (task, seed): an interrupted sweep resumes.
 Results are those of the final evaluation, not the best one. Metrics are stored as fractions (x100 when printed).
@@ -45,7 +46,7 @@ import hf
 import model
 import perf
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
-from train import init_distributed
+from train import init_distributed, resolve_compile, wrap_ddp
 
 ROOT = Path(__file__).resolve().parent
 GLUE_TASKS = ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte")
@@ -86,6 +87,9 @@ class GlueConfig:
     eval_batch_size: int = 128
     dtype: str = "auto"          # auto (bf16 where this device runs it fast, else float32) | bfloat16 | float32
     device: str = "auto"         # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
+    parallel: str = "runs"       # under torchrun: runs (each rank fine-tunes its share of each task's seeds alone,
+                                 # no DDP; the recipe's 16-48 row batches are too small to split) | batches (DDP)
+    compile: Optional[bool] = None  # regional torch.compile of the encoder layers; None (auto): on CUDA only
     from_mnli: bool = True       # start RTE, MRPC, STS-B from the MNLI-fine-tuned encoder when there is one
     control: Optional[bool] = None  # also fine-tune a from-scratch copy (default: only for the sentiment sample)
     skip_bad_rows: bool = False  # skip TSV rows with the wrong column count (counted, reported) instead of failing
@@ -633,6 +637,14 @@ def predict(clf, data: Encoded, cfg: GlueConfig, pad_id: int, dist: Dist, regres
     return result
 
 
+def maybe_compile(clf, cfg: GlueConfig, device: torch.device) -> bool:
+    """--compile (unset: on CUDA only, as in train.py): the encoder layers compiled in place, regionally."""
+    on = resolve_compile(cfg.compile, device)[0]
+    if on:
+        model.compile_model(clf)
+    return on
+
+
 def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict], seed: int,
              train: Encoded, evals: dict, dist: Dist) -> dict:
     """Fine-tune from `weights` (None: random init); return the final evaluation's metrics, speed, weights."""
@@ -645,8 +657,8 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
         if "pooler" in weights and hasattr(clf, "pooler"):  # a trained [CLS] pooler, when the head pools [CLS]
             clf.pooler.load_state_dict(weights["pooler"])
     clf.to(dist.device)
-    ddp = torch.nn.parallel.DistributedDataParallel(clf, device_ids=[dist.device.index] if dist.device.type ==
-                                                    "cuda" else None) if dist.world > 1 else clf
+    maybe_compile(clf, cfg, dist.device)  # before DDP; predict runs the same compiled layers
+    ddp = wrap_ddp(clf, dist.device) if dist.world > 1 else clf
 
     # decoupled weight decay: torch's AdamW decays by lr * weight_decay, so weight_decay = wd / peak_lr
     # gives a decay of wd * lr / peak_lr per step. As in train.py, biases and LayerNorm are not decayed.
@@ -820,7 +832,7 @@ def markdown_table(res: dict) -> str:
 
 
 def check_config(cfg: GlueConfig):
-    choices = dict(dtype=perf.DTYPES, device=("auto", "cpu", "cuda"),
+    choices = dict(dtype=perf.DTYPES, device=("auto", "cpu", "cuda"), parallel=("runs", "batches"),
                    init=("auto", "ckpt", "scratch", "hf", "mosaicml"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -854,6 +866,34 @@ def resolve_dtype(cfg: GlueConfig, dist: Dist, say: bool = False) -> GlueConfig:
     if say:
         print(f"dtype: {dtype} ({why})" + (f"\nwarning: {warning}" if warning else ""), flush=True)
     return dataclasses.replace(cfg, dtype=dtype)
+
+
+def save_mnli_encoder(out: dict, start: Start, seed: int, out_dir: Path):
+    """The MNLI-fine-tuned encoder RTE, MRPC and STS-B start from (the classifier: for hf.export only)."""
+    model.atomic_save({"weights": out["weights"], "model_config": config_dict(start.model_config),
+                       "source": start.source, "seed": seed, "classifier": out["classifier"]},
+                      str(mnli_encoder_path(out_dir)))
+
+
+def finetune_seeds_across_ranks(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict], seeds: list,
+                                todo: list, train: Encoded, evals: dict, dist: Dist, res: dict):
+    """--parallel=runs under torchrun: rank r fine-tunes todo[r::world], each run alone on its own device (no DDP,
+    no gradient all-reduce), exactly as a 1-process run would. Rank 0 gathers the metrics into results.json."""
+    out_dir = Path(cfg.out_dir)
+    solo = Dist(0, 1, dist.device)
+    mine = {}
+    for seed in todo[dist.rank::dist.world]:
+        out = finetune(cfg, task, start, weights, seed, train, evals, solo)
+        if task.name == "mnli" and seed == seeds[0]:  # whichever rank ran it writes it
+            save_mnli_encoder(out, start, seed, out_dir)
+        mine[str(seed)] = out["metrics"]
+    gathered = [None] * dist.world
+    torch.distributed.all_gather_object(gathered, mine)
+    if dist.master:
+        done = {k: v for g in gathered for k, v in g.items()}
+        res["tasks"][task.name]["seeds"].update({str(s): done[str(s)] for s in todo})  # in seed order
+        atomic_write_json(summarize(res), out_dir / "results.json")
+    torch.distributed.barrier()  # the results and the MNLI encoder are on disk before the next task
 
 
 def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None) -> dict:
@@ -925,13 +965,14 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
                   + f" examples from {splits['train'].origin} (tokenized in {time.perf_counter() - t0:.1f} s)")
         tr = res["tasks"].setdefault(name, {"recipe": rec, "start": start_name, "seeds": {}})
         tr["majority"] = majority_baseline(task, splits["train"], {s: splits[s] for s in evals})
+        if dist.world > 1 and cfg.parallel == "runs":
+            finetune_seeds_across_ranks(cfg, task, start, weights, seeds, todo, train, evals, dist, res)
+            continue
         for seed in todo:
             out = finetune(cfg, task, start, weights, seed, train, evals, dist)
             if dist.master:
                 if name == "mnli" and seed == seeds[0]:  # the encoder RTE, MRPC, STS-B start from
-                    model.atomic_save({"weights": out["weights"], "model_config": config_dict(start.model_config),
-                                       "source": start.source, "seed": seed, "classifier": out["classifier"]},
-                                      str(mnli_encoder_path(out_dir)))  # the classifier: for hf.export only
+                    save_mnli_encoder(out, start, seed, out_dir)
                 tr["seeds"][str(seed)] = out["metrics"]
                 atomic_write_json(summarize(res), out_dir / "results.json")
             if dist.world > 1:

@@ -111,14 +111,17 @@ def unpad(x: torch.Tensor, attention_mask: torch.Tensor):
     return x_unpadded, indices, cu_seqlens, max_seqlen
 
 
-def seqlens_from_mask(attention_mask: torch.Tensor, indices: torch.Tensor, n_inner: int | None = None) -> torch.Tensor:
+def seqlens_from_mask(attention_mask: torch.Tensor, indices: torch.Tensor, n_inner: int | None = None,
+                      doc_starts: torch.Tensor | None = None) -> torch.Tensor:
     """cu_seqlens (int32 [n+1]) of the sequences in attention_mask[B, S] (see `unpad`).
 
     n_inner: the number of documents that start inside a row (document_starts(attention_mask).sum()),
-    when the caller already read it; then nothing here waits on the device (no host sync)."""
+    when the caller already read it; then nothing here waits on the device (no host sync).
+    doc_starts: document_starts(attention_mask), when the caller already has it."""
     row_lens = (attention_mask != 0).sum(1)  # (B,)
     row_starts = F.pad(row_lens.cumsum(0), (1, 0))  # (B+1,) the row boundaries, in real tokens
-    starts = document_starts(attention_mask).reshape(-1)[indices]  # (nnz,) in packed order
+    doc_starts = document_starts(attention_mask) if doc_starts is None else doc_starts  # (B, S)
+    starts = doc_starts.reshape(-1)[indices]  # (nnz,) in packed order
     if n_inner is None:
         inner = torch.nonzero(starts, as_tuple=False).flatten()  # (n_inner,): a host sync
     else:
@@ -428,32 +431,39 @@ def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK, nnz: 
     A (q block, kv block) pair is computed when the two blocks share a document, and is "full"
     (no mask_mod call needed) when both lie wholly inside one document. Building it from the
     block-level document ranges costs O((nnz/128)^2) tiny ops, instead of evaluating the mask
-    on all nnz^2 token pairs as create_block_mask does.
+    on all nnz^2 token pairs as create_block_mask does. The mask is symmetric (a query block
+    meets a kv block exactly when that kv block meets it), so the q blocks the backward reads are
+    the kv blocks themselves: no transpose (BlockMask.from_kv_blocks would build them with two
+    vmapped sorts, dozens of small ops per batch).
     """
     device = cu_seqlens.device
     doc = document_ids(cu_seqlens, nnz)  # (nnz,)
     nnz = doc.numel()
     nb = (nnz + block - 1) // block
-    starts = torch.arange(nb, device=device) * block
-    ends = torch.clamp(starts + block, max=nnz) - 1
+    starts = torch.arange(0, nb * block, block, device=device)  # (nb,)
+    ends = (starts + (block - 1)).clamp_(max=nnz - 1)  # (nb,) each block's last token
     first, last = doc[starts], doc[ends]  # (nb,) documents of each block's first and last token
-    overlap = (first[None, :] <= last[:, None]) & (first[:, None] <= last[None, :])  # (nb_q, nb_kv)
-    one_doc = (first == last) & (ends - starts + 1 == block)
-    full = overlap & one_doc[:, None] & one_doc[None, :] & (first[:, None] == first[None, :])
-    partial = overlap & ~full
+    overlap = (first[None, :] <= last[:, None]) & (first[:, None] <= last[None, :])  # (nb, nb), symmetric
+    one_doc = (first == last) & (ends - starts == block - 1)  # (nb,): a short last block is never full
+    full = overlap & (one_doc[:, None] & one_doc[None, :]) & (first[:, None] == first[None, :])  # (nb, nb)
 
-    def to_indices(blocks):  # (nb, nb) bool -> num_blocks (1,1,nb), indices (1,1,nb,nb)
+    # (nb, nb) bool -> num_blocks (1, 1, nb), indices (1, 1, nb, nb), set blocks first. Each its own tensor: views
+    # into one stacked tensor (a nonzero storage offset) made this torch's CPU inductor emit flex C++ that fails
+    # to build ("cur_qSplitSize8 was not declared").
+    def to_indices(blocks):
         num = blocks.sum(-1, dtype=torch.int32)
-        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return num[None, None], order[None, None]
+        order = torch.argsort(blocks.logical_not().to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+        return num.view(1, 1, nb), order.view(1, 1, nb, nb)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
 
-    kv_num, kv_idx = to_indices(partial)
+    part_num, part_idx = to_indices(overlap & ~full)
     full_num, full_idx = to_indices(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                    mask_mod=mask_mod, seq_lengths=(nnz, nnz))
+    # symmetric: the q side is the kv side
+    return BlockMask(seq_lengths=(nnz, nnz), kv_num_blocks=part_num, kv_indices=part_idx, full_kv_num_blocks=full_num,
+                     full_kv_indices=full_idx, q_num_blocks=part_num, q_indices=part_idx, full_q_num_blocks=full_num,
+                     full_q_indices=full_idx, BLOCK_SIZE=(block, block), mask_mod=mask_mod)
 
 
 def _flex_plan(cu_seqlens, slopes, nnz):
@@ -552,20 +562,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+# Rows per chunk of the fused decoder + cross-entropy, per device type. The CPU's decoder matmul is near its
+# peak at 256 rows (83 rows ran it at ~75%). A GPU launches ~25 kernels per chunk: at 256 rows the ~4,900
+# masked rows of a 128 x 128 micro-batch made ~20 chunks of small launches. 2,048 rows make 3, and hold
+# 2,048 x V x 6 bytes of buffers (bf16 logits and fp32 scratch: 0.6 GB at V=50304).
+CHUNK_ROWS = {"cpu": 256, "cuda": 2048}
+
+
+def default_chunk_rows(device: torch.device) -> int:
+    """linear_cross_entropy's rows per chunk on this device (CHUNK_ROWS; other accelerators as CUDA)."""
+    return CHUNK_ROWS.get(torch.device(device).type, CHUNK_ROWS["cuda"])
+
+
 def linear_cross_entropy(x, weight, bias, labels, chunk_rows: int = 0):
     """Fused decoder + cross-entropy: (sum over rows of CE(x W^T + b), rows whose argmax is the label).
 
     x (M, d), weight (V, d), bias (V,), labels (M,) with -100 for rows to ignore. Returns two scalars:
     the fp32 loss sum (differentiable in x, weight and bias) and the int64 count of rows whose logits'
     argmax (first index on ties) equals the label. Under autocast the matmuls run in its dtype, as
-    F.linear would; the log-sum-exp is fp32 either way. chunk_rows: rows per chunk (0: 256, enough rows
-    for the decoder matmul to run near the CPU's peak; 83 rows ran it at ~75%). Reference: linear_cross_entropy_naive. At d=256 and V=50304 (the CPU
+    F.linear would; the log-sum-exp is fp32 either way. chunk_rows: rows per chunk (0: default_chunk_rows
+    of x's device). Reference: linear_cross_entropy_naive. At d=256 and V=50304 (the CPU
     demo) the head is about half the step's FLOPs and most of its memory traffic.
     """
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if chunk_rows <= 0:
-        chunk_rows = 256
+        chunk_rows = default_chunk_rows(x.device)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))  # no G in evaluation
     with torch.autocast(dev, enabled=False):
         return _LinearCrossEntropy.apply(x, weight, bias, labels, chunk_rows, dtype, grad)

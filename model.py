@@ -275,6 +275,24 @@ class Layout:
         return (idx if self.unpadded else self.real_indices[idx]), has_token
 
 
+class LayoutCounts(NamedTuple):
+    """The three ints a batch's layout is sized by (Bert.layout)."""
+    nnz: int        # real tokens
+    n_inner: int    # documents that start inside a row (packed document ids)
+    n_counted: int  # set entries of the layout's `count` among the positions the model keeps
+
+
+def layout_counts(attention_mask, count=None, unpad=True, starts=None) -> torch.Tensor:
+    """int64 [3]: the LayoutCounts of attention_mask[B, S] and count (bool [B, S] or None), as a tensor on
+    attention_mask's device. On a CPU batch, before it goes to the GPU, reading it waits on nothing.
+    starts: kernels.document_starts(attention_mask), when the caller has it."""
+    real = attention_mask.reshape(-1) != 0  # (B*S,)
+    starts = kernels.document_starts(attention_mask) if starts is None else starts  # (B, S)
+    counted = torch.zeros((), dtype=torch.long, device=real.device) if count is None else (
+        (count.reshape(-1) & real) if unpad else count.reshape(-1)).sum()
+    return torch.stack([real.sum(), starts.sum(), counted])
+
+
 class Bert(nn.Module):
     """Embeddings and the encoder stack. Returns hidden states in the layout it ran in."""
 
@@ -285,26 +303,26 @@ class Bert(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.n_layers)])
         self.register_buffer("alibi_slopes", kernels.alibi_slopes(cfg.n_heads), persistent=False)
 
-    def layout(self, attention_mask, dtype, count=None) -> Layout:
+    def layout(self, attention_mask, dtype, count=None, counts: LayoutCounts | None = None) -> Layout:
         """Unpad and plan attention for this batch: eager, done before the layers run.
 
-        Its one host sync reads three counts together: the real tokens (nnz), the documents that start
-        inside a row (packed ids), and the set entries of `count` (bool [B, S], e.g. the masked tokens
-        sparse prediction keeps) among the positions the model keeps. Every data-dependent shape after
-        that is built from these ints (nonzero_static, output_size) without waiting on the device again.
+        Every data-dependent shape is built from three counts (see LayoutCounts): the real tokens (nnz), the
+        documents that start inside a row (packed ids), and the set entries of `count` (bool [B, S], e.g. the
+        masked tokens sparse prediction keeps) among the positions the model keeps. Given `counts` (read from
+        the CPU batch by layout_counts before it went to the device), the layout never waits on the device;
+        without them, it reads them in its one host sync.
         """
         cfg = self.config
         B, S = attention_mask.shape
         slopes = self.alibi_slopes if cfg.position == "alibi" else None
-        real = attention_mask.reshape(-1) != 0  # (B*S,)
         starts = kernels.document_starts(attention_mask)  # (B, S)
-        counted = torch.zeros((), dtype=torch.long, device=real.device) if count is None else (
-            (count.reshape(-1) & real) if cfg.unpad else count.reshape(-1)).sum()
-        nnz, n_inner, n_counted = torch.stack([real.sum(), starts.sum(), counted]).tolist()  # THE host sync
+        if counts is None:
+            counts = LayoutCounts(*layout_counts(attention_mask, count, cfg.unpad, starts).tolist())  # THE host sync
+        nnz, n_inner, n_counted = counts
         if nnz == 0:
             raise ValueError("the batch has no real tokens: attention_mask is all zero")
-        real_indices = torch.nonzero_static(real, size=nnz).flatten()  # (nnz,)
-        cu_seqlens = kernels.seqlens_from_mask(attention_mask, real_indices, n_inner)
+        real_indices = torch.nonzero_static(attention_mask.reshape(-1), size=nnz).flatten()  # (nnz,)
+        cu_seqlens = kernels.seqlens_from_mask(attention_mask, real_indices, n_inner, starts)
         if cfg.unpad:
             # Plan attention at the padded width S, not the batch's true longest sequence:
             # the shapes then depend only on (B, S), which torch.compile can treat as static.
@@ -317,9 +335,10 @@ class Bert(nn.Module):
             attn = kernels.padded_attention_mask(attention_mask, slopes, dtype)
         return Layout(B, S, cfg.unpad, real_indices, cu_seqlens, attn, n_counted)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, count=None):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, count=None, counts=None):
         """input_ids, attention_mask, token_type_ids: [B, S] -> (hidden [nnz, d] or [B, S, d], Layout).
-        count: an optional bool [B, S] whose set entries the layout counts in its one host sync."""
+        count: an optional bool [B, S] whose set entries the layout counts (n_counted).
+        counts: the batch's LayoutCounts, when known (then no host sync; see Bert.layout)."""
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
                              f"{tuple(attention_mask.shape)} must both be [B, S]")
@@ -328,7 +347,7 @@ class Bert(nn.Module):
         dev = input_ids.device
         dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                  else self.embeddings.word_embeddings.weight.dtype)
-        lay = self.layout(attention_mask, dtype, count)
+        lay = self.layout(attention_mask, dtype, count, counts)
         pos = self._positions(lay)
         if lay.unpadded:  # unpad: embed only the real tokens
             flat = lay.real_indices
@@ -409,18 +428,27 @@ class BertForMaskedLM(nn.Module):
         h = self.encode(input_ids, attention_mask, token_type_ids)
         return self.head(h) * (attention_mask != 0)[..., None]
 
-    def forward(self, input_ids, attention_mask, labels, token_type_ids=None) -> MLMOutput:
+    def layout_counts(self, attention_mask, labels) -> LayoutCounts:
+        """The LayoutCounts forward needs for this batch: call it on the CPU batch, before it goes to the
+        device, and pass the result as forward's `counts`; the forward then never waits on the device."""
+        sparse = self.config.sparse_prediction
+        return LayoutCounts(*layout_counts(attention_mask, (labels != -100) if sparse else None,
+                                           self.config.unpad).tolist())
+
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None, counts=None) -> MLMOutput:
         """MLM loss. labels[B, S]: the original token at masked positions, -100 elsewhere.
+        counts: self.layout_counts(attention_mask, labels) of this batch, when known (no host sync then).
 
         Sparse prediction: MosaicBERT runs the head (d x V decoder, the largest matmul in the
         model at V=50304) only on the ~15-30% of tokens that are masked, instead of on all of
         them and discarding the rest. Same loss, a fraction of the head's FLOPs and memory.
         """
         sparse = self.config.sparse_prediction
-        h, lay = self.bert(input_ids, attention_mask, token_type_ids, count=(labels != -100) if sparse else None)
+        h, lay = self.bert(input_ids, attention_mask, token_type_ids, count=(labels != -100) if sparse else None,
+                           counts=counts)
         h = h.reshape(-1, h.shape[-1])  # (T, d), T = nnz or B*S
         labels = labels.reshape(-1)[lay.real_indices] if lay.unpadded else labels.reshape(-1)  # (T,)
-        if sparse:  # M, the masked-token count, was read in the layout's host sync
+        if sparse:  # M, the masked-token count, is the layout's n_counted
             picked = torch.nonzero_static(labels != -100, size=lay.n_counted).flatten()  # (M,)
             h, labels = h[picked], labels[picked]  # (M, d), (M,)
             torch._dynamo.maybe_mark_dynamic(h, 0)
@@ -497,7 +525,9 @@ def mean_pool(h, lay: Layout):
     real = flat if lay.unpadded else flat[lay.real_indices]  # (nnz, d)
     row = torch.div(lay.real_indices, lay.S, rounding_mode="floor")  # (nnz,): the row of each real token
     sums = torch.zeros(lay.B, h.shape[-1], device=h.device, dtype=torch.float32).index_add_(0, row, real.float())
-    counts = torch.bincount(row, minlength=lay.B).clamp(min=1).unsqueeze(1)  # (B, 1)
+    # tokens per row by index_add, not bincount: bincount sizes its output from max(row), a host sync on CUDA
+    ones = torch.ones(row.numel(), 1, device=h.device, dtype=torch.float32)  # (nnz, 1)
+    counts = torch.zeros(lay.B, 1, device=h.device, dtype=torch.float32).index_add_(0, row, ones).clamp(min=1)  # (B, 1)
     return (sums / counts).to(h.dtype)
 
 

@@ -27,6 +27,7 @@ run compiles once per region instead of once per batch.
 """
 
 import datetime
+import inspect
 import json
 import os
 import random
@@ -262,8 +263,21 @@ def init_distributed(device_flag: str, keep_freed: bool = False):
     elif keep_freed:
         perf.keep_freed_memory()
     if world > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=DIST_TIMEOUT)
+        # device_id on CUDA binds the group to this rank's GPU (NCCL then connects eagerly, no guessing)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=DIST_TIMEOUT,
+                                **({"device_id": device} if use_cuda else {}))
     return rank, world, device
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
+    """DDP for data-parallel training. No buffer broadcast before each forward: the only buffers are the constant ALiBi
+    slopes, which DDP would otherwise re-broadcast from rank 0 on every forward. gradient_as_bucket_view:
+    the .grad tensors are views into the all-reduce buckets (no copy in or out, one gradient's memory less)."""
+    # newer torch renames the flag (forward_sync_buffers; its buffers are still synced once, at init: fine here)
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               **no_buffer_sync)
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -323,12 +337,13 @@ def evaluate(model, batches, device, amp, rank, world):
     model.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked
     for b in batches[rank::world]:
+        counts = model.layout_counts(b["attention_mask"], b["labels"])  # from the CPU batch: no device sync
         b = {k: to_device(v, device) for k, v in b.items()}
         # Never under set_stance("force_eager"): that also turns off the compiled flex_attention, and eager
         # flex builds the whole (1, H, nnz, nnz) score matrix (~43 GB a layer at the paper's eval batch).
         # Under --compile each region compiles once more, for no_grad; nnz stays dynamic.
         with amp():
-            out = model(b["input_ids"], b["attention_mask"], b["labels"])
+            out = model(b["input_ids"], b["attention_mask"], b["labels"], counts=counts)
         tot += torch.stack([out.loss_sum.float(), out.n_correct.float(), out.n_masked.float()]).double()
     model.train()
     loss_sum, n_correct, n_masked = all_reduce(tot).tolist()
@@ -543,7 +558,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         modeling.compile_model(raw_model)
         print0(f"compile: regions wrapped in {time.perf_counter() - t0:.1f} s (compiled lazily on the first step)")
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_ddp(model, device)
 
     if ckpt is not None:
         stream.load_state_dict(ckpt["data"])  # raises DataError if it does not fit this data
@@ -649,8 +664,11 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
             group["lr"] = lr
         batch = stream.next_batch()  # this rank's share of the global batch: (global_batch / world, S)
         n_real, context_sq = data.attention_context(batch["attention_mask"])  # CPU tensor: no device sync
+        # each micro-batch's layout counts, read from the CPU batch: the forwards then never wait on the GPU
+        counts = [raw_model.layout_counts(batch["attention_mask"][sl], batch["labels"][sl])
+                  for sl in (slice(i * mb, (i + 1) * mb) for i in range(accum))]
         batch = {k: to_device(v, device) for k, v in batch.items()}
-        stats += accumulate_gradients(model, batch, accum, mb, world, amp)
+        stats += accumulate_gradients(model, batch, accum, mb, world, amp, counts)
         grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
         nonfinite = torch.maximum(nonfinite, (~torch.isfinite(grad_norm) | ~torch.isfinite(stats[0])).float())
@@ -732,8 +750,10 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     print0(f"done: {step} steps, {fmt_time(time.perf_counter() - t_start)} wall time")
 
 
-def accumulate_gradients(model, batch: dict, accum: int, mb: int, world: int, amp=nullcontext) -> torch.Tensor:
+def accumulate_gradients(model, batch: dict, accum: int, mb: int, world: int, amp=nullcontext,
+                         counts: Optional[list] = None) -> torch.Tensor:
     """Forward and backward of one step's micro-batches on this rank; returns float64 [loss_sum, n_correct, n_masked].
+    counts: each micro-batch's model.LayoutCounts, read from the CPU batch (then no forward waits on the device).
 
     Global masked count: the gradient left in .grad is that of sum(CE over the masked tokens of the whole
     global batch) / (masked tokens in the whole global batch), whatever their split over micro-batches and
@@ -751,7 +771,8 @@ def accumulate_gradients(model, batch: dict, accum: int, mb: int, world: int, am
             # gradients are all-reduced only on the last micro-step; forward runs inside no_sync too
             sync_ctx = model.no_sync() if world > 1 and not last else nullcontext()
             with sync_ctx:
-                out = model(batch["input_ids"][sl], batch["attention_mask"][sl], batch["labels"][sl])  # (B, S)
+                out = model(batch["input_ids"][sl], batch["attention_mask"][sl], batch["labels"][sl],
+                            counts=counts[i] if counts else None)  # (B, S)
                 (out.loss_sum * loss_scale).backward()
             stats += torch.stack([out.loss_sum.detach().float(), out.n_correct.float(),
                                   out.n_masked.float()]).double()

@@ -675,6 +675,13 @@ with open(sys.argv[1] + "." + os.environ.get("RANK", "0"), "w") as f:
 """
 
 
+def free_port() -> int:  # a fixed port collides with another checkout's tests running on the same machine
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_two_processes_equal_one_process(tmp_path):
     """The DDP path: two CPU processes (gloo) split each global batch (unevenly: 8 rows in batches of 5 give 3+2
     and 2+1 rows) and the evaluation. Dropout off and fp32, the per-step loss of the global batch, the logged
@@ -684,11 +691,11 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     script.write_text(GLUE_RECORDER.format(root=str(ROOT)))
     args = ["--tasks=rte", f"--glue_dir={FIX}", "--init=scratch", "--ckpt=", "--model=mosaic-bert-tiny",
             "--max_steps=4", "--epochs=3", "--batch_size=5", "--seeds=1", "--device=cpu", "--dropout=0",
-            "--dtype=float32", "--log_interval=1", "--eval_batch_size=4"]
+            "--dtype=float32", "--log_interval=1", "--eval_batch_size=4", "--parallel=batches"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {}
     for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                    "--master_port=29731"]), ("one", [sys.executable])):
+                                    f"--master_port={free_port()}"]), ("one", [sys.executable])):
         out = tmp_path / name
         r = subprocess.run(launcher + [str(script), str(out / "rec"), f"--out_dir={out}"] + args,
                            capture_output=True, text=True, timeout=300, env=env)
@@ -710,3 +717,50 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
         np.testing.assert_allclose(run["logged"], run["step_loss"], atol=6e-5)  # printed with 4 decimals
     assert one["preds"] == two["preds"] and len(one["preds"]) >= 1
     assert one["res"]["accuracy"] == two["res"]["accuracy"] and one["res"]["steps"] == two["res"]["steps"] == 4
+
+
+def test_torchrun_two_ranks_split_the_runs_and_equal_one_process(tmp_path):
+    """--parallel=runs (the default under torchrun): 2 gloo ranks share a task's 3 seeds, each run fine-tuned
+    alone on its rank (no DDP). Every (task, seed) trains exactly once, on one rank, and results.json holds the
+    same metrics as a 1-process run's (dropout on: each run's RNG comes from its seed, not from its rank)."""
+    script = tmp_path / "recorder.py"
+    script.write_text(GLUE_RECORDER.format(root=str(ROOT)))
+    args = ["--tasks=rte", f"--glue_dir={FIX}", "--init=scratch", "--ckpt=", "--model=mosaic-bert-tiny",
+            "--max_steps=2", "--batch_size=8", "--seeds=3", "--device=cpu", "--dtype=float32", "--log_interval=1",
+            "--eval_batch_size=16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                    f"--master_port={free_port()}"]), ("one", [sys.executable])):
+        out = tmp_path / name
+        r = subprocess.run(launcher + [str(script), str(out / "rec"), f"--out_dir={out}"] + args,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert [r.stdout.count(f"rte seed {s} | final:") for s in range(3)] == [1, 1, 1], r.stdout[-3000:]
+        recs = [json.loads(p.read_text()) for p in sorted(out.glob("rec.*"))]
+        runs[name] = dict(losses=[[x[0] for x in rec["losses"]] for rec in recs],
+                          preds=[rec["preds"] for rec in recs],
+                          seeds=json.loads((out / "results.json").read_text())["tasks"]["rte"]["seeds"])
+    (one,), (rank0, rank1) = runs["one"]["losses"], runs["two"]["losses"]  # 2 training forwards per seed
+    assert len(one) == 6 and rank0 == one[0:2] + one[4:6] and rank1 == one[2:4]  # seeds 0, 2 on rank 0; 1 on rank 1
+    # each seed's dev predictions, after the majority-class baseline's (scored once per task on every rank)
+    (p_one,), (p0, p1) = runs["one"]["preds"], runs["two"]["preds"]
+    assert len(p_one) == 4 and p0 == [p_one[0], p_one[1], p_one[3]] and p1 == [p_one[0], p_one[2]]
+    assert list(runs["two"]["seeds"]) == list(runs["one"]["seeds"]) == ["0", "1", "2"]
+    for seed, one in runs["one"]["seeds"].items():
+        two = runs["two"]["seeds"][seed]
+        for key in ("accuracy", "steps", "train_tokens"):
+            assert two[key] == one[key], (seed, key, two[key], one[key])
+
+
+def test_fine_tuning_compiles_on_cuda_by_default(monkeypatch):
+    """glue.py compiles the encoder layers on CUDA unless told not to (as train.py does); the CPU stays eager.
+    Checked on device objects: the compile itself is replaced, so no GPU is needed."""
+    seen = []
+    monkeypatch.setattr(glue.model, "compile_model", lambda m: seen.append(m))
+    clf = object()
+    cfg = glue.GlueConfig()
+    assert glue.maybe_compile(clf, cfg, torch.device("cuda", 0)) and seen == [clf]
+    assert not glue.maybe_compile(clf, cfg, torch.device("cpu")) and seen == [clf]
+    assert not glue.maybe_compile(clf, dataclasses.replace(cfg, compile=False), torch.device("cuda", 0))
+    assert glue.maybe_compile(clf, dataclasses.replace(cfg, compile=True), torch.device("cpu")) and len(seen) == 2

@@ -264,6 +264,43 @@ def test_document_block_mask_matches_create_block_mask():
         assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
 
 
+def _listed_blocks(num, idx):  # (1, 1, nb), (1, 1, nb, nb) -> per row, the listed blocks in order
+    return [idx[0, 0, r, :n].tolist() for r, n in enumerate(num[0, 0].tolist())]
+
+
+def test_document_block_mask_q_blocks_equal_those_flex_would_transpose():
+    """The backward reads the mask by q blocks; ours reuses the kv blocks (the mask is symmetric). They must be
+    what BlockMask.from_kv_blocks computes by transposing, for the partial and the full blocks, in order."""
+    from torch.nn.attention.flex_attention import BlockMask
+    for lengths in ([5, 130, 1, 60], [128, 128], [300], [1] * 7 + [250], [200, 3, 500, 97]):
+        ours = K.document_block_mask(cu_from_lengths(lengths))
+        ref = BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices, ours.full_kv_num_blocks,
+                                       ours.full_kv_indices, BLOCK_SIZE=ours.BLOCK_SIZE, seq_lengths=ours.seq_lengths)
+        assert torch.equal(ours.q_num_blocks, ref.q_num_blocks), lengths
+        assert torch.equal(ours.full_q_num_blocks, ref.full_q_num_blocks), lengths
+        assert _listed_blocks(ours.q_num_blocks, ours.q_indices) == _listed_blocks(ref.q_num_blocks, ref.q_indices)
+        assert (_listed_blocks(ours.full_q_num_blocks, ours.full_q_indices)
+                == _listed_blocks(ref.full_q_num_blocks, ref.full_q_indices))
+
+
+def test_document_block_mask_is_a_few_dozen_ops():
+    """Built once per batch, eagerly, while the GPU waits: each aten op is a kernel launch or more. The block
+    mask takes under 50 (from_kv_blocks' transposes alone took about 70)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    cu = cu_from_lengths([100, 200, 1, 399, 300])
+    with OpCounter() as c:
+        K.document_block_mask(cu, nnz=1000)
+    assert 0 < c.n <= 50, c.n
+
+
 @pytest.fixture
 def fresh_flex_compiles():
     """Start from no compiled flex functions: on the CPU this torch's inductor emits C++ that does not build
@@ -403,6 +440,24 @@ def test_linear_cross_entropy_matches_naive_bf16_autocast(M, chunk, seed):
     eps = torch.finfo(torch.bfloat16).eps
     for got, want, n in zip(fused[2:], ref[2:], (200, M, M)):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=max(2e-3, eps * math.sqrt(n) / 4))
+
+
+def test_linear_cross_entropy_chunk_is_chosen_per_device(monkeypatch):
+    """256 rows suit the CPU's matmul; on CUDA they made ~20 chunks of ~25 small launches per micro-batch, so
+    CUDA takes thousands. Checked on device objects (no GPU needed), and that the fused loss asks for its
+    input's device when chunk_rows is not given."""
+    assert K.default_chunk_rows(torch.device("cpu")) == 256
+    for dev in (torch.device("cuda"), torch.device("cuda", 3), "cuda:1"):
+        assert 2048 <= K.default_chunk_rows(dev) <= 4096, dev
+    asked, seen = [], []
+    monkeypatch.setattr(K, "default_chunk_rows", lambda d: asked.append(torch.device(d)) or 5)
+    real_apply = K._LinearCrossEntropy.apply
+    monkeypatch.setattr(K._LinearCrossEntropy, "apply", lambda *a: seen.append(a[4]) or real_apply(*a))
+    x, w, b, labels = torch.randn(12, 4), torch.randn(9, 4), torch.zeros(9), torch.randint(0, 9, (12,))
+    K.linear_cross_entropy(x, w, b, labels)
+    assert asked == [torch.device("cpu")] and seen == [5]
+    K.linear_cross_entropy(x, w, b, labels, chunk_rows=3)
+    assert seen == [5, 3]
 
 
 def test_linear_cross_entropy_all_ignored_and_no_grad():

@@ -125,6 +125,37 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
         assert first["grad_norm"] == pytest.approx(norm, rel=1e-4), out
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_two_node_rendezvous_equals_one_process(tmp_path):
+    """Multi-node as users launch it: two torchrun launchers ("nodes" of one rank each, both LOCAL_RANK 0) meet
+    through a c10d rendezvous on loopback. Data shards by the global rank, logs and checkpoints come from global
+    rank 0 only, so the final weights equal a 1-process run's with twice the accumulation. Sharding or electing
+    the writer by the node-local rank would give both nodes the same data, or two writers."""
+    args = TINY + FP32 + ["--dropout=0", "--micro_batch_size=2", "--max_steps=2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=two-node-test",
+                "--local_addr=127.0.0.1", "train.py"]
+    nodes = [subprocess.Popen(launcher + args + [f"--out_dir={tmp_path / 'nodes'}"], cwd=ROOT, env=ENV, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    for p, (out, err) in zip(nodes, outs):
+        assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+    assert sum("step 2/2" in out for out, _ in outs) == 1  # one node logs: the one holding global rank 0
+    assert "x 2 ranks" in "".join(out for out, _ in outs)
+    ok(run(args, tmp_path / "one"))
+    assert [s for s, _ in losses(tmp_path / "nodes")] == [1, 2]
+    for (_, a), (_, b) in zip(losses(tmp_path / "one"), losses(tmp_path / "nodes")):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert_state_close(load(ckpts(tmp_path / "one")[-1])["model"], load(ckpts(tmp_path / "nodes")[-1])["model"], 1e-5)
+
+
 # Tiny in-process models for the exact-gradient tests: 8 rows of 12 tokens, as 4 micro-batches of 2 rows (1 process)
 # or 2 ranks x 2 micro-batches. Masked tokens per micro-batch: 1, 0, 13, 3 (per rank: 1 and 16). Row 7 is all padding.
 GRAD_CFG = dict(vocab_size=300, hidden_dropout=0.0, attn_dropout=0.0, attn_backend="sdpa")
@@ -362,6 +393,36 @@ def test_process_group_timeout_outlasts_a_slow_first_batch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     train.init_distributed("cpu")
     assert seen.get("timeout", datetime.timedelta(minutes=10)) >= datetime.timedelta(minutes=30)
+
+
+def test_cuda_process_group_is_bound_to_the_node_local_gpu(monkeypatch):
+    """On CUDA each rank takes the GPU of its node-local rank (LOCAL_RANK, not the global RANK: rank 3 of a
+    2-node job is GPU 1 of its node) and binds the process group to it with device_id."""
+    seen = {}
+    monkeypatch.setattr(train.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train.torch.cuda, "set_device", lambda d: seen.update(set_device=d))
+    for k, v in {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(k, v)
+    rank, world, device = train.init_distributed("cuda")
+    assert (rank, world, device) == (3, 4, torch.device("cuda", 1))
+    assert seen["device_id"] == torch.device("cuda", 1) and seen["set_device"] == device
+    assert seen["backend"] == "nccl"
+
+
+def test_ddp_keeps_constant_buffers_local_and_grads_in_buckets(tmp_path):
+    """The model's only buffers are the constant ALiBi slopes: DDP must not re-broadcast them every forward.
+    Gradients live in DDP's all-reduce buckets (no copy in or out)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        m = train.modeling.build(train.modeling.ModelConfig.preset("mosaic-bert-tiny", vocab_size=64))
+        assert any(True for _ in m.buffers())  # there is something DDP could broadcast
+        ddp = train.wrap_ddp(m, torch.device("cpu"))
+        assert not ddp.will_sync_module_buffers()
+        assert ddp.gradient_as_bucket_view
+    finally:
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------
