@@ -26,7 +26,6 @@ import glue
 import model
 import pareto
 import perf
-import probe
 import train
 from config import config_dict, parse_config
 
@@ -83,7 +82,7 @@ def meta_mlm(cfg=None) -> model.BertForMaskedLM:
 
 
 def on_meta_dist(monkeypatch):
-    """glue's device resolution, answered with meta (glue.main, pareto and probe call it)."""
+    """glue's device resolution, answered with meta (glue.main and pareto call it)."""
     monkeypatch.setattr(glue, "setup_distributed", lambda device: glue.Dist(0, 1, META))
 
 
@@ -181,21 +180,6 @@ def test_pareto_downstream_fine_tunes_reach_the_model_on_its_device(meta_guard, 
     arms = {"mosaic": types.SimpleNamespace(name="mosaic", points=[{"wall_s": 0.0}])}
     assert reached(pareto.downstream, cfg, arms, tmp_path, {"downstream_s": 0.0}, lambda: None) \
         == "SequenceClassifier.forward"
-
-
-# ---------------------------------------------------------------------------- probe.py
-def test_probe_features_and_fine_tunes_reach_the_model_on_its_device(meta_guard, tmp_path):
-    cfg = glue_config(tmp_path)
-    start = glue.load_start(cfg, "scratch")
-    task = glue.TASKS["sentiment"]
-    dev = glue.label_subset(glue.load_task(task, "")["dev"], 8)
-    enc = glue.encode_examples(dev, start.tokenizer, 32)
-    bert = probe.encoder(start, 0).to(META)
-    assert reached(probe.layer_features, bert, enc, start.tokenizer.pad_id, 4) == "Bert.forward"
-    on_meta_dist(meta_guard)
-    start.weights = {"bert": probe.encoder(start, 0).state_dict()}
-    pcfg = probe.ProbeConfig(labels=16, seeds=1, max_steps=1, max_len=32)
-    assert reached(probe.finetune_parts, pcfg, start, task, dev, dev) == "SequenceClassifier.forward"
 
 
 # ---------------------------------------------------------------------------- bench.py
