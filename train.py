@@ -4,20 +4,26 @@
     python train.py --preset=mosaic-bert-tiny --max_steps=20
     torchrun --nproc_per_node=8 train.py --preset=mosaic-bert-base --data=c4   # the paper's recipe
 
-Everything a run does is in this file, top to bottom (grep the names):
+The recipe, top to bottom (grep the names):
     TrainConfig, TRAIN_PRESETS    one dataclass, --field=value flags, named recipes
     init_distributed              torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU
-    perf.BoundedHeap              CPU default: glibc keeps freed memory (no page faults per step), trimmed at a bound
-    decoupled weight decay        MosaicML's DecoupledAdamW expressed with torch's AdamW
-    lr_at                         linear warmup, then linear decay to final_lr_frac x peak
-    accumulate_gradients          global masked count: a step's MLM loss is sum(CE) / (masked tokens in the global batch)
-    no_sync                       gradients are all-reduced once per step, on the last micro-step
+    build_optimizer               MosaicML's decoupled weight decay expressed with torch's AdamW
+    lr_factor, lr_at              linear warmup, then linear decay to final_lr_frac x peak
+    mlm_step                      global masked count: a step's MLM loss is sum(CE) / (masked tokens in the global batch);
+                                  gradients are all-reduced once per step, on the last micro-step (no_sync)
     --compile                     torch.compile in one place, on by default on CUDA (resolve_compile)
     MFU                           against a peak-FLOP table on GPUs, a measured matmul rate on CPUs (perf.peak_flops)
-    save_checkpoint / resume      atomic, weights_only-loadable, exact continuation (data, RNG, schedule)
-    autoresume                    a run into an out_dir holding checkpoints of the same config continues them;
-                                  of another config, it refuses (checkpoints are never deleted implicitly)
-    preemption                    SIGTERM/SIGUSR1: every rank finishes the step, rank 0 saves, exit PREEMPTED_EXIT
+    checkpoint.py                 atomic saves, autoresume (same config continues, another is refused), preemption
+                                  (SIGTERM/SIGUSR1: every rank finishes the step, rank 0 saves, exit PREEMPTED_EXIT)
+
+The shared MLM micro-step (bench.py times the same function):
+
+    stats = mlm_step(model, micro, world=1, amp=nullcontext, loss_fn=mlm_loss)   # float64 [loss_sum, n_correct, n_masked]
+
+micro: the step's micro-batches on this rank, dicts with input_ids, attention_mask, labels (B, S) and optionally
+counts (model.LayoutCounts); micro_batches(batch, mb) splits a batch into them. loss_fn(model, mb) returns
+(summed CE, correct top-1 count, masked count); hf_mlm_loss adapts a transformers model, which returns a mean.
+The caller steps the optimizer. amp is a zero-argument callable returning a context (perf.autocast).
 
 Shape legend: B sequences per micro-batch, S = seq_len.
 Recompiles: with --compile, run with TORCH_LOGS=recompiles to see every recompilation and its reason.
@@ -30,16 +36,12 @@ import datetime
 import inspect
 import json
 import os
-import random
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -48,26 +50,14 @@ import data
 import fillmask
 import model as modeling
 import perf
+from checkpoint import (PREEMPTED_EXIT, PREEMPTED_MARKER, Preempted, PreemptionFlag, TrainError,  # noqa: F401
+                        atomic_save, checkpoint_path, latest_checkpoint, list_checkpoints, load_for_resume,
+                        restore_rng, rng_state, set_rng_state, trim_metrics)
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
-
-class TrainError(RuntimeError):
-    """A run that cannot go on (non-finite loss, missing checkpoint...). Printed on stderr, exit 1."""
-
-
-# Exit status after a preemption signal once the checkpoint is saved: EX_TEMPFAIL of <sysexits.h>, "try again
-# later". A requeue script tells it from success (0), bad flags (2) and failures (1, or a signal's 128+n).
-PREEMPTED_EXIT = 75
-# torchrun turns any worker's non-zero status into its own exit 1, so rank 0 also leaves this file in out_dir
-# (holding the step); the next start of train.py in that out_dir removes it.
-PREEMPTED_MARKER = "PREEMPTED"
 # Process-group timeout: a collective waits this long for the slowest rank. torch's default is 10 min for NCCL;
 # a rank's first batch (DataLoader start-up, a resumed stream re-reading part of one C4 file) may take minutes.
 DIST_TIMEOUT = datetime.timedelta(hours=1)
-
-
-class Preempted(Exception):
-    """Raised on every rank after a preemption checkpoint was saved; cli() exits with PREEMPTED_EXIT."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,9 +192,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> int:
     return per_rank // cfg.micro_batch_size
 
 
-# On the CPU, compiling the demo's regions costs about 25 s and buys about 17% more tokens/s on its
-# packed 32 x 128 batches (2-core AMD EPYC, the same 70 steps eager and compiled: 3,345 vs 3,905 real
-# tokens/s), so it pays back after about 0.5M tokens. Auto compiles CPU runs of at least twice that.
+# --- CPU workaround: on the CPU, compiling pays back its ~25 s only over a long run (docs/log.md has the
+# measurement), so auto compiles CPU runs of at least this many planned tokens.
 CPU_COMPILE_MIN_TOKENS = 1_000_000
 
 
@@ -251,7 +240,7 @@ def model_config(cfg: TrainConfig) -> modeling.ModelConfig:
 
 def init_distributed(device_flag: str, keep_freed: bool = False):
     """Read torchrun's env vars; without them this is one process. Returns (rank, world, device).
-    keep_freed: on the CPU, apply keep_freed_memory."""
+    keep_freed: on the CPU, apply perf.keep_freed_memory (a CPU workaround)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_flag == "cuda" and not torch.cuda.is_available():
@@ -269,10 +258,15 @@ def init_distributed(device_flag: str, keep_freed: bool = False):
     return rank, world, device
 
 
+def print0(*args):
+    """print on rank 0 only (every rank when no process group is up)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
-    """DDP for data-parallel training. No buffer broadcast before each forward: the only buffers are the constant ALiBi
-    slopes, which DDP would otherwise re-broadcast from rank 0 on every forward. gradient_as_bucket_view:
-    the .grad tensors are views into the all-reduce buckets (no copy in or out, one gradient's memory less)."""
+    """DDP without buffer broadcasts (the only buffers are the constant ALiBi slopes) and with the .grad
+    tensors as views into the all-reduce buckets (no copy in or out, one gradient's memory less)."""
     # newer torch renames the flag (forward_sync_buffers; its buffers are still synced once, at init: fine here)
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                       else {"broadcast_buffers": False})
@@ -299,32 +293,101 @@ def all_gather(obj) -> list:
 # Optimizer and schedule
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.98), eps=1e-6) -> torch.optim.AdamW:
     """AdamW with MosaicML's *decoupled* weight decay and no decay on biases and LayerNorm weights.
 
-    DecoupledAdamW (Composer) decays as p -= wd * (lr_t / peak_lr) * p, so weight_decay=1e-5 means
-    1e-5 of the weight per step at peak LR, independent of the LR's size. torch's AdamW decays
-    p -= lr_t * weight_decay * p, so passing weight_decay = wd / peak_lr gives exactly the same update.
-    Parameters with fewer than 2 dims (biases, LayerNorm gains and shifts) are not decayed.
+    DecoupledAdamW (Composer) decays as p -= wd * (lr_t / peak_lr) * p, so weight_decay=1e-5 means 1e-5 of the
+    weight per step at peak LR, whatever the LR's size. torch's AdamW decays p -= lr_t * weight_decay * p, so
+    weight_decay = wd / peak_lr gives the same update. Tensors with fewer than 2 dims are not decayed.
+    params: a module or an iterable of parameters.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg.weight_decay / cfg.lr),
-        dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0),
-    ]
-    fused = device.type in ("cuda", "cpu")  # one kernel over all params; on CPU ~5x faster than foreach
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    params = params.parameters() if isinstance(params, torch.nn.Module) else params
+    params = [p for p in params if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=weight_decay / lr),
+              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+    # one kernel over all params (on the CPU ~5x faster than foreach)
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def lr_factor(step: float, total: float, warmup: float, final_frac: float) -> float:
+    """Multiplier of the peak LR for update `step` (0-based): linear warmup (the first update already gets
+    1/warmup, not 0), then linear decay reaching final_frac at `total` (Composer's linear_decay_with_warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, 1.0 - (1.0 - final_frac) * min(1.0, (step - warmup) / max(1, total - warmup)))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """LR for the update with 0-based index `step`: linear warmup to cfg.lr over warmup_frac*max_steps
-    updates (the first update already uses lr/warmup, not 0), then linear decay reaching
-    final_lr_frac*lr at max_steps (Composer's linear_decay_with_warmup, t_warmup=0.06dur, alpha_f=0.02)."""
-    warmup = round(cfg.warmup_frac * cfg.max_steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
-    return cfg.lr * (1.0 - (1.0 - cfg.final_lr_frac) * progress)
+    """The paper's schedule: warmup over warmup_frac (6%) of max_steps, decay to final_lr_frac (0.02) x lr."""
+    return cfg.lr * lr_factor(step, cfg.max_steps, round(cfg.warmup_frac * cfg.max_steps), cfg.final_lr_frac)
+
+
+# ----------------------------------------------------------------------------------------
+# The MLM step
+
+
+def mlm_loss(model, mb: dict):
+    """model.BertForMaskedLM's loss_fn: (summed CE over the masked tokens, correct top-1 count, masked count)."""
+    out = model(mb["input_ids"], mb["attention_mask"], mb["labels"], counts=mb.get("counts"))  # (B, S)
+    return out.loss_sum, out.n_correct, out.n_masked
+
+
+def hf_mlm_loss(model, mb: dict):
+    """A transformers BertForMaskedLM's loss_fn: it returns the mean CE over the micro-batch's masked tokens,
+    turned back into a sum. It reports no accuracy (n_correct 0)."""
+    out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"])
+    n = (mb["labels"] != -100).sum()
+    return out.loss * n, torch.zeros((), device=n.device), n
+
+
+def mlm_step(model, micro: list[dict], world: int = 1, amp=nullcontext, loss_fn: Callable = mlm_loss) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches on this rank; returns float64 [loss_sum, n_correct, n_masked].
+
+    Global masked count: the gradient left in .grad is that of sum(CE over the masked tokens of the whole
+    global batch) / (masked tokens in the whole global batch), whatever their split over micro-batches and
+    ranks (tests/test_train.py checks it against autograd on the global batch). `model` is DDP-wrapped when
+    world > 1: DDP averages gradients over ranks, so each rank scales by world / N_global.
+    """
+    # global masked count: the whole global batch's masked tokens, known before the forward pass
+    n_masked = all_reduce(sum((mb["labels"] != -100).sum() for mb in micro).float())
+    loss_scale = world / n_masked.clamp(min=1)  # DDP averages grads over ranks; `world` undoes that
+    stats = torch.zeros(3, dtype=torch.float64, device=micro[0]["labels"].device)
+    with amp():  # one autocast context for all micro-steps: on CPU the bf16 weight casts are reused
+        for i, mb in enumerate(micro):
+            # gradients are all-reduced only on the last micro-step; forward runs inside no_sync too
+            sync_ctx = model.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext()
+            with sync_ctx:
+                loss_sum, n_correct, n = loss_fn(model, mb)
+                (loss_sum * loss_scale).backward()
+            stats += torch.stack([loss_sum.detach().float(), n_correct.float(), n.float()]).double()
+    return stats
+
+
+def micro_batches(batch: dict, mb: int, model=None, device=None) -> list[dict]:
+    """Split this rank's batch (B_rank, S) into micro-batches of mb rows. With `model`, each gets its
+    model.LayoutCounts, read from the CPU batch (then no forward waits on the device); with `device`, the
+    batch is moved there first (one copy)."""
+    slices = [slice(i, i + mb) for i in range(0, batch["input_ids"].shape[0], mb)]
+    counts = [model.layout_counts(batch["attention_mask"][sl], batch["labels"][sl]) if model is not None else None
+              for sl in slices]
+    if device is not None:
+        batch = {k: to_device(v, device) for k, v in batch.items()}
+    return [dict({k: v[sl] for k, v in batch.items()}, counts=c) for sl, c in zip(slices, counts)]
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """The global gradient norm (for the log; no host sync), after clipping to max_norm when > 0."""
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, grad_norm)
+    return grad_norm
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)  # a no-op on the CPU; any other device (tests/test_devices.py's meta) gets the tensor moved
 
 
 # ----------------------------------------------------------------------------------------
@@ -351,105 +414,6 @@ def evaluate(model, batches, device, amp, rank, world):
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def rng_state() -> dict:
-    """This process's RNG states as weights_only-safe values (numpy's ndarray becomes a list of ints)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-
-
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-    random.setstate(s["python"])
-    kind, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def seed_rank(seed: int, rank: int, step: int):
-    """Seed torch (CPU and CUDA), Python and numpy from (seed, rank, step): for a resume on another world size,
-    where the checkpoint holds no RNG state for this rank. Every rank gets its own stream (its own dropout masks),
-    and the same resume on the same world size draws the same."""
-    s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
-    torch.manual_seed(s)
-    random.seed(s)
-    np.random.seed(s % 2**32)
-
-
-# TrainConfig fields that change how a run is carried out or logged, not what it computes: autoresume ignores them.
-HOW_NOT_WHAT = ("resume", "stop_at_step", "out_dir", "device", "compile", "keep_freed_memory", "num_workers",
-                "log_every", "eval_every", "eval_batches", "eval_batch_size", "save_every", "keep_checkpoints")
-
-
-def run_config_diff(saved: dict, current: dict) -> list[str]:
-    """The fields (other than HOW_NOT_WHAT) in which a checkpoint's train_config differs from this run's."""
-    keys = sorted((set(saved) | set(current)) - set(HOW_NOT_WHAT))
-    return [f"--{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
-
-
-def model_config_diff(saved: dict, current: dict) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
-
-
-def checkpoint_path(out_dir: str, step: int) -> str:
-    return os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-
-
-def list_checkpoints(out_dir: str) -> list[str]:
-    if not os.path.isdir(out_dir):
-        return []
-    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n.endswith(".pt")]
-    return sorted(os.path.join(out_dir, n) for n in names)
-
-
-# ----------------------------------------------------------------------------------------
-# Preemption
-
-
-class PreemptionFlag:
-    """Preemption: SIGTERM (what schedulers and torchrun send before a kill) or SIGUSR1 (SLURM's --signal) only
-    sets a flag; the loop reads it at the end of every step through `agreed`, so every rank stops after the same
-    step, rank 0 saves a checkpoint, and the job exits with PREEMPTED_EXIT. The previous handlers come back on exit.
-    Under torchrun a SIGTERM to torchrun reaches every worker, which then have torchrun's 30 s grace to save
-    (SIGUSR1 only with TORCHELASTIC_SIGNALS_TO_HANDLE listing it)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, world: int):
-        self.received, self.previous, self.group = None, {}, None
-        if world > 1 and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")  # the flag is a host value: no device sync to agree on it
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        """Whether any rank received a preemption signal (a collective on the host: call it on every rank)."""
-        flag = torch.tensor([self.received is not None], dtype=torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
-
-
-# ----------------------------------------------------------------------------------------
 # Training
 
 
@@ -468,17 +432,78 @@ def main(argv: Optional[list[str]] = None):
 
 def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt: Optional[PreemptionFlag] = None):
     """One training run; with `preempt`, a preemption signal saves a checkpoint and raises Preempted."""
-    master = rank == 0
+    # --- config; a checkpoint to continue is read first, so a mismatch fails before any work
+    cfg, mcfg = resolve_config(cfg, world, device)
+    end = cfg.max_steps if cfg.stop_at_step <= 0 else min(cfg.stop_at_step, cfg.max_steps)
+    ckpt = load_for_resume(cfg.out_dir, cfg.resume, config_dict(cfg), config_dict(mcfg), print0)
+    if ckpt is not None and ckpt["step"] >= end:
+        return print0(f"nothing to do: the checkpoint is at step {ckpt['step']} and the run ends at step {end}")
 
-    def print0(*a, **k):
-        if master:
-            print(*a, **k, flush=True)
+    # --- data (first: a bad --data fails before any other work)
+    stream = data.PretrainStream(cfg.data, split="train", seq_len=cfg.seq_len, mode=cfg.data_mode,
+                                 mask_prob=cfg.mask_prob, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
+                                 rank=rank, world_size=world, num_workers=cfg.num_workers)
+    eval_data = [] if cfg.eval_every <= 0 else data.eval_batches(
+        cfg.data, cfg.seq_len, cfg.data_mode, cfg.eval_batch_size, cfg.eval_batches, mask_prob=0.15, seed=cfg.seed)
+    print0(stream.describe())
 
+    # --- model and optimizer (restored from the checkpoint), compiled, wrapped for DDP
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    raw_model = modeling.build(mcfg).to(device)  # uncompiled, unwrapped: saving and evaluation use this
+    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    print0(f"model: {cfg.model} {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters")
+    step = 0 if ckpt is None else ckpt["step"]
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if rank == 0 and cfg.samples and step == 0:
+        print_samples(raw_model, "before training")
+    use_compile = compile_model(raw_model, cfg, device)
+    model = wrap_ddp(raw_model, device) if world > 1 else raw_model
+    if ckpt is not None:
+        stream.load_state_dict(ckpt["data"])  # raises DataError if it does not fit this data
+    restore_rng(ckpt, cfg.seed, rank, world, print0)
+    run = Run(cfg, mcfg, rank, world, device, raw_model, optimizer, stream, ckpt, use_compile)
+
+    # --- the loop
+    model.train()
+    while step < end:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = stream.next_batch()  # this rank's share of the global batch: (global_batch / world, S)
+        stats = mlm_step(model, micro_batches(batch, cfg.micro_batch_size, raw_model, device), world, run.amp)
+        grad_norm = clip_gradients(raw_model, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.heap.after_step()
+        step += 1
+        run.record(batch, stats, grad_norm)
+        if step % cfg.log_every == 0 or step == end or step == run.first_step + 1:
+            run.log(step, end, lr)
+        if eval_data and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            run.evaluate(step, eval_data)
+        saved = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == end  # periodic, end, stop_at_step
+        if saved:
+            run.save(step)
+        if preempt is not None and step < end and preempt.agreed():  # every rank agrees: all stop after this step
+            run.stop_preempted(step, saved, preempt.received)
+
+    # --- the end
+    if rank == 0 and cfg.samples and step == cfg.max_steps:
+        print_samples(raw_model, f"after {step} steps")
+    if end < cfg.max_steps:
+        print0(f"stopped after step {step} (--stop_at_step); continue with --resume")
+    print0(f"done: {step} steps, {fmt_time(time.perf_counter() - run.t_start)} wall time")
+
+
+def resolve_config(cfg: TrainConfig, world: int, device: torch.device) -> tuple[TrainConfig, modeling.ModelConfig]:
+    """Check the flags, resolve --dtype, print the configs, the batch arithmetic and the precision."""
     accum = check_config(cfg, world)
     dtype, why, warning = perf.resolve_dtype(cfg.dtype, device)
     cfg = replace(cfg, dtype=dtype)  # the resolved config is what is printed and saved
     mcfg = model_config(cfg)
-    if master:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print_config(cfg)
         print_config(mcfg)
     print0(f"batch: global {cfg.global_batch_size} = micro {cfg.micro_batch_size} x {accum} accumulation "
@@ -486,157 +511,146 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     print0(f"dtype: {cfg.dtype} ({why})")
     if warning:
         print0(f"warning: {warning}")
+    return cfg, mcfg
 
-    # --- resume: read the checkpoint first, so a mismatch fails before any work. Without --resume, an out_dir
-    # holding checkpoints is resumed automatically when they come from the same config (autoresume: running the
-    # same command again continues it, or finds it finished), and refused otherwise: never deleted implicitly.
-    ckpt = None
-    path = modeling.latest_checkpoint(cfg.out_dir)
-    if cfg.resume and path is None:
-        raise TrainError(f"--resume: no checkpoint (ckpt_*.pt) in {cfg.out_dir}; "
-                         f"run without --resume to start, or point --out_dir at the run to continue")
-    end = cfg.max_steps if cfg.stop_at_step <= 0 else min(cfg.stop_at_step, cfg.max_steps)
-    if path is not None:
-        how = "--resume" if cfg.resume else f"autoresume ({cfg.out_dir} holds checkpoints)"
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated file, not a checkpoint, or unsafe pickled types
-            raise TrainError(f"{how}: cannot load {path} ({type(e).__name__}: {str(e)[:200]}); "
-                             f"move it away to resume from the previous checkpoint") from None
-        diff = [] if cfg.resume else run_config_diff(ckpt.get("train_config", {}), config_dict(cfg))
-        if diff:
-            raise ConfigError(f"{cfg.out_dir} holds the checkpoints of a run with another config "
-                              f"({path}, step {ckpt['step']}):\n  " + "\n  ".join(diff) + "\nNothing was changed. "
-                              f"To continue that run with these settings, add --resume; to start a new run, pass "
-                              f"another --out_dir (or delete {cfg.out_dir} yourself).")
-        diff = model_config_diff(ckpt["model_config"], config_dict(mcfg))
-        if diff:
-            raise ConfigError(f"--resume: {path} was trained with a different model config:\n  "
-                              + "\n  ".join(diff)
-                              + "\nuse the same --preset/--model/--model_overrides/--dropout, or a new --out_dir")
-        # (a different --data, data_mode, seq_len or seed is refused by stream.load_state_dict below)
-        changed = [k for k in ("mask_prob", "global_batch_size") if ckpt["train_config"].get(k) != getattr(cfg, k)]
-        if changed:
-            print0(f"warning: resuming with a different {', '.join(changed)} than the checkpoint: "
-                   f"the run will not continue exactly as the original")
-        print0(f"resuming from {path} (step {ckpt['step']}){'' if cfg.resume else ': autoresume, same config'}")
-        if ckpt["step"] >= end:
-            print0(f"nothing to do: the checkpoint is at step {ckpt['step']} and the run ends at step {end}")
-            return
 
-    # --- data (first: a bad --data fails before any other work)
-    stream = data.PretrainStream(cfg.data, split="train", seq_len=cfg.seq_len, mode=cfg.data_mode,
-                                 mask_prob=cfg.mask_prob, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
-                                 rank=rank, world_size=world, num_workers=cfg.num_workers)
-    eval_data = []
-    if cfg.eval_every > 0:
-        eval_data = data.eval_batches(cfg.data, cfg.seq_len, cfg.data_mode, cfg.eval_batch_size,
-                                      cfg.eval_batches, mask_prob=0.15, seed=cfg.seed)
-    print0(stream.describe())
-
-    # --- model, optimizer
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    raw_model = modeling.build(mcfg).to(device)  # uncompiled, unwrapped: saving and evaluation use this
-    optimizer = build_optimizer(raw_model, cfg, device)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    print0(f"model: {cfg.model} {n_params / 1e6:.1f}M parameters")
-    step, tokens_seen = 0, 0
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, tokens_seen = ckpt["step"], ckpt.get("tokens_seen", 0)
-    model = raw_model
-    if master and cfg.samples and step == 0:
-        print_samples(raw_model, "before training")
+def compile_model(raw_model, cfg: TrainConfig, device: torch.device) -> bool:
+    """The one compile site: model.compile_model compiles each encoder layer and the MLM head in place
+    (regional compilation; unpadding stays eager, nnz is marked dynamic), so the state_dict keeps its plain names."""
     use_compile, why = resolve_compile(cfg.compile, device, planned_tokens(cfg))
     print0(f"compile: {'on' if use_compile else 'off'} ({why})")
     if use_compile:
-        # The one compile site. model.compile_model compiles each encoder layer and the MLM head in
-        # place (regional compilation; unpadding stays eager, nnz is marked dynamic), so the state_dict
-        # keeps its plain names. See recompiles with TORCH_LOGS=recompiles.
         t0 = time.perf_counter()
         modeling.compile_model(raw_model)
         print0(f"compile: regions wrapped in {time.perf_counter() - t0:.1f} s (compiled lazily on the first step)")
-    if world > 1:
-        model = wrap_ddp(model, device)
+    return use_compile
 
-    if ckpt is not None:
-        stream.load_state_dict(ckpt["data"])  # raises DataError if it does not fit this data
-        rngs = ckpt["rng_per_rank"]
-        if len(rngs) == world:
-            set_rng_state(rngs[rank])
-        else:  # no saved state for this rank: a distinct one per rank, not rank 0's on every rank
-            seed_rank(cfg.seed, rank, step)
-            print0(f"note: the checkpoint was written by {len(rngs)} ranks, this run has {world}: each rank's RNG is "
-                   f"seeded from (seed, rank, step), so dropout masks will differ from the original run")
-    else:
-        torch.manual_seed(cfg.seed + 1 + rank)  # dropout differs across ranks
-        random.seed(cfg.seed + rank)
-        np.random.seed(cfg.seed + rank)
 
-    # --- output folder and metrics file
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if os.path.exists(os.path.join(cfg.out_dir, PREEMPTED_MARKER)):
-            os.remove(os.path.join(cfg.out_dir, PREEMPTED_MARKER))
-        if ckpt is None and os.path.exists(metrics_path):  # (no checkpoints here: see autoresume above)
-            print(f"note: {metrics_path} holds the rows of a run that saved no checkpoint; starting afresh", flush=True)
-            os.remove(metrics_path)
-        elif os.path.exists(metrics_path):  # drop rows logged after the checkpoint (a crashed run's tail)
-            with open(metrics_path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(metrics_path + ".tmp", metrics_path)
+class Run:
+    """What the loop carries between log lines and writes out: the step's sums on the device (read on the host
+    only at log time), the metrics file and the checkpoints."""
 
-    def log_metrics(row: dict):
-        if master:
-            with open(metrics_path, "a") as f:
+    def __init__(self, cfg, mcfg, rank, world, device, raw_model, optimizer, stream, ckpt, use_compile):
+        self.cfg, self.mcfg, self.rank, self.world, self.device = cfg, mcfg, rank, world, device
+        self.use_compile = use_compile
+        self.raw_model, self.optimizer, self.stream = raw_model, optimizer, stream
+        self.master = rank == 0
+        self.first_step = 0 if ckpt is None else ckpt["step"]
+        self.tokens_seen = 0 if ckpt is None else ckpt.get("tokens_seen", 0)
+        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        if self.master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            if os.path.exists(os.path.join(cfg.out_dir, PREEMPTED_MARKER)):
+                os.remove(os.path.join(cfg.out_dir, PREEMPTED_MARKER))
+            trim_metrics(self.metrics_path, None if ckpt is None else self.first_step)
+        self.peak, peak_line = perf.mfu_reference(device, cfg.dtype)  # measured in the dtype that runs
+        print0(peak_line)
+        self.peak_beaten = False  # the step outran the measured peak: MFU n/a, said once
+        self.stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked since last log
+        self.nonfinite = torch.zeros((), device=device)  # > 0 once any loss or grad norm was NaN/inf (no sync per step)
+        self.tokens, self.steps, self.context = 0, 0, 0  # since the last log; context: sum of attention windows^2
+        self.grad_norm = torch.zeros((), device=device)
+        self.t_log = self.t_start = time.perf_counter()
+        self.heap = perf.BoundedHeap(cfg.keep_freed_memory and device.type == "cpu")  # a CPU workaround
+
+    def amp(self):
+        return perf.autocast(self.device, self.cfg.dtype)
+
+    def record(self, batch: dict, stats: torch.Tensor, grad_norm: torch.Tensor):
+        """Add one step to the sums since the last log line (read from the CPU batch: no device sync)."""
+        n_real, context_sq = data.attention_context(batch["attention_mask"])
+        self.stats += stats
+        self.grad_norm = grad_norm
+        self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(grad_norm) | ~torch.isfinite(self.stats[0])).float())
+        self.steps += 1
+        self.tokens += n_real
+        self.context += context_sq
+
+    def global_count(self, n: int) -> int:
+        return int(all_reduce(torch.tensor(float(n), dtype=torch.float64, device=self.device)).item())
+
+    def log(self, step: int, end: int, lr: float):
+        """The log line and metrics row (the only place a loss is read on the host)."""
+        cfg = self.cfg
+        tok = self.global_count(self.tokens)
+        self.tokens_seen += tok
+        loss_sum, n_correct, n_masked_sum = all_reduce(self.stats.clone()).tolist()
+        gn = self.grad_norm.item()
+        dt = time.perf_counter() - self.t_log
+        loss, acc = loss_sum / max(n_masked_sum, 1), n_correct / max(n_masked_sum, 1)
+        ms = 1000 * dt / self.steps
+        tok_s = tok / dt
+        # MFU's attention term counts the mean context a token actually attended to (its window)
+        context = self.context / max(self.tokens, 1)
+        flops_per_s = modeling.flops_per_token(self.mcfg, context, cfg.mask_prob) * tok_s / self.world
+        mfu = perf.mfu(flops_per_s, self.peak)
+        if self.peak and mfu is None and not self.peak_beaten:
+            self.peak_beaten = True
+            print0(f"mfu n/a: this step runs {perf.fmt_flops(flops_per_s)} per rank, above the measured "
+                   f"peak of {perf.fmt_flops(self.peak)} (measured on a busy machine?)")
+        eta = (end - step) * dt / self.steps
+        print0(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | mlm_acc {acc:.3f} | "
+               f"lr {f'{lr:.1e}'.replace('e-0', 'e-')} | {ms:,.0f} ms | {tok_s:,.0f} tok/s | "
+               f"mfu {f'{mfu:.0%}' if mfu is not None else 'n/a'} | eta {fmt_time(eta)}")
+        if step == self.first_step + 1:
+            print0(f"(the first step includes warm-up{' and torch.compile' if self.use_compile else ''}: {dt:.1f} s)")
+        self.check_finite(step)
+        self.write_metrics(dict(step=step, loss=loss, mlm_acc=acc, lr=lr, tokens_per_s=tok_s, ms_per_step=ms,
+                                mfu=mfu, grad_norm=gn, elapsed_s=time.perf_counter() - self.t_start,
+                                rss_gb=(perf.resident_bytes() or 0) / 2**30,
+                                peak_rss_gb=perf.peak_resident_bytes() / 2**30, heap_trims=self.heap.trims))
+        self.stats.zero_()
+        self.tokens, self.steps, self.context = 0, 0, 0
+        self.t_log = time.perf_counter()
+
+    def write_metrics(self, row: dict):
+        if self.master:
+            with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    # --- precision
-    def amp():
-        return perf.autocast(device, cfg.dtype)
+    def evaluate(self, step: int, eval_data: list):
+        """Held-out MLM loss and accuracy at 15% masking; its time is kept out of the training throughput."""
+        t0 = time.perf_counter()
+        eval_loss, eval_acc = evaluate(self.raw_model, eval_data, self.device, self.amp,
+                                       self.rank, self.world)
+        print0(f"eval step {step} | eval_loss {eval_loss:.4f} | eval_mlm_acc {eval_acc:.3f} | "
+               f"{time.perf_counter() - t0:.1f} s")
+        self.write_metrics(dict(step=step, eval_loss=eval_loss, eval_mlm_acc=eval_acc))
+        self.t_log += time.perf_counter() - t0
 
-    # --- checkpointing
-    nonfinite = torch.zeros((), device=device)  # > 0 once any loss or grad norm was NaN/inf (no sync per step)
-
-    def check_finite(at_step: int):
+    def check_finite(self, step: int):
         """Stop before a NaN can be logged as progress or saved. One sync; all ranks agree."""
-        bad = all_reduce(nonfinite.clone(), dist.ReduceOp.MAX).item() > 0
-        if bad:
-            last = modeling.latest_checkpoint(cfg.out_dir)
-            clip = "" if cfg.grad_clip > 0 else ", set --grad_clip=1.0"
-            raise TrainError(f"non-finite (NaN/inf) loss or gradient at or before step {at_step}; stopping without "
-                             f"saving. Last good checkpoint: {last or 'none'}. Lower --lr{clip}, or check the data.")
+        if all_reduce(self.nonfinite.clone(), dist.ReduceOp.MAX).item() > 0:
+            clip = "" if self.cfg.grad_clip > 0 else ", set --grad_clip=1.0"
+            raise TrainError(f"non-finite (NaN/inf) loss or gradient at or before step {step}; stopping without "
+                             f"saving. Last good checkpoint: {latest_checkpoint(self.cfg.out_dir) or 'none'}. "
+                             f"Lower --lr{clip}, or check the data.")
 
-    def global_count(n: int) -> int:
-        return int(all_reduce(torch.tensor(float(n), dtype=torch.float64, device=device)).item())
-
-    def save_checkpoint(at_step: int):
-        check_finite(at_step)
-        finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()
+    def save(self, step: int):
+        """An atomic, weights_only-loadable checkpoint (rank 0 writes; every rank joins the collectives)."""
+        t0, cfg = time.perf_counter(), self.cfg
+        self.check_finite(step)
+        finite = torch.stack([torch.isfinite(p).all() for p in self.raw_model.parameters()]).all()
         if not bool(all_reduce(finite.float(), dist.ReduceOp.MIN).item()):
-            raise TrainError(f"non-finite weights at step {at_step}; not saving. Lower --lr, or set --grad_clip")
+            raise TrainError(f"non-finite weights at step {step}; not saving. Lower --lr, or set --grad_clip")
         rngs = all_gather(rng_state())
-        data_state = stream.state_dict(gather=True)  # a collective for streams: every rank's position, in one dict
-        total_tokens = tokens_seen + global_count(interval_tokens)  # collectives: every rank, before `if master`
-        if master:
-            path = checkpoint_path(cfg.out_dir, at_step)
-            modeling.atomic_save({
-                "model": raw_model.state_dict(),
-                "model_config": config_dict(mcfg),
+        data_state = self.stream.state_dict(gather=True)  # a collective for streams: every rank's position
+        total_tokens = self.tokens_seen + self.global_count(self.tokens)  # collectives: every rank, before `if master`
+        if self.master:
+            path = checkpoint_path(cfg.out_dir, step)
+            atomic_save({
+                "model": self.raw_model.state_dict(),
+                "model_config": config_dict(self.mcfg),
                 "train_config": config_dict(cfg),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
                 "schedule": dict(name="linear_warmup_linear_decay", lr=cfg.lr, warmup_frac=cfg.warmup_frac,
-                                 final_lr_frac=cfg.final_lr_frac, max_steps=cfg.max_steps, next_lr=lr_at(at_step, cfg)),
-                "step": at_step,
+                                 final_lr_frac=cfg.final_lr_frac, max_steps=cfg.max_steps, next_lr=lr_at(step, cfg)),
+                "step": step,
                 "tokens_seen": total_tokens,  # real tokens trained on, all ranks
                 "data": data_state,
                 "rng": rngs[0],
                 "rng_per_rank": rngs,
-                "world_size": world,
+                "world_size": self.world,
                 "tokenizer": "gpt2",
             }, path)
             if cfg.keep_checkpoints > 0:
@@ -645,144 +659,18 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
             print(f"saved {path}", flush=True)
         if dist.is_initialized():
             dist.barrier()
+        self.t_log += time.perf_counter() - t0
 
-    # --- the loop
-    peak, peak_line = perf.mfu_reference(device, cfg.dtype)  # measured in the dtype that runs
-    print0(peak_line)
-    peak_beaten = False  # the step outran the measured peak: MFU n/a, said once
-    mb = cfg.micro_batch_size
-    stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked since last log
-    interval_tokens, interval_steps, grad_norm = 0, 0, torch.zeros((), device=device)
-    interval_context = 0  # sum over this rank's attention windows of length^2 (data.attention_context)
-    t_log = t_start = time.perf_counter()
-    first_step = step
-    heap = perf.BoundedHeap(cfg.keep_freed_memory and device.type == "cpu")
-    model.train()
-    while step < end:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = stream.next_batch()  # this rank's share of the global batch: (global_batch / world, S)
-        n_real, context_sq = data.attention_context(batch["attention_mask"])  # CPU tensor: no device sync
-        # each micro-batch's layout counts, read from the CPU batch: the forwards then never wait on the GPU
-        counts = [raw_model.layout_counts(batch["attention_mask"][sl], batch["labels"][sl])
-                  for sl in (slice(i * mb, (i + 1) * mb) for i in range(accum))]
-        batch = {k: to_device(v, device) for k, v in batch.items()}
-        stats += accumulate_gradients(model, batch, accum, mb, world, amp, counts)
-        grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads)
-        nonfinite = torch.maximum(nonfinite, (~torch.isfinite(grad_norm) | ~torch.isfinite(stats[0])).float())
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), cfg.grad_clip, grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        heap.after_step()
-        step += 1
-        interval_steps += 1
-        interval_tokens += n_real
-        interval_context += context_sq
-
-        # --- log (the only place a loss is read on the host)
-        if step % cfg.log_every == 0 or step == end or step == first_step + 1:
-            tok = global_count(interval_tokens)
-            tokens_seen += tok
-            loss_sum, n_correct, n_masked_sum = all_reduce(stats.clone()).tolist()
-            gn = grad_norm.item()
-            dt = time.perf_counter() - t_log
-            loss, acc = loss_sum / max(n_masked_sum, 1), n_correct / max(n_masked_sum, 1)
-            ms = 1000 * dt / interval_steps
-            tok_s = tok / dt
-            # MFU's attention term counts the mean context a token actually attended to (its window)
-            context = interval_context / max(interval_tokens, 1)
-            flops_per_s = modeling.flops_per_token(mcfg, context, cfg.mask_prob) * tok_s / world
-            mfu = perf.mfu(flops_per_s, peak)
-            if peak and mfu is None and not peak_beaten:
-                peak_beaten = True
-                print0(f"mfu n/a: this step runs {perf.fmt_flops(flops_per_s)} per rank, above the measured "
-                       f"peak of {perf.fmt_flops(peak)} (measured on a busy machine?)")
-            eta = (end - step) * dt / interval_steps
-            print0(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | mlm_acc {acc:.3f} | "
-                   f"lr {f'{lr:.1e}'.replace('e-0', 'e-')} | {ms:,.0f} ms | {tok_s:,.0f} tok/s | "
-                   f"mfu {f'{mfu:.0%}' if mfu is not None else 'n/a'} | eta {fmt_time(eta)}")
-            if step == first_step + 1:
-                print0(f"(the first step includes warm-up{' and torch.compile' if use_compile else ''}: "
-                       f"{dt:.1f} s)")
-            check_finite(step)
-            log_metrics(dict(step=step, loss=loss, mlm_acc=acc, lr=lr, tokens_per_s=tok_s, ms_per_step=ms,
-                             mfu=mfu, grad_norm=gn, elapsed_s=time.perf_counter() - t_start,
-                             rss_gb=(perf.resident_bytes() or 0) / 2**30, peak_rss_gb=perf.peak_resident_bytes() / 2**30,
-                             heap_trims=heap.trims))
-            stats.zero_()
-            interval_tokens, interval_steps, interval_context = 0, 0, 0
-            t_log = time.perf_counter()
-
-        # --- evaluate on held-out data at 15% masking
-        if eval_data and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            t0 = time.perf_counter()
-            eval_loss, eval_acc = evaluate(raw_model, eval_data, device, amp, rank, world)
-            print0(f"eval step {step} | eval_loss {eval_loss:.4f} | eval_mlm_acc {eval_acc:.3f} | "
-                   f"{time.perf_counter() - t0:.1f} s")
-            log_metrics(dict(step=step, eval_loss=eval_loss, eval_mlm_acc=eval_acc))
-            t_log += time.perf_counter() - t0  # keep eval time out of the training throughput
-
-        # --- checkpoint: periodic, at the end, and at --stop_at_step
-        saved = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == end
-        if saved:
-            t0 = time.perf_counter()
-            save_checkpoint(step)
-            t_log += time.perf_counter() - t0
-
-        # --- preemption: the ranks agree on the flag here, so all of them stop after this same step
-        if preempt is not None and step < end and preempt.agreed():
-            if not saved:
-                save_checkpoint(step)
-            if master:
-                with open(os.path.join(cfg.out_dir, PREEMPTED_MARKER), "w") as f:
-                    f.write(f"{step}\n")
-            print0(f"preempted ({preempt.received or 'a signal to another rank'}): checkpoint at step {step} saved; "
-                   f"exiting with status {PREEMPTED_EXIT}. Continue with --resume (or the same command again)")
-            raise Preempted(step)
-
-    if master and cfg.samples and step == cfg.max_steps:
-        print_samples(raw_model, f"after {step} steps")
-    if end < cfg.max_steps:
-        print0(f"stopped after step {step} (--stop_at_step); continue with --resume")
-    print0(f"done: {step} steps, {fmt_time(time.perf_counter() - t_start)} wall time")
-
-
-def accumulate_gradients(model, batch: dict, accum: int, mb: int, world: int, amp=nullcontext,
-                         counts: Optional[list] = None) -> torch.Tensor:
-    """Forward and backward of one step's micro-batches on this rank; returns float64 [loss_sum, n_correct, n_masked].
-    counts: each micro-batch's model.LayoutCounts, read from the CPU batch (then no forward waits on the device).
-
-    Global masked count: the gradient left in .grad is that of sum(CE over the masked tokens of the whole
-    global batch) / (masked tokens in the whole global batch), whatever their split over micro-batches and
-    ranks (tests/test_train.py checks it against autograd on the global batch). `model` is DDP-wrapped when
-    world > 1: DDP averages gradients over ranks, so each rank scales by world / N_global.
-    """
-    # global masked count: the whole global batch's masked tokens, known before the forward pass
-    n_masked = all_reduce((batch["labels"] != -100).sum().float())
-    loss_scale = world / n_masked.clamp(min=1)  # DDP averages grads over ranks; `world` undoes that
-    stats = torch.zeros(3, dtype=torch.float64, device=batch["labels"].device)
-    with amp():  # one autocast context for all micro-steps: on CPU the bf16 weight casts are reused
-        for i in range(accum):
-            last = i == accum - 1
-            sl = slice(i * mb, (i + 1) * mb)
-            # gradients are all-reduced only on the last micro-step; forward runs inside no_sync too
-            sync_ctx = model.no_sync() if world > 1 and not last else nullcontext()
-            with sync_ctx:
-                out = model(batch["input_ids"][sl], batch["attention_mask"][sl], batch["labels"][sl],
-                            counts=counts[i] if counts else None)  # (B, S)
-                (out.loss_sum * loss_scale).backward()
-            stats += torch.stack([out.loss_sum.detach().float(), out.n_correct.float(),
-                                  out.n_masked.float()]).double()
-    return stats
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)  # a no-op on the CPU; any other device (tests/test_devices.py's meta) gets the tensor moved
+    def stop_preempted(self, step: int, saved: bool, received: Optional[str]):
+        """Save (unless this step just did), leave the PREEMPTED marker, raise Preempted on every rank."""
+        if not saved:
+            self.save(step)
+        if self.master:
+            with open(os.path.join(self.cfg.out_dir, PREEMPTED_MARKER), "w") as f:
+                f.write(f"{step}\n")
+        print0(f"preempted ({received or 'a signal to another rank'}): checkpoint at step {step} saved; "
+               f"exiting with status {PREEMPTED_EXIT}. Continue with --resume (or the same command again)")
+        raise Preempted(step)
 
 
 def fmt_time(seconds: float) -> str:

@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 
 ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -216,7 +217,7 @@ def sum_order_atol(grad: torch.Tensor, batch: dict) -> float:
 
 @pytest.mark.parametrize("unpad", [True, False])
 def test_accumulated_gradient_is_the_global_masked_mean(unpad, one_thread):
-    """train.accumulate_gradients (1 process, 4 micro-batches with 1, 0, 13 and 3 masked tokens, an all-pad row,
+    """train.mlm_step (1 process, 4 micro-batches with 1, 0, 13 and 3 masked tokens, an all-pad row,
     clipping off) leaves exactly the gradient of sum(CE over masked) / N_global on the whole batch, and the
     loss it reports for logging is that same mean. A per-micro-batch mean, or a loss not divided by N_global,
     fails here."""
@@ -227,7 +228,7 @@ def test_accumulated_gradient_is_the_global_masked_mean(unpad, one_thread):
         m.load_state_dict(state)
         ref.load_state_dict(state)
     batch = uneven_batch()
-    stats = train.accumulate_gradients(m, batch, accum=4, mb=2, world=1)
+    stats = train.mlm_step(m, train.micro_batches(batch, 2), world=1)
     loss, grads = global_batch_gradient(ref, batch)
     assert stats[2].item() == 17 and torch.isfinite(stats).all()
     torch.testing.assert_close(stats[0] / stats[2], loss.double(), atol=0, rtol=1e-5)
@@ -242,7 +243,7 @@ def test_a_step_without_masked_tokens_has_finite_zero_gradients(one_thread):
     m, _ = grad_models()
     batch = uneven_batch()
     batch["labels"].fill_(-100)
-    stats = train.accumulate_gradients(m, batch, accum=2, mb=4, world=1)
+    stats = train.mlm_step(m, train.micro_batches(batch, 4), world=1)
     assert stats.tolist() == [0.0, 0.0, 0.0]
     for n, p in m.named_parameters():
         assert p.grad is None or (torch.isfinite(p.grad).all() and (p.grad == 0).all()), n
@@ -256,7 +257,7 @@ def _two_rank_gradient_worker(rank, init_file, out_file):
         m, _ = grad_models()
         ddp = torch.nn.parallel.DistributedDataParallel(m)
         mine = {k: v[4 * rank:4 * rank + 4] for k, v in uneven_batch().items()}
-        stats = train.all_reduce(train.accumulate_gradients(ddp, mine, accum=2, mb=2, world=2))
+        stats = train.all_reduce(train.mlm_step(ddp, train.micro_batches(mine, 2), world=2))
         if rank == 0:
             torch.save({"stats": stats, "grads": {n: p.grad for n, p in m.named_parameters()}}, out_file)
         torch.distributed.barrier()  # both ranks done before either tears gloo down (else one may abort at exit)
@@ -357,7 +358,7 @@ def test_resume_on_more_ranks_gives_each_rank_its_own_rng(tmp_path):
     rngs = load(ckpts(tmp_path)[-1])["rng_per_rank"]
     draws = []
     for state in rngs:
-        train.set_rng_state(state)
+        checkpoint.set_rng_state(state)
         draws.append(torch.rand(8))
     assert len(draws) == 2 and not torch.equal(draws[0], draws[1])
 
@@ -565,7 +566,7 @@ def test_schedule_and_decoupled_weight_decay():
     lrs = [train.lr_at(s, cfg) for s in range(60, 1000)]
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    opt = train.build_optimizer(model, cfg, torch.device("cpu"))
+    opt = train.build_optimizer(model, cfg.lr, cfg.weight_decay)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == pytest.approx(1e-5 / 5e-4) and len(decay["params"]) == 1
     assert no_decay["weight_decay"] == 0 and len(no_decay["params"]) == 3  # bias, LN weight, LN bias
