@@ -1,5 +1,5 @@
-"""Tests for data.py: tokenizer ids, masking statistics, world-size invariance, exact resumption, loaders,
-bad input, C4 offline error and stream sharding. CPU only and offline (conftest.py sets HF_*_OFFLINE); ~5 s."""
+"""Tests for data.py and stream.py: tokenizer ids, masking statistics, world-size invariance, exact resumption,
+loaders, bad input, C4 offline error and stream sharding. CPU only and offline (conftest.py sets HF_*_OFFLINE); ~5 s."""
 
 import collections
 import gzip
@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import data
+import stream
 
 
 def _sample_texts(n_chars=300_000):
@@ -249,13 +250,13 @@ def test_stream_resume_cost_does_not_grow_with_position(tmp_path, monkeypatch):
     for _ in range(36):                               # ~290 of the 400 records: into the 8th file
         states.append(run.state_dict())
         batches.append(run.next_batch())
-    reads, real = [], data._records
+    reads, real = [], stream._records
 
     def counting(batch, *args):                       # every record the reader gets from `datasets`
         reads.append(len(batch["text"]))
         return real(batch, *args)
 
-    monkeypatch.setattr(data, "_records", counting)
+    monkeypatch.setattr(stream, "_records", counting)
     cost = {}
     for k in (1, 33):
         reads.clear()
@@ -321,7 +322,7 @@ def test_stream_rows_match_local_rows(tmp_path):
     src = _write_jsonl(tmp_path / "d.jsonl", [_words(i, 10 + 9 * i) for i in range(12)])
     rows = data._LocalRows(data._local_corpus(src, "train"), "pack", 24)
     ids, am = rows.build(np.arange(rows.n))
-    got = data._stream_rows(data._open_stream("stream:" + src, "train"), "stream:" + src, "train", "pack", 24,
+    got = stream.stream_rows(stream.open_stream("stream:" + src, "train"), "stream:" + src, "train", "pack", 24,
                             0, 1, (0, 0, 0), collections.Counter(), 1)
     streamed = [next(got) for _ in range(rows.n)]
     assert np.array_equal(np.stack([g[0] for g in streamed]), ids)
@@ -469,9 +470,9 @@ def test_stream_shards_are_disjoint_and_complete(tmp_path):
     texts = [_words(i, 3) for i in range(40)]
     for k in range(4):
         _write_jsonl(tmp_path / f"p{k}.jsonl", texts[10 * k:10 * k + 10])
-    src = data._open_stream(f"stream:{tmp_path}/p*.jsonl", "train")
+    src = stream.open_stream(f"stream:{tmp_path}/p*.jsonl", "train")
     for T in (1, 2, 3, 4, 5, 8):
-        seen = [[key for _, _, key in data._shard_records(src, "stream:x", "train", s, T, collections.Counter())]
+        seen = [[key for _, _, key in stream.shard_records(src, "stream:x", "train", s, T, collections.Counter())]
                 for s in range(T)]
         flat = [k for part in seen for k in part]
         assert sorted(flat) == sorted(texts), T                        # complete and disjoint
