@@ -7,31 +7,20 @@
     python glue.py --init=mosaicml --hf=path/to/mosaic-bert-base --glue_dir=glue_data   # MosaicML's published weights
     torchrun --nproc_per_node=8 glue.py --glue_dir=glue_data --tasks=mnli
 
-What is here, top to bottom:
-- the recipe (per-task lr, decoupled weight decay, epochs, batch size, seeds; AdamW betas (0.9, 0.98), eps 1e-6,
-  6% warmup then linear decay to 0, bf16 autocast, max length 128) and the metrics, in numpy;
-- readers for GLUE's distributed TSV layouts (csv.QUOTE_NONE: the sentences contain `"`) and for the hub;
-- tokenization: data.get_tokenizer() (GPT-2 BPE) for our checkpoints, hf.WordPiece (the `tokenizers` library)
-  for HF and MosaicML checkpoints; pairs become [CLS] a [SEP] b [SEP] (token types 0, 1), longest segment
-  truncated first;
-- one fine-tuning run per (task, seed), batches padded to their longest row (the model unpads); under torchrun
-  the ranks share out the runs (--parallel=batches: DDP splits each batch instead);
-- RTE, MRPC and STS-B start from the MNLI-fine-tuned encoder, as in the paper;
-- out_dir/results.json, updated atomically after every finished (task, seed): an interrupted sweep resumes.
-Results are those of the final evaluation, not the best one. Metrics are stored as fractions (x100 when printed).
-
-The demo (no flags) fine-tunes train.py's default checkpoint (out/demo) on the Rotten Tomatoes sample in assets/
-(SST-2 layout) with a demo-sized recipe (a label budget of 1,000 sentences, 3 seeds), then the same architecture
-from a random init (the control), and prints both (median, per seed, spread) beside the majority-class rate; it
-writes them to out_dir/demo.json. A checkpoint whose encoder collapsed (every token the same vector) is flagged.
+The task table, its recipes, the readers and the metrics are in glue_tasks.py. Here, top to bottom:
+- where fine-tuning starts: our checkpoint (GPT-2 BPE), a HF BERT or MosaicML folder (WordPiece), random init;
+- one run per (task, seed): train.py's AdamW (betas (0.9, 0.98), eps 1e-6, decoupled weight decay), 6% warmup then
+  linear decay to 0, bf16 autocast, batches padded to their longest row (the model unpads), the final evaluation;
+- the sweep: RTE, MRPC and STS-B start from the MNLI-fine-tuned encoder, as in the paper; out_dir/results.json is
+  rewritten atomically after every (task, seed), so an interrupted sweep resumes; under torchrun the ranks share
+  out the runs (--parallel=batches: DDP splits each batch instead);
+- the demo (no flags): train.py's default checkpoint (out/demo) against a random-init control on the Rotten Tomatoes
+  sample (1,000 labels, 3 seeds) and the majority class, into out_dir/demo.json; a collapsed encoder is flagged.
 """
 
-import csv
 import dataclasses
-import gzip
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,16 +34,11 @@ import data
 import hf
 import model
 import perf
+from checkpoint import atomic_save, atomic_write_json, latest_checkpoint
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
-from train import init_distributed, resolve_compile, wrap_ddp
-
-ROOT = Path(__file__).resolve().parent
-GLUE_TASKS = ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte")
-FROM_MNLI = ("rte", "mrpc", "stsb")  # these start from the MNLI-fine-tuned encoder
-
-
-class GlueError(ValueError):
-    """Bad input (a malformed TSV, a missing file, a mismatched checkpoint). The message says what to do."""
+from glue_tasks import (FROM_MNLI, GLUE_TASKS, TASKS, Encoded, Examples, GlueError, Task, collate,  # noqa: F401
+                        compute_metrics, encode_examples, eval_splits, label_subset, load_task, metric_names, read_tsv)
+from train import build_optimizer, init_distributed, lr_factor, resolve_compile, wrap_ddp
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -94,343 +78,6 @@ class GlueConfig:
     control: Optional[bool] = None  # also fine-tune a from-scratch copy (default: only for the sentiment sample)
     skip_bad_rows: bool = False  # skip TSV rows with the wrong column count (counted, reported) instead of failing
     log_interval: int = 100
-
-
-# --------------------------------------------------------------------------------------------------------------
-# tasks and the paper's recipe
-
-
-@dataclass(frozen=True)
-class Recipe:
-    lr: float
-    weight_decay: float  # decoupled: the absolute decay per step at peak lr, scaled by lr/peak_lr
-    epochs: float
-    batch_size: int
-    seeds: int
-    train_examples: int = 0  # label budget: a fixed random subset of this many training rows, 0: all
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    metrics: tuple[str, ...]
-    classes: Optional[tuple[str, ...]]   # label strings in the TSVs, in the hub's id order; None = regression
-    recipe: Recipe
-    # GLUE TSV layout: folder, file per split, whether there is a header, column of a, b, label (-1: last)
-    folder: str
-    files: dict                          # split -> file name; eval splits are every key but 'train'
-    header: bool
-    cols: tuple[int, Optional[int], int]
-    n_cols: int = 0                      # expected column count for header-less files
-    # hub layout: column names of a and b, eval split names
-    hub: tuple[str, Optional[str]] = ("sentence", None)
-    hub_splits: Optional[dict] = None
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.classes is None else len(self.classes)
-
-
-BIN = ("0", "1")
-TASKS = {t.name: t for t in [
-    Task("mnli", ("accuracy",), ("entailment", "neutral", "contradiction"), Recipe(5e-5, 5e-6, 3, 48, 1),
-         "MNLI", {"train": "train.tsv", "m": "dev_matched.tsv", "mm": "dev_mismatched.tsv"}, True, (8, 9, -1),
-         hub=("premise", "hypothesis"),
-         hub_splits={"train": "train", "m": "validation_matched", "mm": "validation_mismatched"}),
-    Task("qqp", ("accuracy", "f1"), BIN, Recipe(3e-5, 3e-6, 5, 16, 1),
-         "QQP", {"train": "train.tsv", "dev": "dev.tsv"}, True, (3, 4, 5), hub=("question1", "question2")),
-    Task("qnli", ("accuracy",), ("entailment", "not_entailment"), Recipe(1e-5, 1e-6, 10, 16, 1),
-         "QNLI", {"train": "train.tsv", "dev": "dev.tsv"}, True, (1, 2, 3), hub=("question", "sentence")),
-    Task("sst2", ("accuracy",), BIN, Recipe(3e-5, 3e-6, 3, 16, 3),
-         "SST-2", {"train": "train.tsv", "dev": "dev.tsv"}, True, (0, None, 1)),
-    Task("cola", ("mcc",), BIN, Recipe(5e-5, 5e-6, 10, 32, 4),
-         "CoLA", {"train": "train.tsv", "dev": "dev.tsv"}, False, (3, None, 1), n_cols=4),
-    Task("stsb", ("pearson", "spearman"), None, Recipe(3e-5, 3e-6, 10, 32, 5),
-         "STS-B", {"train": "train.tsv", "dev": "dev.tsv"}, True, (7, 8, -1), hub=("sentence1", "sentence2")),
-    Task("mrpc", ("accuracy", "f1"), BIN, Recipe(8e-5, 8e-6, 10, 32, 5),
-         "MRPC", {"train": "train.tsv", "dev": "dev.tsv"}, True, (3, 4, 0), hub=("sentence1", "sentence2")),
-    Task("rte", ("accuracy",), ("entailment", "not_entailment"), Recipe(1e-5, 1e-5, 3, 16, 5),
-         "RTE", {"train": "train.tsv", "dev": "dev.tsv"}, True, (1, 2, 3), hub=("sentence1", "sentence2")),
-    # Not GLUE: the offline demo. Rotten Tomatoes sentences in SST-2's layout (assets/). A demo-sized recipe that
-    # shows what pretraining buys: a label budget of 1,000 sentences (of 11,752; pretraining matters most when
-    # labels are few), 5 epochs (160 steps), lr 2e-4 (the all-labels recipe, 1 epoch at 5e-4, measured 75.6
-    # pretrained vs 76.2 from scratch: with 11,752 labels a small model learns the task from scratch), 3 seeds.
-    Task("sentiment", ("accuracy",), BIN, Recipe(2e-4, 2e-6, 5, 32, 3, train_examples=1000),
-         str(ROOT / "assets"), {"train": "rotten_tomatoes_train.tsv.gz", "dev": "rotten_tomatoes_dev.tsv.gz"},
-         True, (0, None, 1)),
-]}
-
-
-def eval_splits(task: Task) -> list[str]:
-    return [s for s in task.files if s != "train"]
-
-
-def metric_names(task: Task) -> list[str]:
-    """Names in results.json: MNLI's accuracy is reported per dev set (accuracy_m, accuracy_mm)."""
-    splits = eval_splits(task)
-    if len(splits) == 1:
-        return list(task.metrics)
-    return [f"{m}_{s}" for s in splits for m in task.metrics]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# metrics (numpy)
-
-
-def accuracy(pred, label) -> float:
-    return float(np.mean(pred == label)) if len(label) else 0.0
-
-
-def f1_binary(pred, label) -> float:
-    """F1 of the positive class (1). 0.0 when there are no positive predictions and no positive labels."""
-    tp = int(np.sum((pred == 1) & (label == 1)))
-    fp = int(np.sum((pred == 1) & (label != 1)))
-    fn = int(np.sum((pred != 1) & (label == 1)))
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-
-
-def matthews_corr(pred, label) -> float:
-    """Matthews correlation (multi-class form of Gorodkin 2004; the binary phi coefficient for two classes).
-    A constant predictor (or constant labels) makes the denominator 0: we return 0.0, the GLUE/sklearn convention."""
-    classes = np.union1d(pred, label)
-    p = np.searchsorted(classes, pred)
-    t = np.searchsorted(classes, label)
-    k = len(classes)
-    conf = np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.float64)  # [true, pred]
-    s, c = conf.sum(), np.trace(conf)
-    t_sum, p_sum = conf.sum(1), conf.sum(0)
-    den = math.sqrt((s * s - p_sum @ p_sum) * (s * s - t_sum @ t_sum))
-    return float((c * s - t_sum @ p_sum) / den) if den > 0 else 0.0
-
-
-def pearson_corr(x, y) -> float:
-    """Pearson correlation. 0.0 when either side is constant (the correlation is undefined there)."""
-    x = np.asarray(x, np.float64) - np.mean(x)
-    y = np.asarray(y, np.float64) - np.mean(y)
-    den = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y / den) if den > 0 else 0.0
-
-
-def rankdata(x) -> np.ndarray:
-    """Ranks 1..n, ties get their average rank (scipy.stats.rankdata's 'average')."""
-    x = np.asarray(x)
-    n = len(x)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts = np.r_[0, np.flatnonzero(xs[1:] != xs[:-1]) + 1]
-    ends = np.r_[starts[1:], n]
-    ranks = np.empty(n, np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
-
-
-def spearman_corr(x, y) -> float:
-    """Spearman correlation: Pearson of the (average-tie) ranks. 0.0 when either side is constant."""
-    return pearson_corr(rankdata(x), rankdata(y)) if len(x) else 0.0
-
-
-def compute_metrics(task: str, predictions, labels) -> dict:
-    """The task's GLUE metrics as fractions: {'accuracy'}, {'accuracy', 'f1'}, {'mcc'} or {'pearson', 'spearman'}.
-
-    predictions: class ids [N], or logits [N, C] (argmax taken); for stsb, scores [N] or [N, 1].
-    Degenerate cases return 0.0 rather than NaN: MCC of a constant predictor, correlation with a constant side,
-    F1 with no positives anywhere. NaN or inf predictions raise ValueError (training diverged).
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    t = TASKS[task]
-    pred = np.asarray(predictions)
-    label = np.asarray(labels)
-    if t.classes is None:
-        pred = pred.reshape(len(pred), -1)[:, 0].astype(np.float64) if pred.ndim > 1 else pred.astype(np.float64)
-        label = label.astype(np.float64)
-    elif pred.ndim == 2:
-        pred = pred.argmax(-1)
-    if pred.shape != label.shape or pred.ndim != 1:
-        raise ValueError(f"{task}: predictions {pred.shape} and labels {label.shape} must be [N] (or logits [N, C])")
-    if pred.dtype.kind == "f" and not np.all(np.isfinite(pred)):
-        raise ValueError(f"{task}: predictions contain NaN or inf (did training diverge? try a lower --lr)")
-    out = {}
-    for m in t.metrics:
-        if m == "accuracy":
-            out[m] = accuracy(pred, label)
-        elif m == "f1":
-            out[m] = f1_binary(pred, label)
-        elif m == "mcc":
-            out[m] = matthews_corr(pred, label)
-        elif m == "pearson":
-            out[m] = pearson_corr(pred, label)
-        elif m == "spearman":
-            out[m] = spearman_corr(pred, label)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# reading GLUE: the distributed TSVs (download_glue_data.py layout) or the hub
-
-
-@dataclass
-class Examples:
-    a: list
-    b: Optional[list]
-    labels: np.ndarray  # int64 class ids, or float32 scores (STS-B)
-    origin: str         # where they came from, for messages
-
-
-def _parse_label(task: Task, raw: str, where: str):
-    if task.classes is None:
-        try:
-            score = float(raw)
-        except ValueError:
-            score = float("nan")
-        if not math.isfinite(score):
-            raise GlueError(f"{where}: the {task.name} score {raw!r} is not a number. Fix the line (STS-B scores are "
-                            f"numbers from 0 to 5 in the last column) or re-download the data.")
-        return score
-    if raw not in task.classes:
-        raise GlueError(f"{where}: label {raw!r} is not one of {', '.join(task.classes)} for {task.name}. Fix the "
-                        f"line, or check that the file is {task.name}'s (a test.tsv has no labels).")
-    return task.classes.index(raw)
-
-
-def read_tsv(task: Task, path: Path, skip_bad_rows: bool = False) -> Examples:
-    """One split of a task from its GLUE TSV. Read with csv.QUOTE_NONE: the sentences contain `"`, and a
-    quoting reader merges lines silently. Every row must have the header's column count (or n_cols)."""
-    if not path.is_file():
-        raise GlueError(f"{path} not found. --glue_dir must hold GLUE in download_glue_data.py's layout "
-                        f"({task.folder}/{', '.join(task.files.values())}); download it with that script, "
-                        f"or leave --glue_dir empty to read the hub (nyu-mll/glue).")
-    opener = gzip.open if path.suffix == ".gz" else open
-    ia, ib, il = task.cols
-    a, b, labels, skipped = [], [] if ib is not None else None, [], 0
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        n_cols = task.n_cols
-        if task.header:
-            header = next(reader, None)
-            if header is None:
-                raise GlueError(f"{path}: the file is empty; it should start with {task.name}'s header row.")
-            n_cols = len(header)
-            if max(ia, ib or 0, il) >= n_cols:
-                raise GlueError(f"{path}, line 1: the header has {n_cols} columns, {task.name} needs at least "
-                                f"{max(ia, ib or 0, il) + 1}. Is this {task.name}'s file?")
-        for row in reader:
-            where = f"{path}, line {reader.line_num}"
-            if not row:
-                continue
-            if len(row) != n_cols:
-                if skip_bad_rows:
-                    skipped += 1
-                    continue
-                raise GlueError(f"{where}: expected {n_cols} tab-separated columns"
-                                f"{' (as in the header)' if task.header else ''}, found {len(row)}. Fix or delete "
-                                f"the line (a stray tab or newline in a sentence), or pass --skip_bad_rows.")
-            a.append(row[ia])
-            if ib is not None:
-                b.append(row[ib])
-            labels.append(_parse_label(task, row[il], where))
-    if skipped:
-        print(f"warning: {path}: skipped {skipped} rows with a column count other than {n_cols} (--skip_bad_rows)")
-    if not a:
-        raise GlueError(f"{path}: no examples. Check that it is {task.name}'s file in GLUE's layout.")
-    dtype = np.float32 if task.classes is None else np.int64
-    return Examples(a, b, np.asarray(labels, dtype), str(path))
-
-
-def read_hub(task: Task, split: str) -> Examples:
-    """One split from the hub (datasets.load_dataset('nyu-mll/glue', task)); the label ids match ours."""
-    hub_split = (task.hub_splits or {"train": "train", "dev": "validation"})[split]
-    try:
-        import datasets
-        ds = datasets.load_dataset("nyu-mll/glue", task.name, split=hub_split)
-    except Exception as e:  # DNS / connection / offline-mode errors all end up here
-        raise GlueError(f"could not load {task.name} from the hub (nyu-mll/glue): {type(e).__name__}: {e}. "
-                        f"Offline? Pass --glue_dir=DIR with GLUE's TSVs (download_glue_data.py's layout).") from None
-    ka, kb = task.hub
-    return Examples(list(ds[ka]), list(ds[kb]) if kb else None,
-                    np.asarray(ds["label"], np.float32 if task.classes is None else np.int64),
-                    f"nyu-mll/glue {task.name} {split}")
-
-
-def load_task(task: Task, glue_dir: str, skip_bad_rows: bool = False) -> dict:
-    """{split: Examples} for 'train' and each eval split."""
-    if task.name == "sentiment":
-        base = Path(task.folder)
-    elif glue_dir:
-        base = Path(glue_dir) / task.folder
-    else:
-        return {s: read_hub(task, s) for s in task.files}
-    return {s: read_tsv(task, base / f, skip_bad_rows) for s, f in task.files.items()}
-
-
-def label_subset(ex: Examples, budget: int) -> Examples:
-    """A label budget: a fixed random subset of `budget` rows (the same for every seed, run and start; kept in file
-    order), or all rows when budget <= 0 or the split is smaller. probe.py fits its probes on the same subset."""
-    if budget <= 0 or len(ex.a) <= budget:
-        return ex
-    keep = np.sort(np.random.default_rng(0).permutation(len(ex.a))[:budget])
-    return Examples([ex.a[i] for i in keep], [ex.b[i] for i in keep] if ex.b else None, ex.labels[keep], ex.origin)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# tokenization: GPT-2 BPE (data.get_tokenizer) for our checkpoints; BERT WordPiece (hf.WordPiece) for HF checkpoints
-
-
-def truncate_pair(a: list, b: list, budget: int) -> tuple[list, list]:
-    """Longest-first truncation to len(a) + len(b) <= budget, as Hugging Face's fast tokenizers do it
-    (truncation='longest_first', what the paper's fine-tuning used): the shorter segment keeps
-    min(its length, budget // 2) tokens, the longer one the rest; on equal lengths a counts as the shorter.
-    (BERT's original one-token-at-a-time loop differs only when both are cut: by one token, on odd budgets.)"""
-    if len(a) + len(b) <= budget:
-        return a, b
-    if len(a) <= len(b):
-        na = min(len(a), budget // 2)
-        return a[:na], b[:budget - na]
-    nb = min(len(b), budget // 2)
-    return a[:budget - nb], b[:nb]
-
-
-@dataclass
-class Encoded:
-    ids: list            # per example: int32 array [CLS] a [SEP] (b [SEP])
-    n_first: np.ndarray  # tokens with token type 0 ([CLS] a [SEP])
-    labels: np.ndarray
-
-    def __len__(self):
-        return len(self.ids)
-
-
-def encode_examples(ex: Examples, tok, max_len: int) -> Encoded:
-    """[CLS] a [SEP] b [SEP] with token types 0 (through the first [SEP]) and 1, truncated to max_len."""
-    enc = getattr(tok, "encode_batch", None)
-    ta = enc(ex.a) if enc else [tok.encode(t) for t in ex.a]
-    tb = (enc(ex.b) if enc else [tok.encode(t) for t in ex.b]) if ex.b is not None else None
-    ids, n_first = [], np.empty(len(ta), np.int64)
-    for i, a in enumerate(ta):
-        if tb is None:
-            a, b = a[:max_len - 2], None
-        else:
-            a, b = truncate_pair(a, tb[i], max_len - 3)
-        seq = [tok.cls_id, *a, tok.sep_id] + ([*b, tok.sep_id] if b is not None else [])
-        ids.append(np.asarray(seq, np.int32))
-        n_first[i] = len(a) + 2
-    return Encoded(ids, n_first, ex.labels)
-
-
-def collate(data: Encoded, idx, pad_id: int) -> dict:
-    """Pad the rows idx to their longest (the model unpads): input_ids, attention_mask, token_type_ids [B, S]."""
-    lens = [len(data.ids[i]) for i in idx]
-    B, S = len(idx), max(lens)
-    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, S), dtype=torch.long)
-    types = torch.zeros((B, S), dtype=torch.long)
-    for r, i in enumerate(idx):
-        n = lens[r]
-        input_ids[r, :n] = torch.from_numpy(data.ids[i].astype(np.int64))
-        mask[r, :n] = 1
-        types[r, data.n_first[i]:n] = 1
-    labels = torch.from_numpy(data.labels[np.asarray(idx, dtype=np.int64)])
-    return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -481,7 +128,7 @@ class Start:
 def _resolve_ckpt(path: str) -> Optional[str]:
     p = Path(path)
     if p.is_dir():
-        return model.latest_checkpoint(str(p))
+        return latest_checkpoint(str(p))
     return str(p) if p.is_file() else None
 
 
@@ -574,6 +221,16 @@ def token_cosine(start: Start, n_sentences: int = 32) -> float:
     return float((h @ h.T).mean())
 
 
+def warn_if_collapsed(start: Start):
+    """The collapse detector: an encoder that maps every token to nearly the same vector cannot be fine-tuned."""
+    cos = token_cosine(start)
+    if cos > 0.99:
+        print(f"warning: {start.label}: its encoder maps every token to nearly the same vector (mean cosine "
+              f"{cos:.4f} between tokens of different sentences; about 0.5 at random init). Its pretraining "
+              f"collapsed or never got going, and fine-tuning from it will likely not beat the majority class. "
+              f"Pretrain longer or with a lower lr; --init=scratch is the control.", flush=True)
+
+
 def mnli_encoder_path(out_dir) -> Path:
     return Path(out_dir) / "mnli_encoder.pt"
 
@@ -601,13 +258,6 @@ def effective_recipe(cfg: GlueConfig, task: Task) -> dict:
             "warmup": cfg.warmup, "max_steps": cfg.max_steps,
             "max_train_examples": cfg.max_train_examples or r.train_examples,
             "dtype": cfg.dtype, "betas": [0.9, 0.98], "eps": 1e-6}
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup over `warmup` steps, then linear decay to 0 at `total`. step counts from 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 @torch.no_grad()
@@ -645,10 +295,9 @@ def maybe_compile(clf, cfg: GlueConfig, device: torch.device) -> bool:
     return on
 
 
-def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict], seed: int,
-             train: Encoded, evals: dict, dist: Dist) -> dict:
-    """Fine-tune from `weights` (None: random init); return the final evaluation's metrics, speed, weights."""
-    rec = effective_recipe(cfg, task)
+def build_classifier(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict], seed: int,
+                     device: torch.device):
+    """A SequenceClassifier with the encoder (and a trained [CLS] pooler) from `weights`, compiled if on."""
     torch.manual_seed(seed)  # the head's init and dropout
     clf = model.SequenceClassifier(dataclasses.replace(start.model_config, hidden_dropout=cfg.dropout),
                                    task.num_labels)
@@ -656,78 +305,43 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
         clf.bert.load_state_dict(weights["bert"])
         if "pooler" in weights and hasattr(clf, "pooler"):  # a trained [CLS] pooler, when the head pools [CLS]
             clf.pooler.load_state_dict(weights["pooler"])
-    clf.to(dist.device)
-    maybe_compile(clf, cfg, dist.device)  # before DDP; predict runs the same compiled layers
+    clf.to(device)
+    maybe_compile(clf, cfg, device)  # before DDP; predict runs the same compiled layers
+    return clf
+
+
+def epoch_batches(n: int, B: int, world: int, seed: int, epochs: float, max_steps: int) -> tuple[int, list]:
+    """(total steps, the global batches' row ids): a new order each epoch, the last batch may be partial (under
+    DDP it must still give every rank a row)."""
+    starts = [s for s in range(0, n, B) if min(B, n - s) >= world]
+    total = math.ceil(epochs * len(starts))
+    total = min(total, max_steps) if max_steps else total
+    batches = []
+    while len(batches) < total:
+        perm = np.random.default_rng([seed, len(batches) // len(starts)]).permutation(n)
+        batches += [perm[s:s + B] for s in starts][:total - len(batches)]
+    return total, batches
+
+
+def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict], seed: int,
+             train_set: Encoded, evals: dict, dist: Dist) -> dict:
+    """Fine-tune from `weights` (None: random init); return the final evaluation's metrics, speed, weights."""
+    rec = effective_recipe(cfg, task)
+    clf = build_classifier(cfg, task, start, weights, seed, dist.device)
     ddp = wrap_ddp(clf, dist.device) if dist.world > 1 else clf
-
-    # decoupled weight decay: torch's AdamW decays by lr * weight_decay, so weight_decay = wd / peak_lr
-    # gives a decay of wd * lr / peak_lr per step. As in train.py, biases and LayerNorm are not decayed.
-    params = list(clf.parameters())
-    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=rec["weight_decay"] / rec["lr"]),
-              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=rec["lr"], betas=(0.9, 0.98), eps=1e-6,
-                            fused=dist.device.type in ("cuda", "cpu"))
-    B, n = rec["batch_size"], len(train)
-    # batch starts of an epoch; the last batch may be partial (under DDP it must still give every rank a row)
-    starts = [s for s in range(0, n, B) if min(B, n - s) >= dist.world]
-    steps_per_epoch = len(starts)
-    total = math.ceil(rec["epochs"] * steps_per_epoch)
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
+    opt = build_optimizer(clf.parameters(), rec["lr"], rec["weight_decay"], betas=(0.9, 0.98), eps=1e-6)
+    total, batches = epoch_batches(len(train_set), rec["batch_size"], dist.world, seed, rec["epochs"], cfg.max_steps)
     warmup = max(1, round(cfg.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
-
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, 0.0))
     tag = f"{task.name} seed {seed}"
     if dist.master:
-        print(f"{tag} | {n:,} train rows, batch {B}, {total} steps ({rec['epochs']:g} epoch(s)"
-              f"{', capped by --max_steps' if cfg.max_steps and total == cfg.max_steps else ''}), "
+        print(f"{tag} | {len(train_set):,} train rows, batch {rec['batch_size']}, {total} steps ({rec['epochs']:g} "
+              f"epoch(s){', capped by --max_steps' if cfg.max_steps and total == cfg.max_steps else ''}), "
               f"lr {rec['lr']:g}, wd {rec['weight_decay']:g}, warmup {warmup}")
-    clf.train()
-    loss_acc = torch.zeros((), device=dist.device)
-    tokens = tok_window = 0
-    t0 = t_window = time.perf_counter()
-    step = 0
-    while step < total:
-        perm = np.random.default_rng([seed, step // steps_per_epoch]).permutation(n)  # new order each epoch
-        for s in starts:
-            if step >= total:
-                break
-            mine = np.array_split(perm[s:s + B], dist.world)[dist.rank]  # this rank's share of the global batch
-            n_global = len(perm[s:s + B])
-            b = collate(train, mine, start.tokenizer.pad_id)
-            tok_window += int(b["attention_mask"].sum())  # real tokens, counted on the CPU copy (no sync)
-            b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items()}
-            with perf.autocast(dist.device, cfg.dtype):
-                _, loss = ddp(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["labels"])
-            # the model's loss is the mean over this rank's rows; DDP averages over ranks. Scale so the gradient
-            # is the mean over the global batch, also when the last batch splits unevenly.
-            (loss * (len(mine) * dist.world / n_global)).backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            loss_acc += loss.detach() * (len(mine) / n_global)  # summed over ranks below: the global batch's mean
-            step += 1
-            if step % cfg.log_interval == 0 or step == total:  # the only host syncs of the loop
-                stats = torch.stack([loss_acc, torch.tensor(float(tok_window), device=dist.device)])
-                if dist.world > 1:
-                    torch.distributed.all_reduce(stats)  # the global batches' mean losses, real tokens of all ranks
-                loss_sum, n_tok = stats.tolist()
-                dt = time.perf_counter() - t_window
-                k = step % cfg.log_interval or cfg.log_interval
-                eta = (time.perf_counter() - t0) / step * (total - step)
-                if dist.master:
-                    print(f"{tag} | step {step}/{total} | loss {loss_sum / k:.4f} | "
-                          f"lr {sched.get_last_lr()[0]:.2e} | {dt / k * 1000:.0f} ms/step | {n_tok / dt:,.0f} tok/s | "
-                          f"eta {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
-                loss_acc.zero_()
-                tokens += n_tok
-                tok_window, t_window = 0, time.perf_counter()
+    t0 = time.perf_counter()
+    tokens = train_steps(cfg, ddp, opt, sched, batches, train_set, start.tokenizer.pad_id, dist, tag)
     train_s = time.perf_counter() - t0
-    result = {}
-    for split, split_data in evals.items():
-        pred = predict(clf, split_data, cfg, start.tokenizer.pad_id, dist, task.classes is None)
-        for m, v in compute_metrics(task.name, pred, split_data.labels).items():
-            result[m if len(evals) == 1 else f"{m}_{split}"] = v
+    result = score(task, evals, lambda d: predict(clf, d, cfg, start.tokenizer.pad_id, dist, task.classes is None))
     result.update(steps=total, train_seconds=round(train_s, 2), train_tokens=int(tokens),
                   train_tokens_per_s=round(tokens / max(train_s, 1e-9), 1))
     if dist.master:
@@ -736,29 +350,65 @@ def finetune(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict],
     return {"metrics": result, "weights": encoder_weights(clf), "classifier": clf.classifier.state_dict()}
 
 
+def train_steps(cfg: GlueConfig, ddp, opt, sched, batches: list, train_set: Encoded, pad_id: int, dist: Dist,
+                tag: str) -> int:
+    """One optimizer step per global batch; returns the real tokens trained on (all ranks)."""
+    ddp.train()
+    loss_acc = torch.zeros((), device=dist.device)
+    tokens = tok_window = 0
+    t0 = t_window = time.perf_counter()
+    total = len(batches)
+    for step, rows in enumerate(batches, 1):
+        mine = np.array_split(rows, dist.world)[dist.rank]  # this rank's share of the global batch
+        n_global = len(rows)
+        b = collate(train_set, mine, pad_id)
+        tok_window += int(b["attention_mask"].sum())  # real tokens, counted on the CPU copy (no sync)
+        b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items()}
+        with perf.autocast(dist.device, cfg.dtype):
+            _, loss = ddp(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["labels"])
+        # the model's loss is the mean over this rank's rows; DDP averages over ranks. Scale so the gradient
+        # is the mean over the global batch, also when the last batch splits unevenly.
+        (loss * (len(mine) * dist.world / n_global)).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_acc += loss.detach() * (len(mine) / n_global)  # summed over ranks below: the global batch's mean
+        if step % cfg.log_interval == 0 or step == total:  # the only host syncs of the loop
+            stats = torch.stack([loss_acc, torch.tensor(float(tok_window), device=dist.device)])
+            if dist.world > 1:
+                torch.distributed.all_reduce(stats)  # the global batches' mean losses, real tokens of all ranks
+            loss_sum, n_tok = stats.tolist()
+            dt, k = time.perf_counter() - t_window, step % cfg.log_interval or cfg.log_interval
+            eta = (time.perf_counter() - t0) / step * (total - step)
+            if dist.master:
+                print(f"{tag} | step {step}/{total} | loss {loss_sum / k:.4f} | "
+                      f"lr {sched.get_last_lr()[0]:.2e} | {dt / k * 1000:.0f} ms/step | {n_tok / dt:,.0f} tok/s | "
+                      f"eta {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
+            loss_acc.zero_()
+            tokens += n_tok
+            tok_window, t_window = 0, time.perf_counter()
+    return tokens
+
+
+def score(task: Task, evals: dict, predict_split) -> dict:
+    """The metrics of predict_split(data) on every eval split, named as in results.json (MNLI: accuracy_m, _mm)."""
+    out = {}
+    for split, d in evals.items():
+        for m, v in compute_metrics(task.name, predict_split(d), d.labels).items():
+            out[m if len(evals) == 1 else f"{m}_{split}"] = v
+    return out
+
+
 def majority_baseline(task: Task, train: Examples, evals: dict) -> Optional[dict]:
     """Metrics of always predicting the training set's most frequent class (classification tasks only)."""
     if task.classes is None:
         return None
     major = int(np.bincount(train.labels).argmax())
-    out = {}
-    for split, ex in evals.items():
-        for m, v in compute_metrics(task.name, np.full(len(ex.labels), major), ex.labels).items():
-            out[m if len(evals) == 1 else f"{m}_{split}"] = v
-    return out
+    return score(task, evals, lambda ex: np.full(len(ex.labels), major))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # results.json: written atomically after every finished (task, seed)
-
-
-def atomic_write_json(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_results(out_dir: Path, source: dict) -> dict:
@@ -825,8 +475,6 @@ def markdown_table(res: dict) -> str:
         lines += ["", f"**GLUE average: {res['glue_average'] * 100:.2f}**" + (
             "" if res["glue_complete"] else f" (partial: {n}/8 tasks: {', '.join(res['glue_tasks'])})")]
     return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # the sweep
 
@@ -870,30 +518,8 @@ def resolve_dtype(cfg: GlueConfig, dist: Dist, say: bool = False) -> GlueConfig:
 
 def save_mnli_encoder(out: dict, start: Start, seed: int, out_dir: Path):
     """The MNLI-fine-tuned encoder RTE, MRPC and STS-B start from (the classifier: for hf.export only)."""
-    model.atomic_save({"weights": out["weights"], "model_config": config_dict(start.model_config),
-                       "source": start.source, "seed": seed, "classifier": out["classifier"]},
-                      str(mnli_encoder_path(out_dir)))
-
-
-def finetune_seeds_across_ranks(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict], seeds: list,
-                                todo: list, train: Encoded, evals: dict, dist: Dist, res: dict):
-    """--parallel=runs under torchrun: rank r fine-tunes todo[r::world], each run alone on its own device (no DDP,
-    no gradient all-reduce), exactly as a 1-process run would. Rank 0 gathers the metrics into results.json."""
-    out_dir = Path(cfg.out_dir)
-    solo = Dist(0, 1, dist.device)
-    mine = {}
-    for seed in todo[dist.rank::dist.world]:
-        out = finetune(cfg, task, start, weights, seed, train, evals, solo)
-        if task.name == "mnli" and seed == seeds[0]:  # whichever rank ran it writes it
-            save_mnli_encoder(out, start, seed, out_dir)
-        mine[str(seed)] = out["metrics"]
-    gathered = [None] * dist.world
-    torch.distributed.all_gather_object(gathered, mine)
-    if dist.master:
-        done = {k: v for g in gathered for k, v in g.items()}
-        res["tasks"][task.name]["seeds"].update({str(s): done[str(s)] for s in todo})  # in seed order
-        atomic_write_json(summarize(res), out_dir / "results.json")
-    torch.distributed.barrier()  # the results and the MNLI encoder are on disk before the next task
+    atomic_save({"weights": out["weights"], "model_config": config_dict(start.model_config),
+                 "source": start.source, "seed": seed, "classifier": out["classifier"]}, mnli_encoder_path(out_dir))
 
 
 def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None) -> dict:
@@ -909,15 +535,22 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
     mc = start.model_config
     if getattr(mc, "position", "alibi") == "learned" and cfg.max_len > mc.max_positions:
         raise GlueError(f"--max_len={cfg.max_len} exceeds the checkpoint's {mc.max_positions} learned positions")
-    out_dir = Path(cfg.out_dir)
-    res = None
     if dist.master and start.weights is not None:
-        cos = token_cosine(start)
-        if cos > 0.99:
-            print(f"warning: {start.label}: its encoder maps every token to nearly the same vector (mean cosine "
-                  f"{cos:.4f} between tokens of different sentences; about 0.5 at random init). Its pretraining "
-                  f"collapsed or never got going, and fine-tuning from it will likely not beat the majority class. "
-                  f"Pretrain longer or with a lower lr; --init=scratch is the control.", flush=True)
+        warn_if_collapsed(start)
+    res = open_results(Path(cfg.out_dir), start, dist)
+    for name in tasks:
+        run_task(cfg, TASKS[name], start, res, dist)
+    res = summarize(res)
+    if dist.master:
+        table = markdown_table(res)
+        (Path(cfg.out_dir) / "results.md").write_text(table + "\n")
+        print("\n" + table + "\n")
+    return res
+
+
+def open_results(out_dir: Path, start: Start, dist: Dist) -> dict:
+    """results.json so far, read on rank 0 and broadcast: every rank learns what is done (or the error)."""
+    res = None
     if dist.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -925,64 +558,95 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
         except GlueError as e:
             res = e
         print(f"starting point: {start.label}; results in {out_dir / 'results.json'}")
-    res = broadcast_object(res, dist)  # rank 0 read it; every rank learns what is done (or the error)
+    res = broadcast_object(res, dist)
     if isinstance(res, GlueError):
         raise res
-
-    for name in tasks:
-        task = TASKS[name]
-        rec = effective_recipe(cfg, task)
-        n_seeds = cfg.seeds or task.recipe.seeds
-        seeds = [cfg.seed + i for i in range(n_seeds)]
-        tr = res["tasks"].get(name)
-        if tr is not None and tr["recipe"] != rec:
-            raise GlueError(f"{out_dir / 'results.json'} has {name} results for another recipe ({tr['recipe']}); "
-                            f"now {rec}. Pass another --out_dir to keep both.")
-        todo = [s for s in seeds if tr is None or str(s) not in tr["seeds"]]
-        if not todo:
-            if dist.master:
-                print(f"{name}: seeds {seeds} already in results.json, skipping")
-            continue
-        # where it starts: the MNLI-fine-tuned encoder for RTE, MRPC, STS-B when there is one
-        weights, start_name = start.weights, ("pretrained" if start.weights is not None else "scratch")
-        if name in FROM_MNLI and cfg.from_mnli:
-            mnli = load_mnli_encoder(out_dir, start)
-            if mnli is not None:
-                weights, start_name = mnli, "mnli"
-            elif dist.master:
-                print(f"note: {name} starts from the {start_name} model: no MNLI-fine-tuned encoder in {out_dir} "
-                      f"(run --tasks=mnli first, or include mnli in --tasks, to follow the paper)")
-        if tr is not None and tr.get("start") != start_name:
-            raise GlueError(f"{out_dir / 'results.json'} has {name} seeds started from {tr.get('start')}, this run "
-                            f"would start from {start_name}; pass another --out_dir")
-        t0 = time.perf_counter()
-        splits = load_task(task, cfg.glue_dir, cfg.skip_bad_rows)
-        splits["train"] = label_subset(splits["train"], rec["max_train_examples"])
-        train = encode_examples(splits["train"], start.tokenizer, cfg.max_len)
-        evals = {s: encode_examples(splits[s], start.tokenizer, cfg.max_len) for s in eval_splits(task)}
-        if dist.master:
-            print(f"{name}: {len(train):,} train / " + ", ".join(f"{len(e):,} {s}" for s, e in evals.items())
-                  + f" examples from {splits['train'].origin} (tokenized in {time.perf_counter() - t0:.1f} s)")
-        tr = res["tasks"].setdefault(name, {"recipe": rec, "start": start_name, "seeds": {}})
-        tr["majority"] = majority_baseline(task, splits["train"], {s: splits[s] for s in evals})
-        if dist.world > 1 and cfg.parallel == "runs":
-            finetune_seeds_across_ranks(cfg, task, start, weights, seeds, todo, train, evals, dist, res)
-            continue
-        for seed in todo:
-            out = finetune(cfg, task, start, weights, seed, train, evals, dist)
-            if dist.master:
-                if name == "mnli" and seed == seeds[0]:  # the encoder RTE, MRPC, STS-B start from
-                    save_mnli_encoder(out, start, seed, out_dir)
-                tr["seeds"][str(seed)] = out["metrics"]
-                atomic_write_json(summarize(res), out_dir / "results.json")
-            if dist.world > 1:
-                torch.distributed.barrier()  # the MNLI encoder is on disk before any rank looks for it
-    res = summarize(res)
-    if dist.master:
-        table = markdown_table(res)
-        (out_dir / "results.md").write_text(table + "\n")
-        print("\n" + table + "\n")
     return res
+
+
+def run_task(cfg: GlueConfig, task: Task, start: Start, res: dict, dist: Dist):
+    """Fine-tune the task's seeds that results.json lacks, then record them there."""
+    out_dir, name, rec = Path(cfg.out_dir), task.name, effective_recipe(cfg, task)
+    seeds = [cfg.seed + i for i in range(cfg.seeds or task.recipe.seeds)]
+    tr = res["tasks"].get(name)
+    if tr is not None and tr["recipe"] != rec:
+        raise GlueError(f"{out_dir / 'results.json'} has {name} results for another recipe ({tr['recipe']}); "
+                        f"now {rec}. Pass another --out_dir to keep both.")
+    todo = [s for s in seeds if tr is None or str(s) not in tr["seeds"]]
+    if not todo:
+        if dist.master:
+            print(f"{name}: seeds {seeds} already in results.json, skipping")
+        return
+    weights, start_name = task_start(cfg, name, start, dist)
+    if tr is not None and tr.get("start") != start_name:
+        raise GlueError(f"{out_dir / 'results.json'} has {name} seeds started from {tr.get('start')}, this run "
+                        f"would start from {start_name}; pass another --out_dir")
+    splits, train_set, evals = load_encoded(cfg, task, start, rec["max_train_examples"], dist)
+    tr = res["tasks"].setdefault(name, {"recipe": rec, "start": start_name, "seeds": {}})
+    tr["majority"] = majority_baseline(task, splits["train"], {s: splits[s] for s in evals})
+    if dist.world > 1 and cfg.parallel == "runs":
+        finetune_seeds_across_ranks(cfg, task, start, weights, seeds, todo, train_set, evals, dist, res)
+        return
+    for seed in todo:
+        out = finetune(cfg, task, start, weights, seed, train_set, evals, dist)
+        if dist.master:
+            if name == "mnli" and seed == seeds[0]:  # the encoder RTE, MRPC, STS-B start from
+                save_mnli_encoder(out, start, seed, out_dir)
+            tr["seeds"][str(seed)] = out["metrics"]
+            atomic_write_json(summarize(res), out_dir / "results.json")
+        if dist.world > 1:
+            torch.distributed.barrier()  # the MNLI encoder is on disk before any rank looks for it
+
+
+def task_start(cfg: GlueConfig, name: str, start: Start, dist: Dist) -> tuple[Optional[dict], str]:
+    """Where the task starts: the MNLI-fine-tuned encoder for RTE, MRPC, STS-B when there is one (the paper)."""
+    weights, start_name = start.weights, ("pretrained" if start.weights is not None else "scratch")
+    if name in FROM_MNLI and cfg.from_mnli:
+        mnli = load_mnli_encoder(cfg.out_dir, start)
+        if mnli is not None:
+            return mnli, "mnli"
+        if dist.master:
+            print(f"note: {name} starts from the {start_name} model: no MNLI-fine-tuned encoder in {Path(cfg.out_dir)} "
+                  f"(run --tasks=mnli first, or include mnli in --tasks, to follow the paper)")
+    return weights, start_name
+
+
+def load_encoded(cfg: GlueConfig, task: Task, start: Start, budget: int, dist: Dist) -> tuple[dict, Encoded, dict]:
+    """The task's splits (train cut to its label budget), and the train and eval splits encoded."""
+    t0 = time.perf_counter()
+    splits = load_task(task, cfg.glue_dir, cfg.skip_bad_rows)
+    splits["train"] = label_subset(splits["train"], budget)
+    train_set = encode_examples(splits["train"], start.tokenizer, cfg.max_len)
+    evals = {s: encode_examples(splits[s], start.tokenizer, cfg.max_len) for s in eval_splits(task)}
+    if dist.master:
+        print(f"{task.name}: {len(train_set):,} train / " + ", ".join(f"{len(e):,} {s}" for s, e in evals.items())
+              + f" examples from {splits['train'].origin} (tokenized in {time.perf_counter() - t0:.1f} s)")
+    return splits, train_set, evals
+
+
+def finetune_seeds_across_ranks(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict], seeds: list,
+                                todo: list, train_set: Encoded, evals: dict, dist: Dist, res: dict):
+    """--parallel=runs under torchrun: rank r fine-tunes todo[r::world], each run alone on its own device (no DDP,
+    no gradient all-reduce), exactly as a 1-process run would. Rank 0 gathers the metrics into results.json."""
+    out_dir = Path(cfg.out_dir)
+    solo = Dist(0, 1, dist.device)
+    mine = {}
+    for seed in todo[dist.rank::dist.world]:
+        out = finetune(cfg, task, start, weights, seed, train_set, evals, solo)
+        if task.name == "mnli" and seed == seeds[0]:  # whichever rank ran it writes it
+            save_mnli_encoder(out, start, seed, out_dir)
+        mine[str(seed)] = out["metrics"]
+    gathered = [None] * dist.world
+    torch.distributed.all_gather_object(gathered, mine)
+    if dist.master:
+        done = {k: v for g in gathered for k, v in g.items()}
+        res["tasks"][task.name]["seeds"].update({str(s): done[str(s)] for s in todo})  # in seed order
+        atomic_write_json(summarize(res), out_dir / "results.json")
+    torch.distributed.barrier()  # the results and the MNLI encoder are on disk before the next task
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the sentiment demo and the command line
 
 
 def demo_summary(main: dict, control: Optional[dict], main_label: str, out_dir: Optional[Path] = None):

@@ -1,4 +1,4 @@
-"""glue.py: metrics against hand-worked values, every GLUE TSV layout, bad-input errors, the WordPiece tokenizer
+"""glue.py and glue_tasks.py: metrics against hand-worked values, every GLUE TSV layout, bad-input errors, the WordPiece tokenizer
 (hf.WordPiece) against transformers, fine-tuning that learns, resuming a sweep, the MNLI -> RTE start, HF and DDP runs.
 
 The fixtures in tests/fixtures/glue/ are small files in GLUE's distributed layouts (download_glue_data.py):
@@ -17,7 +17,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import checkpoint
 import glue
+import glue_tasks
 import hf
 import model
 from conftest import require_transformers
@@ -77,7 +79,7 @@ def test_correlations_hand_worked_and_degenerate():
     assert m["spearman"] == pytest.approx(1.0) and m["pearson"] < 0.99
     # a constant predictor: correlation is undefined; we return 0.0, never NaN
     assert glue.compute_metrics("stsb", [2.5, 2.5, 2.5], [1.0, 2.0, 5.0]) == {"pearson": 0.0, "spearman": 0.0}
-    np.testing.assert_allclose(glue.rankdata([3, 1, 3, 2, 3]), [4, 1, 4, 2, 4])
+    np.testing.assert_allclose(glue_tasks.rankdata([3, 1, 3, 2, 3]), [4, 1, 4, 2, 4])
 
 
 # Independent second formulas (written differently from glue.py's) and hypothesis-drawn predictions and labels:
@@ -156,7 +158,8 @@ def test_binary_metrics_equal_second_formulas(case):
 @given(class_predictions(k_max=5))
 def test_multiclass_mcc_and_accuracy_equal_the_covariance_form(case):
     k, pred, label = case
-    assert glue.matthews_corr(np.array(pred), np.array(label)) == pytest.approx(ref_mcc_cov(pred, label, k), abs=1e-12)
+    assert glue_tasks.matthews_corr(np.array(pred), np.array(label)) == pytest.approx(ref_mcc_cov(pred, label, k),
+                                                                                   abs=1e-12)
     acc = glue.compute_metrics("mnli", np.eye(k)[pred] * 2.0 - 1.0, label)["accuracy"]  # logits: argmax taken
     assert acc == pytest.approx(np.mean(np.array(pred) == np.array(label)))
 
@@ -179,7 +182,7 @@ def test_metrics_match_scipy(x, data):
     stats = pytest.importorskip("scipy.stats")  # optional, test-only
     y = data.draw(st.lists(st.floats(-5, 5, allow_nan=False, width=32), min_size=len(x), max_size=len(x)))
     m = glue.compute_metrics("stsb", x, y)
-    np.testing.assert_allclose(glue.rankdata(x), stats.rankdata(x))
+    np.testing.assert_allclose(glue_tasks.rankdata(x), stats.rankdata(x))
     if len(set(x)) > 1 and len(set(y)) > 1:
         assert m["pearson"] == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-9)
         assert m["spearman"] == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-9)
@@ -190,9 +193,9 @@ def test_metrics_match_scipy(x, data):
 def test_metrics_match_sklearn(case):
     metrics = pytest.importorskip("sklearn.metrics")  # optional, test-only (not in requirements.txt)
     k, pred, label = case
-    assert glue.matthews_corr(np.array(pred), np.array(label)) == pytest.approx(
+    assert glue_tasks.matthews_corr(np.array(pred), np.array(label)) == pytest.approx(
         metrics.matthews_corrcoef(label, pred), abs=1e-12)
-    assert glue.accuracy(np.array(pred), np.array(label)) == pytest.approx(metrics.accuracy_score(label, pred))
+    assert glue_tasks.accuracy(np.array(pred), np.array(label)) == pytest.approx(metrics.accuracy_score(label, pred))
     if k == 2:
         assert glue.compute_metrics("qqp", pred, label)["f1"] == pytest.approx(
             metrics.f1_score(label, pred, zero_division=0.0), abs=1e-12)
@@ -327,7 +330,7 @@ def test_truncate_pair_is_longest_first():
         for lb in range(0, 12):
             for budget in range(0, 14):
                 a, b = list(range(la)), list(range(100, 100 + lb))
-                ta, tb = glue.truncate_pair(a, b, budget)
+                ta, tb = glue_tasks.truncate_pair(a, b, budget)
                 assert ta == a[:len(ta)] and tb == b[:len(tb)]  # cut from the end
                 assert len(ta) + len(tb) == min(la + lb, budget)
                 short, long_, kept_short = (la, lb, len(ta)) if la <= lb else (lb, la, len(tb))
@@ -445,7 +448,7 @@ def _save_ckpt(path: Path, mcfg, state=None, **extra):
     m = model.build(mcfg)
     ck = {"model": state if state is not None else m.state_dict(), "model_config": dataclasses.asdict(mcfg),
           "step": 7, "tokenizer": "gpt2", **extra}
-    model.atomic_save(ck, str(path))
+    checkpoint.atomic_save(ck, str(path))
     return path
 
 
