@@ -1,4 +1,4 @@
-"""Attention kernels for MosaicBERT: ALiBi, unpadding, and three interchangeable backends.
+"""Attention kernels for MosaicBERT: ALiBi, unpadding, three interchangeable backends, the fused MLM loss.
 
 Shape legend (used in every docstring and shape comment):
     B   sequences in the padded batch        S   padded sequence length
@@ -6,30 +6,30 @@ Shape legend (used in every docstring and shape comment):
     nnz real (non-pad) tokens in the batch   n   sequences after unpadding (n = B for 0/1 masks)
     L   max_seqlen, the longest of the n sequences
 
-Unpadding (MosaicBERT's "unpad"): a batch of B rows padded to S holds only nnz real tokens.
-Every linear layer, LayerNorm and GeGLU is per token, so running them on the packed (nnz, d)
-tensor instead of (B*S, d) skips the pad tokens' work entirely. Only attention needs to know
-where one sequence ends and the next begins; it gets that from `cu_seqlens`, the cumulative
-sequence lengths [0, len_0, len_0+len_1, ..., nnz], exactly as FlashAttention's varlen API does.
+Unpadding (MosaicBERT's "unpad"): a batch of B rows padded to S holds only nnz real tokens. Every
+linear layer, LayerNorm and GeGLU is per token, so running them on the packed (nnz, d) tensor instead
+of (B*S, d) skips the pad tokens' work entirely. Only attention needs to know where one sequence ends
+and the next begins: `cu_seqlens`, the cumulative lengths [0, len_0, len_0+len_1, ..., nnz], as in
+FlashAttention's varlen API. `unpad` is the readable one-call form; the model calls its core,
+`unpad_index`, with counts read on the CPU batch, so unpadding never waits on the device.
 
-ALiBi (Press et al., 2022): no position embeddings; instead each head h adds the bias
--slope_h * |i - j| to the attention score of query i and key j. The symmetric |i - j| is the
-bidirectional (encoder) form MosaicBERT uses. It extrapolates to longer sequences than seen
-in training and costs nothing in parameters.
+ALiBi (Press et al., 2022): no position embeddings; each head h adds -slope_h * |i - j| to the score
+of query i and key j (symmetric: the encoder form MosaicBERT uses). It extrapolates past the trained
+length, costs no parameters, and is fast: part of one fused mask (sdpa) or a score_mod (flex).
 
 Backends of `attention` (all take the packed qkv and return the packed output):
     naive  explicit scores, bias and softmax, one sequence at a time: the reference.
     sdpa   re-pad to (n, H, L, D) and call F.scaled_dot_product_attention with ALiBi plus
-           padding as one additive mask. Fused (flash) kernel on CPU and GPU, trains everywhere
-           (CPU training on short sequences picks SDPA's math kernel: see `sdpa`).
-    flex   FlexAttention on the packed (1, H, nnz, D) sequence: ALiBi is a `score_mod`, the
-           per-sequence structure a document block mask built from cu_seqlens. No FLOPs are
-           spent on padding or across documents. The GPU training path; on the CPU this torch
-           runs it forward only.
+           padding as one additive mask: the fused (flash) kernel, trains on CPU and GPU.
+    flex   FlexAttention on the packed (1, H, nnz, D) sequence (MosaicBERT's FlashAttention role):
+           ALiBi is a `score_mod`, the per-sequence structure a document block mask built from
+           cu_seqlens, so no FLOPs go to padding or across documents. The GPU training path; on the
+           CPU this torch runs it forward only.
     auto   flex on CUDA, sdpa elsewhere.
 
-For speed the per-batch work (pad indices, the additive mask, the block mask) is done once by
-`plan_attention` and shared by every layer; `attention()` is the one-call convenience form.
+The per-batch work (pad indices, the additive mask, the block mask) is done once by `plan_attention`
+and shared by every layer, which calls `attend`: that is what the model runs. `attention()`, the two
+in one call, is the readable reference form the tests use.
 """
 
 import contextlib
@@ -46,9 +46,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("naive", "sdpa", "flex", "auto")
 
-# Additive bias for "may not attend". Finite so that a fully masked row (a pad query in the
-# padded layout) gives a harmless uniform softmax instead of NaN; exp() of it is exactly 0 in
-# fp32 and bf16 (both have the float32 exponent range).
+# Additive bias for "may not attend". Finite, so a fully masked row (a pad query) gives a harmless uniform
+# softmax instead of NaN; its exp() is exactly 0 in fp32 and bf16 (both have float32's exponent range).
 MASK_VALUE = -1e30
 
 
@@ -97,27 +96,32 @@ def unpad(x: torch.Tensor, attention_mask: torch.Tensor):
     (b * S + s) of the real tokens, in order; `pad` is the exact inverse. Both are plain
     gathers and scatters, so gradients flow through them.
 
-    The real-token count is data dependent, so this costs one host sync (as FlashAttention's
-    unpad_input does); call it once per batch, not per layer.
+    The reference form: it reads the counts from the device (host syncs, as FlashAttention's
+    unpad_input). The model calls `unpad_index` with counts it read on the CPU batch instead.
     """
     B, S = attention_mask.shape
     if x.shape[:2] != (B, S):
         raise ValueError(f"unpad: x has shape {tuple(x.shape)} but attention_mask is {(B, S)}")
-    flat_mask = attention_mask.reshape(B * S)
-    indices = torch.nonzero(flat_mask != 0, as_tuple=False).flatten()  # (nnz,)
+    indices, cu_seqlens = unpad_index(attention_mask)
     x_unpadded = gather_rows(x.reshape(B * S, *x.shape[2:]), indices)  # (nnz, ...)
-    cu_seqlens = seqlens_from_mask(attention_mask, indices)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
     return x_unpadded, indices, cu_seqlens, max_seqlen
 
 
-def seqlens_from_mask(attention_mask: torch.Tensor, indices: torch.Tensor, n_inner: int | None = None,
-                      doc_starts: torch.Tensor | None = None) -> torch.Tensor:
-    """cu_seqlens (int32 [n+1]) of the sequences in attention_mask[B, S] (see `unpad`).
+def unpad_index(attention_mask: torch.Tensor, nnz: int | None = None, n_inner: int | None = None,
+                starts: torch.Tensor | None = None):
+    """The index half of `unpad`: attention_mask[B, S] -> (indices[nnz], cu_seqlens int32 [n+1]).
 
-    n_inner: the number of documents that start inside a row (document_starts(attention_mask).sum()),
-    when the caller already read it; then nothing here waits on the device (no host sync).
-    doc_starts: document_starts(attention_mask), when the caller already has it."""
+    nnz (real tokens) and n_inner (documents that start inside a row: document_starts(mask).sum()), when the
+    caller read them on the CPU batch: then nothing here waits on the device. starts: document_starts(mask)."""
+    starts = document_starts(attention_mask) if starts is None else starts  # (B, S)
+    real = attention_mask.reshape(-1) != 0  # (B*S,)
+    indices = (torch.nonzero(real) if nnz is None else torch.nonzero_static(real, size=nnz)).flatten()  # (nnz,)
+    return indices, seqlens_from_mask(attention_mask, indices, n_inner, starts)
+
+
+def seqlens_from_mask(attention_mask, indices, n_inner: int | None = None, doc_starts=None) -> torch.Tensor:
+    """cu_seqlens (int32 [n+1]) of the sequences in attention_mask[B, S] (see `unpad_index`)."""
     row_lens = (attention_mask != 0).sum(1)  # (B,)
     row_starts = F.pad(row_lens.cumsum(0), (1, 0))  # (B+1,) the row boundaries, in real tokens
     doc_starts = document_starts(attention_mask) if doc_starts is None else doc_starts  # (B, S)
@@ -149,9 +153,8 @@ def pad(x_unpadded: torch.Tensor, indices: torch.Tensor, B: int, S: int) -> torc
 
 
 class _GatherRows(torch.autograd.Function):
-    """out = x[index] for an index without repeats. The backward writes the gradient back with a
-    plain (non-accumulating) index_put: the default backward of index_select is index_add, a
-    scatter-add that is ~10x slower on the CPU and needless when no row is picked twice."""
+    """out = x[index] for an index without repeats. The backward is a plain index_put, not index_select's
+    scatter-add (index_add), which is much slower on the CPU and needless when no row is picked twice."""
 
     @staticmethod
     def forward(ctx, x, index):
@@ -180,14 +183,8 @@ class _ScatterRows(torch.autograd.Function):
         return gather_rows(grad, index), None, None
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[N, ...] -> x[index] ([len(index), ...]); index must not repeat."""
-    return _GatherRows.apply(x, index)
-
-
-def scatter_rows(x: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """x[M, ...] -> [n_rows, ...] with row index[i] = x[i] and zeros elsewhere; index must not repeat."""
-    return _ScatterRows.apply(x, index, n_rows)
+gather_rows = _GatherRows.apply  # (x[N, ...], index[M]) -> x[index]; index must not repeat
+scatter_rows = _ScatterRows.apply  # (x[M, ...], index[M], N) -> [N, ...], row index[i] = x[i], zeros elsewhere
 
 
 def document_ids(cu_seqlens: torch.Tensor, nnz: int | None = None) -> torch.Tensor:
@@ -339,24 +336,11 @@ def padded_attention_mask(attention_mask: torch.Tensor, slopes, dtype) -> torch.
     return mask.to(dtype)
 
 
-# CPU training at sequence lengths up to this uses SDPA's math kernel instead of the flash one.
-CPU_MATH_MAX_SEQLEN = 128
-
-
 def sdpa(qkv: torch.Tensor, mask: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """Padded attention: qkv[B, S, 3, H, D] and an additive mask [B, H or 1, S, S] -> [B, S, H, D].
-
-    Kernel choice on the CPU when training short sequences (S <= CPU_MATH_MAX_SEQLEN): SDPA's
-    math kernel (scores materialized, computed in fp32 for bf16 inputs) instead of the flash one,
-    whose CPU backward is tuned for long sequences. Forward plus backward, 1024 bf16 tokens,
-    12 heads of 64, 2 AMD EPYC cores: S=32 flash 16.2 ms vs math 7.4; S=128 19.3 vs 14.8; S=256
-    20.2 vs 25.0; S=1024 53 vs 143. The S x S scores cost B*H*S*S*4 bytes (6 MiB at 8x12x128^2).
-    Forward-only calls (evaluation) keep flash, which wins there. GPUs choose for themselves.
-    """
+    F.scaled_dot_product_attention picks its fused (flash) kernel; CPU training: see cpu_sdpa_kernel."""
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, D)
-    cpu_training_short = (qkv.device.type == "cpu" and qkv.shape[1] <= CPU_MATH_MAX_SEQLEN
-                          and torch.is_grad_enabled() and qkv.requires_grad)
-    with sdpa_kernel(SDPBackend.MATH) if cpu_training_short else contextlib.nullcontext():
+    with cpu_sdpa_kernel(qkv):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, S, D)
     return out.transpose(1, 2)  # (B, S, H, D)
 
@@ -410,14 +394,9 @@ def _flex_call(q, k, v, score_mod, block_mask):
 
 
 def compiled_flex_attention(variant: tuple):
-    """flex_attention under torch.compile (eager flex materialises the whole score matrix),
-    created on first use. dynamic=True: one kernel serves every nnz, no recompiles.
-
-    One compiled function per variant (ALiBi or not, dtype, device), each with its own code
-    object: on the CPU, this torch's inductor emits C++ that does not build when a dynamic-shape
-    flex graph is recompiled for a second variant ("cur_qSplitSize8 was not declared"), and a
-    separate code object means a fresh first compile instead of a recompile.
-    """
+    """flex_attention under torch.compile (eager flex materialises the whole score matrix), created on first
+    use; dynamic=True: one kernel serves every nnz. One code object per variant (ALiBi or not, dtype, device):
+    this torch's CPU inductor fails to build a dynamic flex graph recompiled for a second variant."""
     if variant not in _compiled_flex:
         name = "flex_" + "".join(c if c.isalnum() else "_" for c in str(variant))
         fn = types.FunctionType(_flex_call.__code__.replace(co_name=name), _flex_call.__globals__, name)
@@ -428,13 +407,10 @@ def compiled_flex_attention(variant: tuple):
 def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK, nnz: int | None = None):
     """The document BlockMask over nnz packed tokens, built directly from cu_seqlens.
 
-    A (q block, kv block) pair is computed when the two blocks share a document, and is "full"
-    (no mask_mod call needed) when both lie wholly inside one document. Building it from the
-    block-level document ranges costs O((nnz/128)^2) tiny ops, instead of evaluating the mask
-    on all nnz^2 token pairs as create_block_mask does. The mask is symmetric (a query block
-    meets a kv block exactly when that kv block meets it), so the q blocks the backward reads are
-    the kv blocks themselves: no transpose (BlockMask.from_kv_blocks would build them with two
-    vmapped sorts, dozens of small ops per batch).
+    A (q block, kv block) pair is computed when the two blocks share a document, and is "full" (no
+    mask_mod call) when both lie wholly inside one document: FlexAttention skips every other block, so
+    no FLOPs go to padding or across documents. Built from block-level document ranges in O((nnz/128)^2)
+    tiny ops, not create_block_mask's nnz^2 token pairs; symmetric, so the q blocks are the kv blocks.
     """
     device = cu_seqlens.device
     doc = document_ids(cu_seqlens, nnz)  # (nnz,)
@@ -447,9 +423,8 @@ def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK, nnz: 
     one_doc = (first == last) & (ends - starts == block - 1)  # (nb,): a short last block is never full
     full = overlap & (one_doc[:, None] & one_doc[None, :]) & (first[:, None] == first[None, :])  # (nb, nb)
 
-    # (nb, nb) bool -> num_blocks (1, 1, nb), indices (1, 1, nb, nb), set blocks first. Each its own tensor: views
-    # into one stacked tensor (a nonzero storage offset) made this torch's CPU inductor emit flex C++ that fails
-    # to build ("cur_qSplitSize8 was not declared").
+    # (nb, nb) bool -> num_blocks (1, 1, nb), indices (1, 1, nb, nb), set blocks first. Each its own tensor:
+    # views into one stacked tensor made this torch's CPU inductor emit flex C++ that fails to build.
     def to_indices(blocks):
         num = blocks.sum(-1, dtype=torch.int32)
         order = torch.argsort(blocks.logical_not().to(torch.uint8), dim=-1, stable=True).to(torch.int32)
@@ -562,10 +537,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
-# Rows per chunk of the fused decoder + cross-entropy, per device type. The CPU's decoder matmul is near its
-# peak at 256 rows (83 rows ran it at ~75%). A GPU launches ~25 kernels per chunk: at 256 rows the ~4,900
-# masked rows of a 128 x 128 micro-batch made ~20 chunks of small launches. 2,048 rows make 3, and hold
-# 2,048 x V x 6 bytes of buffers (bf16 logits and fp32 scratch: 0.6 GB at V=50304).
+# Rows per chunk of the fused decoder + cross-entropy: enough for the matmul to run near peak, few enough
+# launches on a GPU, buffers of rows x V x 6 bytes (0.6 GB at 2,048 x 50304).
 CHUNK_ROWS = {"cpu": 256, "cuda": 2048}
 
 
@@ -581,8 +554,7 @@ def linear_cross_entropy(x, weight, bias, labels, chunk_rows: int = 0):
     the fp32 loss sum (differentiable in x, weight and bias) and the int64 count of rows whose logits'
     argmax (first index on ties) equals the label. Under autocast the matmuls run in its dtype, as
     F.linear would; the log-sum-exp is fp32 either way. chunk_rows: rows per chunk (0: default_chunk_rows
-    of x's device). Reference: linear_cross_entropy_naive. At d=256 and V=50304 (the CPU
-    demo) the head is about half the step's FLOPs and most of its memory traffic.
+    of x's device). Reference: linear_cross_entropy_naive.
     """
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -599,3 +571,17 @@ def linear_cross_entropy_naive(x, weight, bias, labels):
     loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
     n_correct = ((logits.argmax(-1) == labels) & (labels != -100)).sum()
     return loss, n_correct
+
+
+# ----------------------------------------------------------------------------------------
+# CPU workarounds: speed only, the same attention either way (timings in docs/log.md)
+
+CPU_MATH_MAX_SEQLEN = 128  # CPU training at sequence lengths up to this uses SDPA's math kernel
+
+
+def cpu_sdpa_kernel(qkv: torch.Tensor):
+    """SDPA's math kernel when training short sequences on the CPU (S <= CPU_MATH_MAX_SEQLEN), whose flash
+    backward is tuned for long ones; a no-op context otherwise (evaluation keeps flash, GPUs choose)."""
+    short = (qkv.device.type == "cpu" and qkv.shape[1] <= CPU_MATH_MAX_SEQLEN
+             and torch.is_grad_enabled() and qkv.requires_grad)
+    return sdpa_kernel(SDPBackend.MATH) if short else contextlib.nullcontext()

@@ -9,13 +9,15 @@ Walk from BERT-base to MosaicBERT one change at a time (each a ModelConfig field
     sparse_prediction        the MLM head and loss only at the masked positions
     attn_backend             "sdpa" (fused, padded), "flex" (FlexAttention, packed), "naive" (reference)
 
+A batch's path: Bert.layout unpads it once (kernels.unpad_index) and plans attention (kernels.plan_attention);
+every EncoderLayer runs kernels.attend; BertForMaskedLM's sparse head runs kernels.linear_cross_entropy.
+
 Shape legend: B batch, S padded length, d model dim, H heads, D head dim, nnz real tokens,
 V padded vocabulary, T tokens in the current layout (nnz when unpadded, else B*S).
-Module and parameter names follow Hugging Face BERT closely enough that `hf.from_hf_bert`
-maps them by rule (query/key/value are fused into one `Wqkv`). This file knows nothing of Hugging Face.
+Names follow Hugging Face BERT so that `hf.from_hf_bert` maps them by rule (query/key/value fused into one
+`Wqkv`); this file knows nothing of Hugging Face.
 """
 
-import glob
 import os
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -33,7 +35,7 @@ import kernels
 @dataclass
 class ModelConfig:
     vocab_size: int = 50261           # real token ids (GPT-2's 50257 + [CLS] [SEP] [PAD] [MASK])
-    vocab_multiple: int = 64          # the embedding is padded to a multiple of this (MosaicBERT: 64)
+    vocab_multiple: int = 64          # vocab padded to a multiple of 64 (MosaicBERT): see padded_vocab_size
     n_layers: int = 12
     d_model: int = 768
     n_heads: int = 12
@@ -68,7 +70,8 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        """Vocabulary rounded up to a multiple of 64: the embedding and decoder matmuls tile evenly."""
+        """Vocabulary padded to a multiple of 64 (MosaicBERT: BERT's 30,522 -> 30,528): the embedding and decoder
+        matmuls then tile evenly on the hardware, for free; the extra rows are never a target."""
         m = self.vocab_multiple
         return (self.vocab_size + m - 1) // m * m
 
@@ -90,9 +93,7 @@ PRESETS = {
     "mosaic-bert-large": dict(n_layers=24, d_model=1024, n_heads=16, d_ff=4096),
     "bert-base": dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072, **_BERT),
     "bert-large": dict(n_layers=24, d_model=1024, n_heads=16, d_ff=4096, **_BERT),
-    # small presets for CPU demos and tests. The MosaicBERT ones' classifiers pool the mean of the real tokens:
-    # without a next-sentence task MLM never trains [CLS]'s output (it is never masked), and at CPU scale a fresh
-    # pooler on an untrained [CLS] was measured to waste some of what pretraining learned (SequenceClassifier).
+    # small presets for CPU demos and tests; their classifiers pool the mean of the real tokens (SequenceClassifier)
     "mosaic-bert-small": dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, pooling="mean"),
     "mosaic-bert-tiny": dict(n_layers=2, d_model=128, n_heads=2, d_ff=512, pooling="mean"),
     "bert-tiny": dict(n_layers=2, d_model=128, n_heads=2, d_ff=512, **_BERT),  # BERT's head: [CLS] + pooler
@@ -104,15 +105,10 @@ PRESETS = {
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm with MosaicBERT's low-precision option.
-
-    Low-precision LayerNorm: autocast normally runs layer_norm in fp32 (CUDA autocast upcasts it;
-    here the fp32 path is explicit so CPU and GPU agree), so the residual stream is fp32 and every
-    matmul casts its input down again. With low_precision=True
-    and autocast active, the LayerNorm runs on bf16 input and bf16 weights instead: half the
-    memory traffic for a memory-bound op, and the residual stream stays bf16 end to end.
-    (MosaicBERT reports no quality loss from it.) Without autocast it is an ordinary LayerNorm.
-    """
+    """LayerNorm with MosaicBERT's low-precision option. Low-precision LayerNorm: autocast normally runs it in
+    fp32, so the residual stream is fp32 and every matmul casts its input down again; low_precision=True runs
+    it on bf16 input and weights under autocast: half the memory traffic of a memory-bound op, and a bf16
+    residual stream end to end (MosaicBERT reports no quality loss). Without autocast: an ordinary LayerNorm."""
 
     def __init__(self, d, eps, low_precision=False):
         super().__init__(d, eps=eps)
@@ -121,48 +117,16 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x):
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
-            # Explicit on both paths: CPU autocast does not reliably upcast layer_norm (a bf16 input
-            # with fp32 weights comes out bf16), so "fp32 LayerNorm" is spelled out here too.
+            # explicit on both paths: CPU autocast does not reliably upcast layer_norm, so CPU and GPU agree
             dt = torch.get_autocast_dtype(dev) if self.low_precision else torch.float32
             with torch.autocast(dev, enabled=False):
                 return F.layer_norm(x.to(dt), self.normalized_shape, self.weight.to(dt), self.bias.to(dt), self.eps)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout with a faster mask on the CPU (on other devices it is nn.Dropout).
-
-    The CPU's generator is sequential, so a dropout mask costs one draw per element: F.dropout
-    (bernoulli_) takes ~5.5 ns per element on this CPU, 5% of a MosaicBERT-base training step.
-    Here one 64-bit draw gives four 16-bit uniforms, compared against p quantized to 1/65536
-    (p = 0.1 keeps with probability 1 - 6554/65536 = 0.89999), and the kept values are scaled by
-    the exact 1 / P(keep), so the layer stays unbiased: ~2.3 ns per element. Seeded by
-    torch.manual_seed like everything else; backward multiplies by the same saved mask.
-    """
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
-        return cpu_dropout(x, self.p)
-
-
-def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout with 16-bit uniforms, four per 64-bit draw (see Dropout)."""
-    drop = round(p * 65536)  # out of 65536
-    if drop >= 65536:
-        return torch.zeros_like(x)
-    n = x.numel()
-    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-    uniform16 = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
-    keep = uniform16 >= drop - 32768  # P(keep) = (65536 - drop) / 65536
-    return torch.where(keep, x * (65536 / (65536 - drop)), 0)  # the scale applied in fp32, then rounded
-
-
 class Embeddings(nn.Module):
-    """Token + token-type (+ learned position) embeddings, then LayerNorm and dropout.
-
-    With ALiBi there is no position table at all: position enters only as the attention bias.
-    """
+    """Token + token-type (+ learned position) embeddings, LayerNorm, dropout. With ALiBi there is no
+    position table: position enters only as the attention bias."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -181,12 +145,9 @@ class Embeddings(nn.Module):
 
 
 class GeGLU(nn.Module):
-    """GeGLU feed-forward (Shazeer, 2020): out = W_o (GELU(x W_g) * (x W_v)).
-
-    One fused (d -> 2*d_ff) matmul gives both the gate and the value. MosaicBERT uses it in
-    place of BERT's GELU MLP at the same d_ff: ~35% more FFN parameters and FLOPs, but better
-    quality per step, which more than pays for itself in time-to-accuracy.
-    """
+    """GeGLU feed-forward (Shazeer, 2020): out = W_o (GELU(x W_g) * (x W_v)). One fused (d -> 2*d_ff) matmul
+    gives gate and value. MosaicBERT uses it for BERT's GELU MLP at the same d_ff: ~35% more FFN FLOPs, but
+    better quality per step, which more than pays for itself in time-to-accuracy."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -211,16 +172,12 @@ class GeluMLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Post-LN transformer layer with fused QKV: h = LN(h + Attn(h)); h = LN(h + FFN(h)).
-
-    Runs on whatever layout it is given: unpadded (nnz, d) tokens with an AttentionPlan, or the
-    padded (B, S, d) batch with an additive attention mask. Every op except attention is per token.
-    """
+    """Post-LN transformer layer with fused QKV: h = LN(h + Attn(h)); h = LN(h + FFN(h)). Runs in either layout:
+    unpadded (nnz, d) with an AttentionPlan, or padded (B, S, d) with an additive mask (B, H|1, S, S)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.attn_dropout = cfg.attn_dropout
+        self.n_heads, self.head_dim, self.attn_dropout = cfg.n_heads, cfg.head_dim, cfg.attn_dropout
         self.Wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.attn_out = nn.Linear(cfg.d_model, cfg.d_model)
         self.attn_norm = LayerNorm(cfg.d_model, cfg.layernorm_eps, cfg.low_precision_layernorm)
@@ -243,18 +200,13 @@ class EncoderLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# The encoder
-
+# The encoder: unpad once per batch, then the layers
 
 
 @dataclass
 class Layout:
-    """Where the real tokens of a batch are: computed once per batch, shared by every layer.
-
-    real_indices[nnz]: flat positions (b * S + s) of the real tokens.
-    unpadded: hidden states are (nnz, d) and `attn` is a kernels.AttentionPlan;
-    otherwise they are (B, S, d) and `attn` is the additive mask (B, H|1, S, S).
-    """
+    """Where a batch's real tokens are, once per batch for every layer. real_indices[nnz]: their flat positions
+    (b * S + s). unpadded: hidden states (nnz, d), `attn` a kernels.AttentionPlan; else (B, S, d) and a mask."""
     B: int
     S: int
     unpadded: bool
@@ -264,9 +216,8 @@ class Layout:
     n_counted: int = 0  # Bert.layout's `count`: its set entries among the positions the model keeps
 
     def cls_rows(self):
-        """(B,) index of each row's first real token ([CLS]) in the flattened hidden states, and (B,) whether
-        the row has one (an all-pad row gets a valid placeholder index; its [CLS] vector counts as zero).
-        Sorted searches, not a nonzero: no host sync."""
+        """(B,) index of each row's first real token ([CLS]) in the flat hidden states, and (B,) whether the row
+        has one (an all-pad row gets a placeholder index; its [CLS] counts as zero). No host sync."""
         row_of = torch.div(self.real_indices, self.S, rounding_mode="floor")  # (nnz,)
         rows = torch.arange(self.B, device=row_of.device)
         idx = torch.searchsorted(row_of, rows)  # (B,) the row's first token (its end, when the row is empty)
@@ -282,15 +233,14 @@ class LayoutCounts(NamedTuple):
     n_counted: int  # set entries of the layout's `count` among the positions the model keeps
 
 
-def layout_counts(attention_mask, count=None, unpad=True, starts=None) -> torch.Tensor:
-    """int64 [3]: the LayoutCounts of attention_mask[B, S] and count (bool [B, S] or None), as a tensor on
-    attention_mask's device. On a CPU batch, before it goes to the GPU, reading it waits on nothing.
-    starts: kernels.document_starts(attention_mask), when the caller has it."""
+def layout_counts(attention_mask, count=None, unpad=True, starts=None) -> LayoutCounts:
+    """The LayoutCounts of attention_mask[B, S] and count (bool [B, S] or None): one host read, which waits on
+    nothing for a CPU batch before it goes to the GPU. starts: kernels.document_starts(attention_mask)."""
     real = attention_mask.reshape(-1) != 0  # (B*S,)
     starts = kernels.document_starts(attention_mask) if starts is None else starts  # (B, S)
     counted = torch.zeros((), dtype=torch.long, device=real.device) if count is None else (
         (count.reshape(-1) & real) if unpad else count.reshape(-1)).sum()
-    return torch.stack([real.sum(), starts.sum(), counted])
+    return LayoutCounts(*torch.stack([real.sum(), starts.sum(), counted]).tolist())
 
 
 class Bert(nn.Module):
@@ -304,31 +254,24 @@ class Bert(nn.Module):
         self.register_buffer("alibi_slopes", kernels.alibi_slopes(cfg.n_heads), persistent=False)
 
     def layout(self, attention_mask, dtype, count=None, counts: LayoutCounts | None = None) -> Layout:
-        """Unpad and plan attention for this batch: eager, done before the layers run.
-
-        Every data-dependent shape is built from three counts (see LayoutCounts): the real tokens (nnz), the
-        documents that start inside a row (packed ids), and the set entries of `count` (bool [B, S], e.g. the
-        masked tokens sparse prediction keeps) among the positions the model keeps. Given `counts` (read from
-        the CPU batch by layout_counts before it went to the device), the layout never waits on the device;
-        without them, it reads them in its one host sync.
-        """
+        """Unpad (kernels.unpad_index) and plan attention (kernels.plan_attention) for this batch, eagerly,
+        before the layers run. Every data-dependent shape comes from the LayoutCounts (`count`: bool [B, S],
+        e.g. the masked tokens sparse prediction keeps): given `counts`, read on the CPU batch before it went
+        to the device, nothing waits on the device; without them, the one host sync reads them."""
         cfg = self.config
         B, S = attention_mask.shape
         slopes = self.alibi_slopes if cfg.position == "alibi" else None
         starts = kernels.document_starts(attention_mask)  # (B, S)
         if counts is None:
-            counts = LayoutCounts(*layout_counts(attention_mask, count, cfg.unpad, starts).tolist())  # THE host sync
+            counts = layout_counts(attention_mask, count, cfg.unpad, starts)  # THE host sync
         nnz, n_inner, n_counted = counts
         if nnz == 0:
             raise ValueError("the batch has no real tokens: attention_mask is all zero")
-        real_indices = torch.nonzero_static(attention_mask.reshape(-1), size=nnz).flatten()  # (nnz,)
-        cu_seqlens = kernels.seqlens_from_mask(attention_mask, real_indices, n_inner, starts)
+        real_indices, cu_seqlens = kernels.unpad_index(attention_mask, nnz, n_inner, starts)  # (nnz,), (n+1,)
         if cfg.unpad:
-            # Plan attention at the padded width S, not the batch's true longest sequence:
-            # the shapes then depend only on (B, S), which torch.compile can treat as static.
+            # planned at the padded width S (shapes depend only on B, S), the backend from the configured dropout
             p = cfg.attn_dropout if self.training else 0.0
-            # resolved from the configured dropout, not p: training and evaluation run the same backend
-            backend = kernels.resolve_backend(cfg.attn_backend, real.device, cfg.attn_dropout)
+            backend = kernels.resolve_backend(cfg.attn_backend, attention_mask.device, cfg.attn_dropout)
             attn = kernels.plan_attention(cu_seqlens, S, slopes, backend, (cfg.n_heads, cfg.head_dim), dtype, p,
                                           nnz=nnz)
         else:
@@ -337,8 +280,7 @@ class Bert(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, count=None, counts=None):
         """input_ids, attention_mask, token_type_ids: [B, S] -> (hidden [nnz, d] or [B, S, d], Layout).
-        count: an optional bool [B, S] whose set entries the layout counts (n_counted).
-        counts: the batch's LayoutCounts, when known (then no host sync; see Bert.layout)."""
+        count (bool [B, S]) and counts (LayoutCounts, when known: no host sync then): see Bert.layout."""
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
                              f"{tuple(attention_mask.shape)} must both be [B, S]")
@@ -364,8 +306,7 @@ class Bert(nn.Module):
         """Position of each token within its own sequence (learned positions only; 0 at pads)."""
         if self.config.position != "learned":
             return None
-        # checked on the padded width S (no sequence is longer), not the longest sequence: no host sync
-        if lay.S > self.config.max_positions:
+        if lay.S > self.config.max_positions:  # the padded width (no sequence is longer): no host sync
             raise ValueError(f"rows of {lay.S} tokens are longer than max_positions="
                              f"{self.config.max_positions}; shorten seq_len or use position='alibi'")
         _, pos = kernels.positions_in_sequence(lay.cu_seqlens, lay.real_indices.numel())  # (nnz,)
@@ -376,9 +317,8 @@ def to_padded(h, lay: Layout):
     """Hidden states in either layout -> [B, S, d], with zero rows at the pad positions."""
     if lay.unpadded:
         return kernels.pad(h, lay.real_indices, lay.B, lay.S)
-    keep = torch.zeros(lay.B * lay.S, 1, device=h.device, dtype=h.dtype)
-    keep[lay.real_indices] = 1
-    return h * keep.view(lay.B, lay.S, 1)
+    ones = torch.ones(lay.real_indices.numel(), 1, device=h.device, dtype=h.dtype)  # (nnz, 1)
+    return h * kernels.pad(ones, lay.real_indices, lay.B, lay.S)  # zero the pad rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -432,17 +372,14 @@ class BertForMaskedLM(nn.Module):
         """The LayoutCounts forward needs for this batch: call it on the CPU batch, before it goes to the
         device, and pass the result as forward's `counts`; the forward then never waits on the device."""
         sparse = self.config.sparse_prediction
-        return LayoutCounts(*layout_counts(attention_mask, (labels != -100) if sparse else None,
-                                           self.config.unpad).tolist())
+        return layout_counts(attention_mask, (labels != -100) if sparse else None, self.config.unpad)
 
     def forward(self, input_ids, attention_mask, labels, token_type_ids=None, counts=None) -> MLMOutput:
-        """MLM loss. labels[B, S]: the original token at masked positions, -100 elsewhere.
-        counts: self.layout_counts(attention_mask, labels) of this batch, when known (no host sync then).
+        """MLM loss. labels[B, S]: the original token at masked positions, -100 elsewhere. counts:
+        self.layout_counts(attention_mask, labels) of this batch, when known (no host sync then).
 
-        Sparse prediction: MosaicBERT runs the head (d x V decoder, the largest matmul in the
-        model at V=50304) only on the ~15-30% of tokens that are masked, instead of on all of
-        them and discarding the rest. Same loss, a fraction of the head's FLOPs and memory.
-        """
+        Sparse prediction: MosaicBERT runs the head (d x V decoder, the largest matmul at V=50304) only on
+        the ~15-30% masked tokens, not on all of them: same loss, a fraction of the head's FLOPs and memory."""
         sparse = self.config.sparse_prediction
         h, lay = self.bert(input_ids, attention_mask, token_type_ids, count=(labels != -100) if sparse else None,
                            counts=counts)
@@ -452,34 +389,18 @@ class BertForMaskedLM(nn.Module):
             picked = torch.nonzero_static(labels != -100, size=lay.n_counted).flatten()  # (M,)
             h, labels = h[picked], labels[picked]  # (M, d), (M,)
             torch._dynamo.maybe_mark_dynamic(h, 0)
-        # The decoder and the loss fused, chunk by chunk (kernels.linear_cross_entropy): the loss and
-        # gradients of self._loss(self.head(h), labels) and the exact top-1 (argmax) count, without
-        # ever holding the fp32 (M, V) logits.
+        # decoder + loss fused chunk by chunk (reference: kernels.linear_cross_entropy_naive): the loss, its
+        # gradients and the exact top-1 (argmax) count, never holding the fp32 (M, V) logits
         loss_sum, n_correct = kernels.linear_cross_entropy(self.head.transform(h), self.head.decoder_weight,
                                                            self.head.bias, labels)
         return MLMOutput(loss_sum, n_correct, (labels != -100).sum())
 
-    @staticmethod
-    def _loss(logits, labels) -> MLMOutput:  # (M, V), (M,)
-        loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
-        masked = labels != -100
-        with torch.no_grad():  # exact top-1: a label that only ties another token's maximum (common in bf16) is wrong
-            n_correct = ((logits.argmax(-1) == labels) & masked).sum()
-        return MLMOutput(loss_sum, n_correct, masked.sum())
-
 
 class SequenceClassifier(nn.Module):
-    """Sequence classification / regression: a pooled vector per sequence, dropout, linear.
-
-    Pooling (`config.pooling`):
-    - "cls": BERT's tanh pooler (dense + tanh) on the [CLS] token's final hidden state. The paper's fine-tuning
-      head (Hugging Face's BertForSequenceClassification). BERT pretrains [CLS] with next-sentence prediction;
-      MosaicBERT has no such task, so the pooler and [CLS]'s output start untrained.
-    - "mean": the mean of the final hidden states of each sequence's real tokens (no pooler), as in
-      Sentence-BERT (Reimers and Gurevych, 2019) and Cramming (Geiping and Goldstein, 2022). Every token's state
-      is one MLM trained, so a tiny pretraining run hands the classifier more of what it learned.
-    num_labels == 1 is regression (MSE, e.g. STS-B); otherwise cross-entropy.
-    """
+    """Sequence classification / regression: a pooled vector per sequence, dropout, linear. Pooling:
+    "cls": BERT's tanh pooler on [CLS]'s final state, the paper's fine-tuning head (MosaicBERT has no next-
+    sentence task, so pooler and [CLS] output start untrained); "mean": the mean of the real tokens' states
+    (Sentence-BERT, Cramming), every one of which MLM trained. num_labels == 1: regression (MSE), else CE."""
 
     def __init__(self, cfg: ModelConfig, num_labels: int):
         super().__init__()
@@ -510,13 +431,11 @@ class SequenceClassifier(nn.Module):
         else:
             pooled = mean_pool(h, lay)  # (B, d)
         logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.float().squeeze(-1), labels.float())
-            else:
-                loss = F.cross_entropy(logits.float(), labels)
-        return logits, loss
+        if labels is None:
+            return logits, None
+        if self.num_labels == 1:  # regression
+            return logits, F.mse_loss(logits.float().squeeze(-1), labels.float())
+        return logits, F.cross_entropy(logits.float(), labels)
 
 
 def mean_pool(h, lay: Layout):
@@ -524,27 +443,23 @@ def mean_pool(h, lay: Layout):
     flat = h.reshape(-1, h.shape[-1])  # (nnz, d) or (B * S, d)
     real = flat if lay.unpadded else flat[lay.real_indices]  # (nnz, d)
     row = torch.div(lay.real_indices, lay.S, rounding_mode="floor")  # (nnz,): the row of each real token
-    sums = torch.zeros(lay.B, h.shape[-1], device=h.device, dtype=torch.float32).index_add_(0, row, real.float())
-    # tokens per row by index_add, not bincount: bincount sizes its output from max(row), a host sync on CUDA
-    ones = torch.ones(row.numel(), 1, device=h.device, dtype=torch.float32)  # (nnz, 1)
-    counts = torch.zeros(lay.B, 1, device=h.device, dtype=torch.float32).index_add_(0, row, ones).clamp(min=1)  # (B, 1)
-    return (sums / counts).to(h.dtype)
+    # each row's sum and token count (the appended 1s) by index_add: bincount would size itself by a host sync
+    sums = torch.zeros(lay.B, h.shape[-1] + 1, device=h.device, dtype=torch.float32)
+    sums.index_add_(0, row, F.pad(real.float(), (0, 1), value=1.0))  # (B, d + 1)
+    return (sums[:, :-1] / sums[:, -1:].clamp(min=1)).to(h.dtype)
 
 
 def init_weights(module: nn.Module, std: float):
     """BERT init: normal(0, std) weights, zero biases, LayerNorm weight 1 and bias 0."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, std)
-            if m.bias is not None:
+            if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, std)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    if isinstance(module, BertForMaskedLM):
-        nn.init.zeros_(module.head.bias)
+    # MLMHead.bias (a bare Parameter) is created zero
 
 
 def build(config: ModelConfig) -> BertForMaskedLM:
@@ -552,16 +467,9 @@ def build(config: ModelConfig) -> BertForMaskedLM:
 
 
 def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
-    """torch.compile, regionally: each encoder layer and the MLM head, in place.
-
-    Unpadding and planning attention (data-dependent shapes, one host sync) stay eager, so the
-    compiled regions see only the varying token count nnz, marked dynamic: one compile per
-    region, reused by all 12 layers, and no recompiles as nnz changes from batch to batch.
-    With FlexAttention the regions compile with dynamic=True: its BlockMask carries nnz as Python
-    ints (seq_lengths), which a default compile specializes on the first batch, recompiling on the
-    second. Check with TORCH_LOGS=recompiles. Returns the same module (its state_dict keys unchanged).
-    `backend`: torch.compile's ("eager" lets tests count graphs without building kernels).
-    """
+    """torch.compile each encoder layer and the MLM head in place (state_dict keys unchanged). Unpadding and
+    planning stay eager, so the regions see only the token count nnz, marked dynamic: no recompiles as it
+    changes (flex: dynamic=True; check with TORCH_LOGS=recompiles). backend="eager": tests count graphs."""
     bert = model.bert if hasattr(model, "bert") else model
     cfg, device = bert.config, next(model.parameters()).device
     flex = cfg.unpad and kernels.resolve_backend(cfg.attn_backend, device, cfg.attn_dropout) == "flex"
@@ -580,11 +488,9 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
 def flops_per_token(cfg: ModelConfig, seq_len: int, mask_prob: float) -> float:
     """Training FLOPs (forward + backward = 3x forward) per real token, counting matmuls only.
 
-    Per layer: QKV 2*d*3d, attention scores and values 2 * 2*d*seq_len (seq_len: the average
-    context a token attends to), output projection 2*d*d, FFN 2*d*f*(2 if GeGLU else 1) + 2*f*d.
-    The MLM head (2*d*d + 2*d*V) counts for every token when dense, for the masked fraction
-    (mask_prob) under sparse prediction: the work each configuration must do, not a common
-    "useful work" yardstick, so MFU compares how well each runs its own matmuls.
+    Per layer: QKV 2*d*3d, attention 2 * 2*d*seq_len (seq_len: the average context a token attends to),
+    output 2*d*d, FFN 2*d*f*(2 if GeGLU else 1) + 2*f*d. The MLM head (2*d*d + 2*d*V) counts for every
+    token when dense, for mask_prob of them under sparse prediction: the work each configuration must do.
     """
     d, f, V = cfg.d_model, cfg.d_ff, cfg.padded_vocab_size
     ffn_in = 2 * f if cfg.ffn == "geglu" else f
@@ -599,35 +505,11 @@ def n_params(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def atomic_save(obj, path: str):
-    """torch.save to path.tmp in the same directory, fsync, then os.replace: a crash leaves the
-    previous file or the new one, never half of one."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The highest-step `ckpt_{step:07d}.pt` in out_dir, or None."""
-    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
-    return paths[-1] if paths else None
+# Loading a train.py checkpoint
 
 
 def config_from_dict(d: dict) -> ModelConfig:
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(d) - known
+    unknown = set(d) - {f.name for f in fields(ModelConfig)}
     if unknown:
         raise ValueError(f"checkpoint model_config has unknown fields {sorted(unknown)}: "
                          f"it was written by a different version of model.py")
@@ -637,16 +519,42 @@ def config_from_dict(d: dict) -> ModelConfig:
 def load_pretrained(path: str, map_location="cpu"):
     """A train.py checkpoint (a .pt file or the out_dir holding them) -> (BertForMaskedLM, ckpt dict)."""
     if os.path.isdir(path):
-        found = latest_checkpoint(path)
-        if found is None:
+        from checkpoint import latest_checkpoint  # noqa: PLC0415  (training-side code, not in an hf.export copy)
+        if (found := latest_checkpoint(path)) is None:
             raise FileNotFoundError(f"no ckpt_*.pt checkpoint in {path}: run train.py with --out_dir={path} first")
         path = found
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist: pass a ckpt_*.pt file or the --out_dir "
-                                f"of a train.py run")
+        raise FileNotFoundError(f"checkpoint {path} does not exist: pass a ckpt_*.pt file or a train.py --out_dir")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a train.py checkpoint (no 'model' / 'model_config' entries)")
     model = build(config_from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model, ckpt
+
+
+# ----------------------------------------------------------------------------------------
+# CPU workarounds: speed only, the same dropout in distribution (timings in docs/log.md)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, with a cheaper mask on the CPU (elsewhere it is nn.Dropout): the CPU's generator draws one
+    value per element, so one 64-bit draw here gives four 16-bit uniforms, against p quantized to 1/65536, and
+    kept values are scaled by the exact 1 / P(keep) (unbiased). Seeded by torch.manual_seed like the rest."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        return cpu_dropout(x, self.p)
+
+
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout with 16-bit uniforms, four per 64-bit draw (see Dropout)."""
+    drop = round(p * 65536)  # out of 65536
+    if drop >= 65536:
+        return torch.zeros_like(x)
+    n = x.numel()
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    uniform16 = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+    keep = uniform16 >= drop - 32768  # P(keep) = (65536 - drop) / 65536
+    return torch.where(keep, x * (65536 / (65536 - drop)), 0)  # the scale applied in fp32, then rounded

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import bench
+import checkpoint
 import data
 import fillmask
 import glue
@@ -175,8 +176,8 @@ def test_pareto_downstream_fine_tunes_reach_the_model_on_its_device(meta_guard, 
     cfg = pareto_config(tmp_path)
     mcfg = model.ModelConfig.preset(TINY)
     (tmp_path / "ckpt").mkdir()
-    model.atomic_save({"model": model.build(mcfg).state_dict(), "model_config": config_dict(mcfg), "step": 0,
-                       "tokenizer": "gpt2"}, str(tmp_path / "ckpt" / "mosaic_0.pt"))
+    checkpoint.atomic_save({"model": model.build(mcfg).state_dict(), "model_config": config_dict(mcfg), "step": 0,
+                            "tokenizer": "gpt2"}, str(tmp_path / "ckpt" / "mosaic_0.pt"))
     arms = {"mosaic": types.SimpleNamespace(name="mosaic", points=[{"wall_s": 0.0}])}
     assert reached(pareto.downstream, cfg, arms, tmp_path, {"downstream_s": 0.0}, lambda: None) \
         == "SequenceClassifier.forward"

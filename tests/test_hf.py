@@ -19,6 +19,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import fillmask  # noqa: E402
 import hf  # noqa: E402
@@ -209,8 +210,8 @@ def _trained_like(cfg, seed=0):
 def exported(request, tmp_path_factory):
     ours = _trained_like(EXPORT_CONFIGS[request.param])
     folder = tmp_path_factory.mktemp(request.param)
-    M.atomic_save({"model": ours.state_dict(), "model_config": asdict(ours.config), "step": 1},
-                  folder / "ckpt_0000001.pt")
+    checkpoint.atomic_save({"model": ours.state_dict(), "model_config": asdict(ours.config), "step": 1},
+                           folder / "ckpt_0000001.pt")
     hf.export(folder, folder / "hf")
     return request.param, ours, folder / "hf"
 

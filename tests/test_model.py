@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import checkpoint
 import kernels
 import model as M
 
@@ -526,10 +527,11 @@ def test_tiny_model_learns_a_synthetic_task():
 
 
 def test_atomic_save_and_load_pretrained_roundtrip(tmp_path):
+    """load_pretrained reads what train.py writes (checkpoint.atomic_save), from the file or its out_dir."""
     m = M.build(TINY)
     ckpt = {"model": m.state_dict(), "model_config": asdict(TINY), "step": 3}
-    M.atomic_save(ckpt, tmp_path / "ckpt_0000003.pt")
-    assert M.latest_checkpoint(str(tmp_path)).endswith("ckpt_0000003.pt")
+    checkpoint.atomic_save(ckpt, tmp_path / "ckpt_0000003.pt")
+    assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("ckpt_0000003.pt")
     loaded, raw = M.load_pretrained(str(tmp_path))
     assert raw["step"] == 3
     for k, v in m.state_dict().items():
