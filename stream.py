@@ -1,21 +1,27 @@
-"""Streamed pretraining sources ('c4', 'stream:PATH') for data.PretrainStream: shards, DataLoader workers, resume.
+"""Streamed pretraining sources ('c4', 'stream:PATH') for PretrainStream: shards, DataLoader workers, resume.
 
-The stream is split into world_size * max(1, num_workers) disjoint shards (whole files when their count divides
-evenly, else every n-th record of each file). Each DataLoader worker reads one shard and yields whole per-rank
-batches; its position (epoch, file * FILE_STRIDE + record, token offset) travels with each batch so the main
-process can checkpoint it, and a resume opens that file directly (cost: at most one file's records).
+The stream splits into world_size * max(1, num_workers) disjoint shards (whole files when their count divides, else
+every n-th record); each worker yields whole per-rank batches with its position (epoch, file * FILE_STRIDE + record,
+token offset), and a resume opens that file directly. `python stream.py` benchmarks the pipeline (see PipelineBench).
 """
 
 import collections
+import dataclasses
+import itertools
+import json
+import math
+import os
 import signal
 import sys
+import tempfile
+import time
 
 import numpy as np
 import torch
 
 from data import (_TRAIN_TAG, DataError, _build_rows, _builder_for, _check_identity, _encode_docs, _is_validation,
                   _key_hash, _load_dataset, _plan_rows, _records, _to_batch, _warn_skipped, hash64, mlm_mask,
-                  resolve_files)
+                  resolve_files, DEFAULT_CORPUS, MODES, PretrainStream, _read_file, get_tokenizer)
 
 
 def open_stream(source: str, split: str):
@@ -43,14 +49,11 @@ FILE_STRIDE = 1 << 32   # a streamed record's index is file * FILE_STRIDE + reco
 
 
 def shard_records(src, source: str, split: str, shard: int, n_shards: int, skipped: collections.Counter,
-                   start: int = 0):
+                  start: int = 0):
     """(index, text, key) for every record of one shard, in order (text None for skips and the other split).
-
-    Shard s of T: whole files (the s-th contiguous block) when T divides the file count, else record r of file f
-    when (f + r) % T == s. index = file * FILE_STRIDE + record within the file, so resuming at index `start` opens
-    file start // FILE_STRIDE directly: whole files before it are never read, and the cost of a resume is at most
-    one file's records (read, not tokenized), however far into the stream the run was.
-    """
+    Shard s of T: the s-th block of whole files when T divides the file count, else record r of file f when
+    (f + r) % T == s. Resuming at index `start` opens file start // FILE_STRIDE directly (files before it are
+    never read): a resume costs at most one file's records, however far into the stream the run was."""
     ds, from_txt = src
     n_files = ds.num_shards
     if n_files % n_shards == 0:
@@ -81,10 +84,8 @@ def shard_records(src, source: str, split: str, shard: int, n_shards: int, skipp
 
 
 def stream_rows(src, source, split, mode, seq_len, shard, n_shards, position, skipped, num_threads):
-    """Endless rows of one shard: (ids [S], doc ids [S], key parts, position after the row) from `position`.
-
-    position = (epoch, record, offset). Epochs restart the shard from its first record.
-    """
+    """Endless rows of one shard from position (epoch, record, offset): (ids [S], doc ids [S], key parts, position
+    after the row). Epochs restart the shard from its first record."""
     epoch, start = position[0], (position[1], position[2])
     max_tokens = seq_len - 2 if mode == "truncate" else None
     while True:
@@ -123,10 +124,8 @@ def stream_rows(src, source, split, mode, seq_len, shard, n_shards, position, sk
 
 class StreamReader(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker (or in-process with num_workers=0): yields (worker, batch, position, skipped).
-
-    Physical worker p plays logical worker (p + rotate) % n: after a resume the DataLoader's round robin, which always
-    starts at worker 0, then continues with the logical worker that was next in the uninterrupted run.
-    """
+    Physical worker p plays logical worker (p + rotate) % n, so after a resume the DataLoader's round robin (always
+    from worker 0) continues with the logical worker that was next in the uninterrupted run."""
 
     def __init__(self, src, cfg: dict, positions: list, rotate: int, num_threads: int):
         self.src, self.cfg, self.positions, self.rotate, self.num_threads = src, cfg, positions, rotate, num_threads
@@ -146,7 +145,7 @@ class StreamReader(torch.utils.data.IterableDataset):
         w = (p + self.rotate) % n
         skipped = collections.Counter()
         rows = stream_rows(self.src, c["source"], c["split"], c["mode"], c["seq_len"], c["rank"] * n + w,
-                            c["world_size"] * n, self.positions[w], skipped, self.num_threads)
+                           c["world_size"] * n, self.positions[w], skipped, self.num_threads)
         while True:
             got = [next(rows) for _ in range(c["rows"])]
             ids, docs = np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
@@ -171,13 +170,12 @@ class StreamedStream:
                   "num_workers that divides the file count (c4: 1024 train / 8 validation files).", file=sys.stderr)
         self.positions = [[0, 0, 0] for _ in range(max(1, num_workers))]   # per logical worker
         self.threads = 1 if num_workers else 8                             # tokenizer threads per reader
-        self.batches = 0
-        self._it = None
+        self.batches, self._it = 0, None
         self._skipped, self._reported = {}, 0
 
     def _start(self):
         reader = StreamReader(self.src, self.cfg, [list(p) for p in self.positions],
-                               self.batches % max(1, self.num_workers), self.threads)
+                              self.batches % max(1, self.num_workers), self.threads)
         if self.num_workers == 0:
             return iter(reader)
         return iter(torch.utils.data.DataLoader(reader, batch_size=None, num_workers=self.num_workers,
@@ -214,8 +212,8 @@ class StreamedStream:
         _check_identity(self._identity(), state)
         ranks = state["positions"]
         if ranks[self.cfg["rank"]] is None:
-            raise DataError(f"the checkpoint holds no stream position for rank {self.cfg['rank']}: with a streamed source and several processes, save "
-                            "state_dict(gather=True), called on every rank.")
+            raise DataError(f"the checkpoint holds no stream position for rank {self.cfg['rank']}: with a streamed "
+                            "source and several processes, save state_dict(gather=True), called on every rank.")
         self.positions = [list(p) for p in ranks[self.cfg["rank"]]]
         self.batches = int(state["batches"])
         self._it = None
@@ -230,11 +228,73 @@ def eval_rows(source: str, mode: str, seq_len: int, n: int) -> tuple[np.ndarray,
     """The first n rows (ids, doc ids) of a stream's validation split, in order, one pass at most."""
     rows = stream_rows(open_stream(source, "validation"), source, "validation", mode, seq_len, 0, 1, (0, 0, 0),
                        collections.Counter(), 8)
-    got = []
-    for r in rows:
-        if r[3][0] > 0 or len(got) == n:                     # one pass at most
-            break
-        got.append(r)
+    got = list(itertools.takewhile(lambda r: r[3][0] == 0, itertools.islice(rows, n)))   # one pass at most
     if not got:
         raise DataError(f"--data={source}: the validation split is empty")
     return np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
+
+
+# --- The pipeline benchmark: tokens/s of one DataLoader worker per mode, and the workers a step time needs
+@dataclasses.dataclass
+class PipelineBench:
+    source: str = "default"        # local source to read; the per-worker test streams the same text
+    seq_len: int = 128
+    seconds: float = 3.0           # time spent per measurement
+    global_batch_size: int = 4096  # the paper's batch: 4096 x 128 tokens per step
+    gpus: int = 8
+    steps: int = 70_000            # a schedule to derive a step time from: `steps` in `hours`
+    hours: float = 1.13
+    doc_chars: int = 2200          # document length of the streamed test corpus (C4 en averages roughly this)
+    params: float = 137e6          # model parameters, only for the 6*N*tokens FLOP sanity line (A100 peak: 312)
+
+
+def _rate(next_batch, seconds: float) -> tuple[float, float]:   # (tokens/s, non-pad fraction) over `seconds`
+    t, n, real = time.perf_counter(), 0, 0
+    while time.perf_counter() - t < seconds:
+        b = next_batch()
+        n, real = n + b["input_ids"].numel(), real + int((b["attention_mask"] > 0).sum())
+    return n / (time.perf_counter() - t), real / max(1, n)
+
+
+def pipeline_bench(cfg: PipelineBench):
+    local = cfg.source.removeprefix("stream:")
+    files = [str(DEFAULT_CORPUS)] if local == "default" else resolve_files(local)
+    texts = [text for f in files for text, _ in _read_file(f, collections.Counter()) if text]
+    for threads in (1, 8):
+        t = time.perf_counter()
+        n_tok, t = sum(map(len, get_tokenizer().encode_batch(texts, threads))), time.perf_counter() - t
+        print(f"tokenize  {len(texts)} docs: {n_tok / t / 1e6:6.2f}M tokens/s ({threads} threads)")
+    tmp, rate, doc = tempfile.TemporaryDirectory(), {}, ""
+    path = os.path.join(tmp.name, "c4_like.jsonl")
+    with open(path, "w") as f:             # the same paragraphs regrouped into ~doc_chars documents (C4-like)
+        for para in (p for t in texts for p in t.split("\n") if p.strip()):
+            doc = f"{doc}\n{para}" if doc else para
+            if len(doc) >= cfg.doc_chars:
+                f.write(json.dumps({"text": doc}) + "\n")
+                doc = ""
+    for mode in MODES:                # one worker: read + tokenize (1 thread) + rows + mask + tensors
+        s = StreamedStream("stream:" + path, "train", cfg.seq_len, mode, 0.3, 0, 256, 0, 1, num_workers=0)
+        s.threads = 1
+        s.next_batch()
+        rate[mode], real = _rate(s.next_batch, cfg.seconds)
+        local_rate = _rate(PretrainStream(local, "train", cfg.seq_len, mode, 0.3, 0, 512).next_batch,
+                           cfg.seconds / 2)[0]
+        print(f"{mode:8s} worker {rate[mode] / 1e6:6.2f}M tokens/s ({real:.0%} non-pad), in-process local "
+              f"(pre-tokenized: gather + mask) {local_rate / 1e6:6.2f}M")
+    tmp.cleanup()
+    per_step, step_time = cfg.global_batch_size * cfg.seq_len, cfg.hours * 3600 / cfg.steps
+    tflops = 6 * cfg.params * per_step / step_time / cfg.gpus / 1e12   # the 6 * N * tokens sanity line
+    print(f"{cfg.steps:,} steps of {per_step:,} tokens in {cfg.hours} h: {step_time * 1e3:.0f} ms/step, "
+          f"{tflops:,.0f} TFLOP/s per GPU at 6 x {cfg.params:.3g} params")
+    print("DataLoader workers needed per GPU / in all:\n  step time    " + "".join(f"{m:>14s}" for m in MODES))
+    for st in sorted({step_time, 0.1, 0.25, 0.5, 1.0}):
+        need = [math.ceil(per_step / st / cfg.gpus / rate[m]) for m in MODES]
+        print(f"  {st * 1e3:7.0f} ms  " + "".join(f"{k:>7d} / {k * cfg.gpus:<4d}" for k in need))
+
+
+if __name__ == "__main__":
+    import config
+    try:
+        config.main_guard(lambda: pipeline_bench(config.parse_config(PipelineBench, sys.argv[1:])))
+    except DataError as e:
+        sys.exit(f"error: {e}")
