@@ -5,69 +5,23 @@
     python bench.py --quick --json=out/b.json    # (also `--json out/b.json`)
     python bench.py --quick --size=tiny          # tiny presets: the smoke test
 
-One run times a full training step (forward, backward, fused AdamW step, zero_grad) of every row on
-the same batches, and reports real (non-pad) tokens/s, step time, speedup over `bert-base`, MFU and
-peak memory. Grep the names:
+Every row times a full training step (train.mlm_step's forward and backward, train.build_optimizer's fused AdamW
+step, zero_grad) on the same batches: real (non-pad) tokens/s, step time, speedup over `bert-base`, MFU, peak
+memory. Grep the names:
 
-    LADDER            bert-base, then one MosaicBERT change at a time, cumulatively:
-                        bert-base          padded, learned positions, GELU MLP, dense MLM head, fp32
-                        +bf16              bf16 autocast (LayerNorm still fp32)
-                        +unpad             every per-token layer runs on the nnz real tokens only
-                        +alibi             ALiBi instead of learned positions, fused attention backend
-                                           (kernels 'auto': sdpa on CPU, flex on CUDA). Also attention
-                                           dropout 0 (MosaicBERT's setting): with dropout the CPU's
-                                           SDPA falls back to its unfused math kernel.
-                        +geglu             GeGLU feed-forward
-                        +lowp-layernorm    LayerNorm in bf16 under autocast
-                        +sparse-pred       MLM head and loss on the masked tokens only
-                        mosaic-bert-base   + torch.compile (model.compile_model): the full model
-                      bf16 goes first on purpose: low-precision LayerNorm only does anything under
-                      autocast, and the paper trains its BERT baseline in bf16 too. ABLATIONS (full
-                      mode, or --ablations) add each change alone on top of bert-base+bf16.
-    hf-bert-base      the peer: transformers' BertForMaskedLM at the same size and vocabulary (50304),
-                      attn_implementation="sdpa", bf16 autocast, dynamic padding to each batch's longest
-                      row; hf-bert-base-eager the same with its eager attention (full mode adds fp32).
-                      The fastest of them is the peer the targets compare against.
-    WORKLOADS         pretrain: data.py's 'truncate' rows (the paper's mode) of the embedded Wikipedia
-                      sample, seq_len 128, 30% masking (its articles are long: the rows are ~100% real
-                      tokens, so unpadding has nothing to remove here). glue: movie-review sentences
-                      (assets/rotten_tomatoes_train.tsv.gz) as [CLS] s [SEP], dynamically padded, the
-                      same MLM step (quick mode: bert-base, +bf16, +unpad, mosaic-bert-base and the peer
-                      only). attention: kernels.attention's naive, sdpa and flex backends at sequence
-                      lengths 128..2048 (CPU: flex forward only; GPU: forward and backward).
-                      demo: `python train.py`'s own step, read from train.py (its default TrainConfig:
-                      model, data mode, masking, batch, optimizer), one row beside the base rows. Its
-                      MFU is the one train.py logs; the batch is the demo's at every size.
-    batch sizes       quick: pretrain 8 x 128, glue 32 sentences, 3 rounds, 2048 tokens per attention call;
-                      full: pretrain 32 x 128, glue 128 sentences, 7 rounds, 8192 (QUICK, FULL). Small
-                      quick batches make fixed per-step costs (AdamW, autocast's weight casts) weigh more.
-    measure           every row warms up on every shape first (compile time is reported apart), then
-                      rounds interleave all rows (rotating the order) so noise hits them alike; the
-                      median of the rounds is reported. Devices are synchronized around each step.
-    matmul peak       timed 2048^3 (CPU) / 8192^3 (GPU) matmuls in bf16 and fp32, one burst per round,
-                      interleaved with the rows: the MFU reference in the same run, device and dtype.
-                      On GPUs MFU is also given against the datasheet peak in the row's dtype (perf.GPU_PEAK_TFLOPS).
-    peak memory       CUDA: max_memory_allocated above the allocation at the step's start. CPU: the
-                      resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs after
-                      malloc_trim) above the RSS at the step's start. Either way plus the row's own
-                      persistent state just before that step (its parameters and AdamW moments),
-                      measured on the last (untimed) warm-up step, never the one that compiles. Rows
-                      share one pool of parameters (see ParamPool): other rows' models do not count.
-    targets           computed from the measured numbers, printed as met / not met.
-    projection        the paper's recipe (70,000 steps x 4,096 x 128 tokens) on N devices like this one.
-    heap              CPU: every row runs under train.py's default heap (perf.BoundedHeap: glibc keeps freed
-                      memory for the next step instead of page-faulting it back in; trimmed past 1.15x the
-                      resident set after all warm-ups). --keep_freed_memory=false gives glibc's default.
-    threads           torch's default unless --threads. On a machine whose cores other jobs keep busy,
-                      a multi-threaded (OpenMP) step stalls at every barrier and the numbers turn to
-                      noise: measure on an idle machine, or compare rows at --threads=1.
+    LADDER       bert-base, then one MosaicBERT change at a time: +bf16, +unpad, +alibi (fused attention, no
+                 attention dropout), +geglu, +lowp-layernorm, +sparse-pred, mosaic-bert-base (+ torch.compile).
+                 ABLATIONS (full mode or --ablations): each change alone on bert-base+bf16.
+    hf_rows      the peer: transformers' BertForMaskedLM at the same size and vocabulary, dynamic padding.
+    WORKLOADS    pretrain (data.py's 'truncate' rows, 128 tokens), glue (short sentences, dynamic padding),
+                 demo (`python train.py`'s own step), attention (kernels.attention's backends alone).
+    run          warm-up on every shape first (compile time reported apart), then interleaved rounds; medians.
+    targets      computed from the measured numbers; projection: the paper's recipe on N such devices.
 
-Outputs: a Markdown table (stdout and --markdown), a JSON file (--json), a PNG chart (--png, when
-matplotlib is installed). transformers is a bench/test-only dependency; without it the peer rows
-carry note 'skipped: transformers not installed'.
+--dtype=auto runs every row in bf16 where this device runs it fast, else float32 (BF16_ONLY rows skipped).
+Outputs: a Markdown table (stdout and --markdown), a JSON file (--json), a PNG chart (--png, with matplotlib).
 """
 
-import gzip
 import json
 import math
 import os
@@ -76,7 +30,6 @@ import statistics
 import sys
 import time
 import typing
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -92,8 +45,6 @@ import perf
 import train
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
-ROOT = Path(__file__).resolve().parent
-GLUE_SENTENCES = ROOT / "assets" / "rotten_tomatoes_train.tsv.gz"
 
 # The paper's recipe (mosaicml/examples v0.0.4 mosaic-bert-base-uncased.yaml; see train.py):
 PAPER_STEPS, PAPER_BATCH, PAPER_SEQ_LEN = 70_000, 4096, 128
@@ -101,10 +52,7 @@ PAPER_LR, PAPER_BETAS, PAPER_EPS, PAPER_WD = 5e-4, (0.9, 0.98), 1e-6, 1e-5
 MASK_PROB = 0.3  # MosaicBERT's masking rate, used for every row's batches (dense heads do not care)
 
 
-# ----------------------------------------------------------------------------------------
-# Config
-
-
+# --- Config
 @dataclass
 class BenchConfig:
     quick: bool = False                 # smaller batches and fewer repeats (base-size models still)
@@ -112,7 +60,7 @@ class BenchConfig:
     workloads: str = "pretrain,glue,demo,attention"
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
     dtype: str = "auto"                 # every row's precision: 'auto' (bf16 where this device runs it fast, else
-                                        # float32: the bf16-only rows are then skipped, with the reason) | bfloat16 | float32
+                                        # float32, skipping the bf16-only rows with the reason) | bfloat16 | float32
     threads: int = 0                    # torch.set_num_threads; 0 keeps torch's default
     keep_freed_memory: bool = True      # CPU: train.py's default heap (perf.BoundedHeap) for every row, the peer's too
     compile: bool = True                # the mosaic-bert-base row runs model.compile_model (and the demo row when
@@ -161,12 +109,10 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     if cfg.dtype not in perf.DTYPES:
         raise ConfigError(f"--dtype={cfg.dtype}: choose one of {', '.join(perf.DTYPES)}")
     cfg = replace(cfg, dtype=perf.resolve_dtype(cfg.dtype, bench_device(cfg))[0])
-    bad = set(split_list(cfg.workloads)) - set(WORKLOADS)
-    if bad:
-        raise ConfigError(f"--workloads: unknown {sorted(bad)}; choose from {', '.join(WORKLOADS)}")
-    bad = set(split_list(cfg.attn_backends)) - {"naive", "sdpa", "flex"}
-    if bad:
-        raise ConfigError(f"--attn_backends: unknown {sorted(bad)}; choose from naive, sdpa, flex")
+    for key, allowed in (("workloads", WORKLOADS), ("attn_backends", ("naive", "sdpa", "flex"))):
+        bad = set(split_list(getattr(cfg, key))) - set(allowed)
+        if bad:
+            raise ConfigError(f"--{key}: unknown {sorted(bad)}; choose from {', '.join(allowed)}")
     for key in ("pretrain_batch", "glue_batch", "accum", "n_batches", "repeats", "attn_tokens", "n_devices"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"--{key} must be positive, got {getattr(cfg, key)}")
@@ -200,10 +146,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
-# ----------------------------------------------------------------------------------------
-# Workload batches (CPU tensors; moved to the device once)
-
-
+# --- Workload batches (CPU tensors; moved to the device once)
 def pretrain_batches(cfg: BenchConfig) -> list[dict]:
     """(a) data.py's 'truncate' rows ([CLS] doc [SEP], one document per row, the paper's mode) of the
     embedded Wikipedia sample, exactly as train.py's stream builds them, 30% masking."""
@@ -222,26 +165,17 @@ def demo_batches(cfg: BenchConfig) -> list[dict]:
 
 
 def glue_batches(cfg: BenchConfig) -> list[dict]:
-    """(b) GLUE-like short sentences: random movie-review sentences as [CLS] s [SEP] (at most 128
-    tokens), each batch padded to its longest row (dynamic padding), the same 30% MLM masking."""
-    with gzip.open(GLUE_SENTENCES, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")[1:]  # header: sentence<TAB>label; no quoting (GLUE TSV)
-    sentences = [line.split("\t")[0] for line in lines if line.strip()]
-    rng = np.random.default_rng(cfg.seed)
-    tok = data.get_tokenizer()
-    batches = []
+    """(b) GLUE-like short sentences: random sentiment-sample sentences as [CLS] s [SEP] (at most 128 tokens),
+    each batch padded to its longest row (dynamic padding), the same 30% MLM masking."""
+    sentences = [text for text, _ in data._sentiment_text()]
+    rng, tok, batches = np.random.default_rng(cfg.seed), data.get_tokenizer(), []
     for k in range(cfg.n_batches):
         pick = rng.choice(len(sentences), cfg.glue_batch, replace=False)
-        rows = [[tok.cls_id] + t[: PAPER_SEQ_LEN - 2] + [tok.sep_id]
-                for t in tok.encode_batch([sentences[i] for i in pick], num_threads=1)]
-        S = max(len(r) for r in rows)
-        ids = np.full((len(rows), S), tok.pad_id, np.int64)
-        mask = np.zeros((len(rows), S), np.int64)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)], mask[r, :len(row)] = row, 1
-        inputs, labels = data.mlm_mask(ids, data.hash64(cfg.seed, 7, k, np.arange(len(rows))), MASK_PROB)
-        batches.append({"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(mask),
-                        "labels": torch.from_numpy(labels)})
+        toks = tok.encode_batch([sentences[i] for i in pick], num_threads=1)
+        n = [min(len(t), PAPER_SEQ_LEN - 2) for t in toks]  # [CLS] s [SEP], padded to the longest
+        ids, mask = data._build_rows([[(r, 0, n[r])] for r in range(len(toks))], toks.__getitem__, max(n) + 2)
+        inputs, labels = data.mlm_mask(ids, data.hash64(cfg.seed, 7, k, np.arange(len(toks))), MASK_PROB)
+        batches.append(data._to_batch(inputs, mask, labels))
     return batches
 
 
@@ -267,19 +201,11 @@ class BatchStats:
                    sum(n_masked) / sum(n_real), f"{batches[0]['attention_mask'].shape[0]} x {S}")
 
 
-# ----------------------------------------------------------------------------------------
-# Rows: one shared parameter pool, the optimizer, the training step
-
-
+# --- Rows: one shared parameter pool, the optimizer, the training step
 class ParamPool:
-    """One set of parameters shared by every row's model, matched by (module path, name, shape).
-
-    The ladder's models differ only in switches and in which layers exist (GELU MLP or GeGLU,
-    position table or none), so each parameter exists once, with one AdamW state, however many rows
-    use it: memory stays at about one model and a half instead of one per row. Timing is unaffected
-    (a step's work does not depend on the weights' values; zero_grad(set_to_none=True) after every
-    step means each step updates exactly its own row's parameters). Tied weights stay tied.
-    """
+    """One set of parameters shared by every row's model, matched by (module path, name, shape): memory stays
+    at about one model and a half, not one per row. Timing is unaffected (a step's work does not depend on the
+    weights' values; zero_grad(set_to_none=True) after each step: a step updates only its own row's)."""
 
     def __init__(self):
         self.params: dict = {}
@@ -297,57 +223,26 @@ class ParamPool:
         return m
 
     def unique(self) -> list:
-        seen, out = set(), []
-        for p in self.params.values():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-        return out
-
-
-def make_optimizer(params: list) -> torch.optim.Optimizer:
-    """The paper's optimizer as train.py builds it: AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6, decoupled
-    weight decay 1e-5 (torch's AdamW decays lr * wd, hence wd / lr), no decay on biases and LayerNorms;
-    fused (one kernel over all tensors: on this CPU ~5x faster than foreach)."""
-    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=PAPER_WD / PAPER_LR),
-              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=PAPER_LR, betas=PAPER_BETAS, eps=PAPER_EPS, fused=True)
+        return list({id(p): p for p in self.params.values()}.values())
 
 
 def state_bytes(params: list, opt: torch.optim.Optimizer) -> int:
     """Parameters plus their optimizer state (AdamW moments), counted once each."""
-    seen, total = set(), 0
-    for p in params:
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel() * p.element_size()
-        for t in opt.state.get(p, {}).values():
-            if torch.is_tensor(t):
-                total += t.numel() * t.element_size()
-    return total
+    unique = {id(p): p for p in params}.values()
+    tensors = [t for p in unique for t in (p, *opt.state.get(p, {}).values()) if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def amp(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+def optimizer(params) -> torch.optim.Optimizer:
+    """The paper's AdamW (lr 5e-4, betas (0.9, 0.98), eps 1e-6, decoupled weight decay 1e-5), as train.py builds it."""
+    return train.build_optimizer(params, lr=PAPER_LR, weight_decay=PAPER_WD, betas=PAPER_BETAS, eps=PAPER_EPS)
 
 
-def mlm_step(model, opt, micro: list[dict], device, bf16: bool, hf: bool = False) -> int:
-    """One optimizer step over the micro-batches; returns the real tokens processed.
-
-    As train.py: the loss is sum(CE) / (masked tokens of the whole step), counted on the host before
-    the forward pass; all micro-steps run inside one autocast context (CPU autocast then casts each
-    fp32 weight to bf16 once per step, not once per micro-step).
-    """
-    n_masked = sum(b["n_masked"] for b in micro)
-    with amp(device, bf16):
-        for b in micro:
-            if hf:  # transformers returns the mean over this micro-batch's masked tokens
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-                (out.loss * (b["n_masked"] / n_masked)).backward()
-            else:
-                out = model(b["input_ids"], b["attention_mask"], b["labels"])
-                (out.loss_sum / n_masked).backward()
+def train_step(model, opt, micro: list[dict], device, bf16: bool, loss_fn=train.mlm_loss) -> int:
+    """One optimizer step: train.mlm_step over the micro-batches (one autocast context), AdamW, zero_grad.
+    Returns the real tokens processed."""
+    train.mlm_step(model, micro, amp=lambda: perf.autocast(device, "bfloat16" if bf16 else "float32"),
+                   loss_fn=loss_fn)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return sum(b["n_real"] for b in micro)
@@ -479,7 +374,7 @@ def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list
             if comp:
                 modeling.compile_model(m)
             models[key] = m
-    opt = make_optimizer(pool.unique())
+    opt = optimizer(pool.unique())
     quick_glue = {"bert-base", "+bf16", "+unpad", "mosaic-bert-base"}  # enough for the glue targets
     rows = []
     for workload, bs in dev_batches.items():
@@ -488,13 +383,14 @@ def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list
             if workload == "glue" and cfg.quick and name not in quick_glue:
                 continue
             if name in BF16_ONLY and cfg.dtype != "bfloat16":
-                rows.append(skipped_row(name, workload, "measures bf16; the rows run in float32 (the dtype line says why)"))
+                why = "measures bf16; the rows run in float32 (the dtype line says why)"
+                rows.append(skipped_row(name, workload, why))
                 continue
             m = models[(json.dumps(asdict(mcfg), sort_keys=True), comp)]
             own = list(m.parameters())
 
             def step(i, m=m, bs=bs, bf16=bf16):
-                return mlm_step(m, opt, [bs[(i * cfg.accum + j) % len(bs)] for j in range(cfg.accum)], device, bf16)
+                return train_step(m, opt, [bs[(i * cfg.accum + j) % len(bs)] for j in range(cfg.accum)], device, bf16)
 
             switches = ("unpad", "position", "ffn", "low_precision_layernorm", "sparse_prediction", "attn_dropout")
             rows.append(Row(name, workload, step, warm_indices(bs, cfg.accum, every=comp),
@@ -518,12 +414,12 @@ def demo_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[
     m = modeling.build(mcfg).to(device).train()
     if comp:
         modeling.compile_model(m)
-    opt = train.build_optimizer(m, t, device)
+    opt = train.build_optimizer(m, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     bs, st = dev_batches["demo"], stats["demo"]
     name = f"{t.model} (demo)"
 
     def step(i):
-        return mlm_step(m, opt, [bs[i % len(bs)]], device, t.dtype == "bfloat16")
+        return train_step(m, opt, [bs[i % len(bs)]], device, t.dtype == "bfloat16")
 
     return [Row(name, "demo", step, warm_indices(bs, 1, every=comp),
                 modeling.flops_per_token(mcfg, t.seq_len, t.mask_prob), t.dtype,
@@ -534,10 +430,8 @@ def demo_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[
 
 
 def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Row]:
-    """The peer on every MLM workload, dynamic padding, in each of its configurations worth trying, in the
-    rows' precision (bf16 autocast where --dtype resolved so): SDPA attention (transformers' default) and with its eager attention (faster
-    on some CPUs: with attention dropout the CPU's SDPA runs its fp32 math kernel), plus fp32 in
-    full mode. The targets compare against the fastest of them."""
+    """The peer on every MLM workload, dynamically padded, in the rows' precision: SDPA attention (transformers'
+    default), its eager attention (faster on some CPUs) and, in full mode, fp32. Targets take the fastest."""
     mcfg = modeling.ModelConfig.preset(SIZES[cfg.size]["bert"])  # same shape and vocabulary: same FLOPs
     low = cfg.dtype == "bfloat16"  # the same precision as our rows: a ratio compares like with like
     variants = [("hf-bert-base", low, "sdpa"), ("hf-bert-base-eager", low, "eager")]
@@ -550,7 +444,7 @@ def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Ro
     import transformers  # noqa: PLC0415  (installed: hf_model found it)
     m = m.to(device).train()
     own = list(m.parameters())
-    opt = make_optimizer(own)
+    opt = optimizer(own)
     rows = []
     for workload, cpu in cpu_batches.items():
         bs = to_device_batches(cpu, device, trim=True)  # each batch cut to its longest row
@@ -559,8 +453,8 @@ def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Ro
             def step(i, bs=bs, bf16=bf16, impl=impl):
                 if m.config._attn_implementation != impl:
                     m.set_attn_implementation(impl)
-                return mlm_step(m, opt, [bs[(i * cfg.accum + j) % len(bs)] for j in range(cfg.accum)], device,
-                                bf16, hf=True)
+                return train_step(m, opt, [bs[(i * cfg.accum + j) % len(bs)] for j in range(cfg.accum)], device,
+                                  bf16, loss_fn=train.hf_mlm_loss)
 
             rows.append(Row(name, workload, step, warm_indices(bs, cfg.accum, every=False),
                             modeling.flops_per_token(mcfg, st.context, st.mask_frac),
@@ -591,10 +485,9 @@ def tensor_bytes(*objs) -> int:
 
 
 def attention_rows(cfg: BenchConfig, device) -> list[Row]:
-    """(c) kernels.attention alone: packed qkv [nnz, 3, H, D] of n = tokens // L full sequences of
-    length L, ALiBi, in the rows' precision. The per-batch plan (mask / block mask) is built once, outside the timing,
-    as the model builds it once per batch for all its layers. CPU: flex forward only (no backward in
-    this torch), naive and sdpa both ways; GPU: all forward and backward."""
+    """(d) kernels.attention alone: packed qkv [nnz, 3, H, D] of n = tokens // L sequences of length L, ALiBi. The
+    plan (mask / block mask) is built outside the timing, as the model builds it once per batch for all layers.
+    CPU: flex forward only (no flex backward on the CPU); GPU: every backend forward and backward."""
     s = SIZES[cfg.size]
     H, D = s["heads"], s["d"] // s["heads"]
     slopes = kernels.alibi_slopes(H).to(device)
@@ -624,7 +517,7 @@ def attention_rows(cfg: BenchConfig, device) -> list[Row]:
                     return qkv.shape[0]
 
                 fpt = 4.0 * L * H * D * (3 if backward else 1)  # QK^T and PV: 2 x 2*L*d per token forward
-                nbytes = tensor_bytes(qkv, dout, plan)  # inputs + the plan (sdpa's (n, H, L, L) mask, flex's block mask)
+                nbytes = tensor_bytes(qkv, dout, plan)  # inputs + plan (sdpa's (n, H, L, L) mask, flex's block mask)
                 warm = [0, 0] if backend == "flex" else [0]  # flex compiles on its first call
                 rows.append(Row(f"{backend}-{label}@{L}", "attention", step, warm, fpt, cfg.dtype,
                                 lambda nbytes=nbytes: nbytes, note=f"{n} x {L} tokens, H={H} D={D}, ALiBi, {cfg.dtype}",
@@ -633,15 +526,21 @@ def attention_rows(cfg: BenchConfig, device) -> list[Row]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------
-# Running: warm-up, memory, interleaved timed rounds
-
-
+# --- Running: warm-up, memory, interleaved timed rounds
 def dynamo_graphs() -> int:
     try:
         return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     except Exception:  # noqa: BLE001  (a private counter: absent means unknown, not an error)
         return -1
+
+
+def timed_step(r: Row, i: int, device) -> tuple[float, int]:
+    """(seconds, real tokens) of the row's step i, the device synchronized around it."""
+    perf.sync(device)
+    t0 = time.perf_counter()
+    n = r.step(i)
+    perf.sync(device)
+    return time.perf_counter() - t0, n
 
 
 def run(rows: list[Row], repeats: int, device, peak: perf.MatmulPeak, log, keep_freed: bool = False) -> dict:
@@ -652,11 +551,7 @@ def run(rows: list[Row], repeats: int, device, peak: perf.MatmulPeak, log, keep_
     for r in live:  # warm-up: every shape (every batch for compiled rows); memory on the last warm-up step
         for k, i in enumerate(r.warm):
             def timed(i=i):
-                perf.sync(device)
-                t0 = time.perf_counter()
-                r.step(i)
-                perf.sync(device)
-                r.warm_times.append(time.perf_counter() - t0)
+                r.warm_times.append(timed_step(r, i, device)[0])
                 heap.after_step()
             if k < len(r.warm) - 1:
                 timed()
@@ -672,11 +567,8 @@ def run(rows: list[Row], repeats: int, device, peak: perf.MatmulPeak, log, keep_
         t0 = time.perf_counter()
         order = live[k % len(live):] + live[:k % len(live)]  # rotate: no row always first or last
         for r in order:
-            perf.sync(device)
-            t = time.perf_counter()
-            n = r.step(k)  # round k: every row on the same batch
-            perf.sync(device)
-            r.times.append(time.perf_counter() - t)
+            t, n = timed_step(r, k, device)  # round k: every row on the same batch
+            r.times.append(t)
             r.tokens.append(n)
             heap.after_step()
         peak.burst()
@@ -685,10 +577,7 @@ def run(rows: list[Row], repeats: int, device, peak: perf.MatmulPeak, log, keep_
     return dict(total_s=time.perf_counter() - t_start, recompiled_during_timing=recompiled, heap_trims=heap.trims)
 
 
-# ----------------------------------------------------------------------------------------
-# Results: metrics, targets, projection, outputs
-
-
+# --- Results: metrics, targets, projection, outputs
 def row_result(r: Row, peak: perf.MatmulPeak, sheet: Optional[dict]) -> dict:
     base = dict(name=r.name, workload=r.workload, note=r.note)
     if r.skipped:
@@ -715,7 +604,7 @@ def add_speedups(results: list[dict]):
 
 
 def targets(results: list[dict], stats: dict) -> list[dict]:
-    """The issue's targets, computed from this run's numbers (never hard-coded)."""
+    """The speed targets, computed from this run's numbers (never hard-coded)."""
     def get(w, name):
         x = next((x for x in results if x["workload"] == w and x["name"] == name), None)
         return x if x and x["tokens_per_s"] else None
@@ -747,8 +636,8 @@ def targets(results: list[dict], stats: dict) -> list[dict]:
         u, p = get(w, "+unpad"), get(w, padded)
         if w in stats:
             need = 0.8 / (1 - stats[w].pad_frac)
-            target(f"{w}: +unpad >= 0.8 x 1/(1 - padding {stats[w].pad_frac:.1%}) = {need:.2f}x the padded {padded} row",
-                   u["tokens_per_s"] / p["tokens_per_s"] if u and p else None, need, "x")
+            target(f"{w}: +unpad >= 0.8 x 1/(1 - padding {stats[w].pad_frac:.1%}) = {need:.2f}x the padded "
+                   f"{padded} row", u["tokens_per_s"] / p["tokens_per_s"] if u and p else None, need, "x")
     return out
 
 
@@ -860,11 +749,60 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {name} ({os.cpu_count()} logical cores)"
 
 
-# ----------------------------------------------------------------------------------------
-# Main
+# --- Main
+def workload_batches(cfg: BenchConfig, device, header: list) -> tuple[dict, dict, dict]:
+    """Each MLM workload's batches on the CPU and on the device, and their BatchStats (a header line each)."""
+    cpu, dev, stats = {}, {}, {}
+    for w, make in (("pretrain", pretrain_batches), ("glue", glue_batches), ("demo", demo_batches)):
+        if w in split_list(cfg.workloads):
+            cpu[w] = make(cfg)
+            dev[w] = to_device_batches(cpu[w], device)
+            st = stats[w] = BatchStats.of(cpu[w])
+            header.append(f"{w}: micro-batch {st.shape} x accum {cfg.accum}, {np.mean(st.n_real):,.0f} real tokens "
+                          f"per batch, padding {st.pad_frac:.1%}, mean context {st.context:.1f}, masked "
+                          f"{st.mask_frac:.1%} of real tokens, {cfg.n_batches} distinct batches")
+            print(header[-1], flush=True)
+    return cpu, dev, stats
+
+
+def all_rows(cfg: BenchConfig, device, cpu: dict, dev: dict, stats: dict) -> list[Row]:
+    t0 = time.perf_counter()
+    rows = model_rows(cfg, device, {w: b for w, b in dev.items() if w != "demo"}, stats)
+    rows += demo_rows(cfg, device, dev, stats)
+    if cfg.hf:
+        rows += hf_rows(cfg, device, {w: b for w, b in cpu.items() if w != "demo"}, stats)
+    if "attention" in split_list(cfg.workloads):
+        rows += attention_rows(cfg, device)
+    print(f"built {len(rows)} rows in {time.perf_counter() - t0:.1f} s; measuring "
+          f"({cfg.repeats} interleaved rounds after warm-up)", flush=True)
+    return rows
+
+
+def peak_lines(peak: perf.MatmulPeak, sheet: Optional[dict], device, status: dict) -> list[str]:
+    """The header lines that say what MFU and peak memory are measured against."""
+    lines = [f"matmul peak (measured, median of {len(peak.rates['float32'])} bursts of {peak.n}^3): "
+             + ", ".join(f"{k} {peak.peak(k) / 1e9:,.0f} GFLOP/s" for k in peak.rates)
+             + (f"; datasheet bf16 {sheet['bfloat16'] / 1e12:,.0f}, fp32 {sheet['float32'] / 1e12:,.1f} TFLOP/s"
+                if sheet else ""),
+             "peak mem: the row's parameters + AdamW state + the step's high-water mark above its start ("
+             + ("CUDA max_memory_allocated" if device.type == "cuda" else "CPU VmHWM via /proc/self/clear_refs") + ")"]
+    if status["recompiled_during_timing"]:
+        lines.append("WARNING: torch.compile recompiled during the timed rounds (TORCH_LOGS=recompiles shows why)")
+    return lines
+
+
+def write_outputs(cfg: BenchConfig, out: dict, md: str, results: list[dict]):
+    path = Path(cfg.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    md_path = Path(cfg.markdown) if cfg.markdown else path.with_suffix(".md")
+    md_path.write_text(md + "\n")
+    png = chart(results, str(Path(cfg.png) if cfg.png else path.with_suffix(".png")))
+    print(f"wrote {path} and {md_path}; {png}")
 
 
 def bench(cfg: BenchConfig) -> dict:
+    # --- setup: the device, its dtype, the workloads' batches
     flag, cfg = cfg.dtype, resolve(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -873,56 +811,27 @@ def bench(cfg: BenchConfig) -> dict:
     torch.manual_seed(cfg.seed)
     header = [f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
               f"{'quick' if cfg.quick else 'full'} mode, {cfg.size} size", f"dtype: {dtype} ({why})"]
-    if warning:
-        header.append(f"warning: {warning}")
+    header += [f"warning: {warning}"] if warning else []
     print("\n".join(header), flush=True)
     print_config(cfg)
     t_all = time.perf_counter()
-    wl = split_list(cfg.workloads)
+    cpu, dev, stats = workload_batches(cfg, device, header)
 
-    cpu_batches, dev_batches, stats = {}, {}, {}
-    for w, make in (("pretrain", pretrain_batches), ("glue", glue_batches), ("demo", demo_batches)):
-        if w in wl:
-            cpu_batches[w] = make(cfg)
-            dev_batches[w] = to_device_batches(cpu_batches[w], device)
-            st = stats[w] = BatchStats.of(cpu_batches[w])
-            line = (f"{w}: micro-batch {st.shape} x accum {cfg.accum}, {np.mean(st.n_real):,.0f} real tokens per "
-                    f"batch, padding {st.pad_frac:.1%}, mean context {st.context:.1f}, masked {st.mask_frac:.1%} "
-                    f"of real tokens, {cfg.n_batches} distinct batches")
-            header.append(line)
-            print(line, flush=True)
-
-    t0 = time.perf_counter()
-    rows = model_rows(cfg, device, {w: b for w, b in dev_batches.items() if w != "demo"}, stats)
-    rows += demo_rows(cfg, device, dev_batches, stats)
-    if cfg.hf:
-        rows += hf_rows(cfg, device, {w: b for w, b in cpu_batches.items() if w != "demo"}, stats)
-    if "attention" in wl:
-        rows += attention_rows(cfg, device)
-    print(f"built {len(rows)} rows in {time.perf_counter() - t0:.1f} s; measuring "
-          f"({cfg.repeats} interleaved rounds after warm-up)", flush=True)
-
+    # --- measure: every row, interleaved with the matmul peak bursts
+    rows = all_rows(cfg, device, cpu, dev, stats)
     peak = perf.MatmulPeak(device, n=1024 if cfg.size == "tiny" else None,
                            dtypes=("bfloat16", "float32") if dtype == "bfloat16" else ("float32",))
     status = run(rows, cfg.repeats, device, peak, lambda s: print(s, flush=True), cfg.keep_freed_memory)
+
+    # --- report: rows, targets, projection; Markdown, JSON, PNG
     sheet = perf.datasheet_peaks(device)
     results = [row_result(r, peak, sheet) for r in rows]
     add_speedups(results)
-    tgts = targets(results, stats)
-    proj = projection(results, stats, cfg.n_devices)
-    header.append(f"matmul peak (measured, median of {len(peak.rates['float32'])} bursts of {peak.n}^3): "
-                  + ", ".join(f"{k} {peak.peak(k) / 1e9:,.0f} GFLOP/s" for k in peak.rates)
-                  + (f"; datasheet bf16 {sheet['bfloat16'] / 1e12:,.0f}, fp32 {sheet['float32'] / 1e12:,.1f} TFLOP/s"
-                     if sheet else ""))
-    header.append("peak mem: the row's parameters + AdamW state + the step's high-water mark above its start ("
-                  + ("CUDA max_memory_allocated" if device.type == "cuda" else "CPU VmHWM via /proc/self/clear_refs")
-                  + ")")
-    if status["recompiled_during_timing"]:
-        header.append("WARNING: torch.compile recompiled during the timed rounds (TORCH_LOGS=recompiles shows why)")
+    tgts, proj = targets(results, stats), projection(results, stats, cfg.n_devices)
+    header += peak_lines(peak, sheet, device, status)
     md = markdown(results, tgts, proj, header, sheet)
     print()
     print(md)
-
     out = dict(device=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
                matmul_peak_flops=peak.peak(dtype),
                matmul_peak_flops_by_dtype={k: peak.peak(k) for k in peak.rates},
@@ -931,13 +840,7 @@ def bench(cfg: BenchConfig) -> dict:
                recompiled_during_timing=status["recompiled_during_timing"], heap_trims=status["heap_trims"],
                wall_s=time.perf_counter() - t_all)
     if cfg.json:
-        path = Path(cfg.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1))
-        md_path = Path(cfg.markdown) if cfg.markdown else path.with_suffix(".md")
-        md_path.write_text(md + "\n")
-        png = chart(results, str(Path(cfg.png) if cfg.png else path.with_suffix(".png")))
-        print(f"wrote {path} and {md_path}; {png}")
+        write_outputs(cfg, out, md, results)
     print(f"total {time.perf_counter() - t_all:.0f} s")
     return out
 
