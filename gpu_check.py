@@ -4,21 +4,18 @@
     python gpu_check.py --steps=tests        # one step (or a comma list): each fits a 10-minute command
     python gpu_check.py --dry_run            # anywhere: print the commands it would run
 
-It needs only what the GPU machines here have: CUDA torch 2.11 or newer, numpy, tiktoken, pytest and
-hypothesis (transformers for bench.py's Hugging Face row). `datasets` is not needed: every step runs on the
-embedded data and imports it lazily. Steps, each a subprocess with its own time limit, run in order:
+Needs CUDA torch 2.11+, numpy, tiktoken, pytest, hypothesis (transformers for bench.py's HF row); no `datasets`:
+every step runs on the embedded data. Steps, each a subprocess with its own time limit, run in order:
 
-    tests     pytest -v -m cuda: flex vs naive forward and backward compiled (bf16, fp32, block-boundary nnz and
-              16,383/16,384), compiled graphs per region over 20 varying-nnz batches, one host sync per forward
-              (torch.cuda.set_sync_debug_mode), a short mosaic-bert-base run whose loss falls, and DDP over NCCL
-              equal to one process when there are 2+ GPUs
+    tests     pytest -v -m cuda: compiled flex vs naive forward and backward (bf16, fp32, block-boundary nnz), graphs
+              per region over varying nnz, one host sync per forward, a short mosaic-bert-base run whose loss
+              falls, and DDP over NCCL equal to one process when there are 2+ GPUs
     bench     bench.py --quick: each MosaicBERT change, MFU against the measured matmul rate and the data sheet
     train     train.py --preset=mosaic-bert-base, 50 steps on the embedded sample (compiled, the CUDA default)
 
-The report (stdout and out/gpu_check/report.md) names the device, torch and CUDA versions, each step's status
-and wall time, the training run's last log line and its MFU against the data-sheet peak (perf.GPU_PEAK_TFLOPS),
-and bench.py's tables. A step that runs past its limit is stopped (with everything it started) and the report
-shows the end of what it printed, e.g. the test it was in. The exit status is 0 only when every step passed.
+The report (stdout and out/gpu_check/report.md): device, torch and CUDA versions, each step's status and wall
+time, the training run's last log line and MFU against the data-sheet peak, and bench.py's tables. A step past
+its limit is stopped (with all it started); the report shows the end of its output. Exit 0 only if all passed.
 """
 
 import json
@@ -44,8 +41,7 @@ class GpuCheckConfig:
     out_dir: str = "out/gpu_check"
     dry_run: bool = False        # print the steps' commands and exit
     steps: str = "tests,bench,train"  # which steps, in this order (one per command where commands are limited)
-    # seconds per step, each under 10 minutes: compiling flex forward and backward for 4 variants and two
-    # models (tests), bench's compiled rows and flex attention, and the compiled base model's first steps
+    # seconds per step, each under 10 minutes (most of it compiling)
     tests_timeout: int = 540
     bench_timeout: int = 480
     train_timeout: int = 420
@@ -84,9 +80,8 @@ def steps(cfg: GpuCheckConfig) -> list[Step]:
 
 
 def run_step(step: Step, env: dict, log_dir: Path) -> Step:
-    """Run one step, its output (stdout and stderr, in order) written to log_dir/<name>.log as it goes, so a step
-    stopped at its limit keeps what it printed. At the limit the step's whole process group is killed: its
-    workers too (DataLoader, torchrun), which would otherwise keep running."""
+    """Run one step, its output written to log_dir/<name>.log as it goes (a step stopped at its limit keeps what it
+    printed). At the limit its whole process group is killed: its workers too (DataLoader, torchrun)."""
     print(f"\n=== {step.name}: {' '.join(map(str, step.cmd))}", flush=True)
     log = Path(log_dir) / f"{step.name}.log"
     t0 = time.perf_counter()
@@ -172,8 +167,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     done = [run_step(s, env, out) for s in todo]
-    md_path = out / "bench.md"
-    bench_md = md_path.read_text() if md_path.exists() else None
+    bench_md = md.read_text() if (md := out / "bench.md").exists() else None
     text = report(done, environment(), bench_md, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     (out / "report.md").write_text(text)
     (out / "steps.json").write_text(json.dumps([dict(name=s.name, status=s.status, wall_s=s.wall_s) for s in done]))

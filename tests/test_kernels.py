@@ -66,13 +66,17 @@ def packed_rows(draw, B_max=4, S_max=12):
 @given(drawn=packed_rows())
 def test_pad_unpad_roundtrip_and_gradients(drawn):
     """pad(unpad(x)) == x at real tokens, zero at pads; the gradient reaches exactly the real tokens.
-    cu_seqlens has one entry per document (two for a packed row) and a zero-length one per all-pad row."""
+    cu_seqlens has one entry per document (two for a packed row) and a zero-length one per all-pad row;
+    unpad_index given the counts (the model's sync-free path) finds the same indices and cu_seqlens."""
     mask, seqlens = drawn
     B, S = mask.shape
     x = torch.randn(B, S, 3, requires_grad=True)
     xu, idx, cu, max_len = K.unpad(x, mask)
     assert xu.shape == (sum(seqlens), 3) and cu.dtype == torch.int32 and cu.tolist() == cu_from_lengths(seqlens).tolist()
     assert max_len == max(seqlens)
+    starts = K.document_starts(mask)  # the model's path: unpad_index with counts read beforehand, no host sync
+    idx2, cu2 = K.unpad_index(mask, int((mask != 0).sum()), int(starts.sum()), starts)
+    assert torch.equal(idx2, idx) and torch.equal(cu2, cu)
     y = K.pad(xu, idx, B, S)
     keep = (mask != 0)[..., None]
     assert torch.equal(y, torch.where(keep, x, torch.zeros(())))
