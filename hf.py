@@ -6,21 +6,14 @@
     python glue.py --init=mosaicml --hf=path/to/mosaic-bert-base      # ... or MosaicML's published MosaicBERT
 
 Top to bottom:
-    from_hf_bert      a HF BERT folder (BertModel / BertForMaskedLM / BertForPreTraining) -> our BertForMaskedLM
-    from_mosaicml     a folder saved by MosaicML's bert_layers.BertForMaskedLM (MosaicBERT-Base/-Large, the
-                      512/1024/2048-token variants) -> our BertForMaskedLM; every key mapped or refused
-    WordPiece         BERT's tokenizer for those folders' vocab.txt, run by the `tokenizers` library (Rust)
-    gpt2_tokenizer_json   our pretraining tokenizer (tiktoken GPT-2 BPE + [CLS] [SEP] [PAD] [MASK]) as a
-                      tokenizer.json that AutoTokenizer loads and that gives data.Tokenizer's ids
-    export            a train.py checkpoint (or glue.py's MNLI classifier) -> a folder transformers loads
-                      offline: BERT-shaped configs as plain BERT (no remote code), MosaicBERT configs with
-                      hf_modeling.py (transformers wrappers) and copies of this project's own model.py and
-                      kernels.py as their modelling code (trust_remote_code=True)
-    load_folder       any of those folders back as our model, with its tokenizer (fillmask.py --hf=FOLDER)
-
-Which library does what: tiktoken encodes for pretraining (the fastest here); `tokenizers` runs WordPiece for HF
-vocabularies and the byte-level BPE inside the exported tokenizer.json; safetensors holds the weights;
-transformers is needed only to load an export (and by the tests), never to import.
+    from_hf_bert         a HF BERT folder (BertModel / BertForMaskedLM / BertForPreTraining) -> our BertForMaskedLM
+    from_mosaicml        a folder of MosaicML's bert_layers.BertForMaskedLM (MosaicBERT) -> ours; every key mapped
+    WordPiece            BERT's tokenizer for those folders' vocab.txt (the `tokenizers` library)
+    gpt2_tokenizer_json  our pretraining tokenizer as a tokenizer.json that gives data.Tokenizer's ids
+    export               a train.py checkpoint (or glue.py's MNLI classifier) -> a folder transformers loads offline:
+                         plain BERT for BERT-shaped configs, else hf_modeling.py + copies of model.py and kernels.py
+    load_folder          any of those folders back as our model, with its tokenizer (fillmask.py --hf=FOLDER)
+transformers is needed only to load an export (and by the tests), never to import one.
 """
 
 import functools
@@ -63,8 +56,7 @@ def _require(ok: bool, msg: str):
 # ----------------------------------------------------------------------------------------
 # Hugging Face BERT import
 
-# transformers 5.25 and later require Hugging Face's `kernels` package and import it by that top-level name,
-# which this project's kernels.py takes whenever a script or test runs from this folder (sys.path[0]).
+# transformers 5.25+ imports Hugging Face's `kernels` package by the name this folder's kernels.py takes.
 KERNELS_CLASH = ("transformers could not import Hugging Face's `kernels` package: run from this folder, the name "
                  "`kernels` is this project's kernels.py. Install transformers<5.25 as requirements.txt pins it and "
                  "`pip uninstall kernels` (nothing here uses it), or use transformers from another folder.")
@@ -87,32 +79,26 @@ def import_transformers():
     return transformers
 
 
+# HF BERT's names (without "bert.") -> ours, by prefix: outside the layers, and inside "encoder.layer.N."
+HF_BERT = [("embeddings.", "bert.embeddings."), ("pooler.dense.", "pooler."), ("cls.predictions.bias", "head.bias"),
+           ("cls.predictions.transform.dense.", "head.dense."),
+           ("cls.predictions.transform.LayerNorm.", "head.LayerNorm.")]
+HF_BERT_LAYER = {"attention.output.dense.": "attn_out.", "attention.output.LayerNorm.": "attn_norm.",
+                 "intermediate.dense.": "mlp.intermediate.", "output.dense.": "mlp.output.",
+                 "output.LayerNorm.": "mlp_norm."}
+
+
 def _hf_to_ours(name: str) -> str | None:
     """Map one HF BERT parameter name to ours (None: not used). q/k/v are fused separately."""
-    name = name.removeprefix("bert.")
-    name = name.replace(".gamma", ".weight").replace(".beta", ".bias")
-    rules = [
-        ("embeddings.", "bert.embeddings."),
-        ("pooler.dense.", "pooler."),
-        ("cls.predictions.transform.dense.", "head.dense."),
-        ("cls.predictions.transform.LayerNorm.", "head.LayerNorm."),
-    ]
-    if name == "cls.predictions.bias":
-        return "head.bias"
+    name = name.removeprefix("bert.").replace(".gamma", ".weight").replace(".beta", ".bias")
     if name.startswith("embeddings.position_ids") or "decoder" in name or "seq_relationship" in name:
         return None
-    return _rename(name, rules, "encoder.layer.", {
-        "attention.output.dense.": "attn_out.",
-        "attention.output.LayerNorm.": "attn_norm.",
-        "intermediate.dense.": "mlp.intermediate.",
-        "output.dense.": "mlp.output.",
-        "output.LayerNorm.": "mlp_norm.",
-    })
+    return _rename(name, HF_BERT, "encoder.layer.", HF_BERT_LAYER)
 
 
-def _rename(name: str, rules: list, layer_prefix: str, layer_rules: dict) -> str | None:
+def _rename(name: str, rules: list, layer_prefix: str, layer_rules: dict, out_layer="bert.layers.") -> str | None:
     """name with its first matching prefix replaced: `rules` outside the layers, `layer_rules` inside
-    `layer_prefix + "N."` (which becomes `bert.layers.N.`). None when nothing matches."""
+    `layer_prefix + "N."` (which becomes `out_layer + "N."`). None when nothing matches."""
     for old, new in rules:
         if name.startswith(old):
             return new + name[len(old):]
@@ -120,55 +106,43 @@ def _rename(name: str, rules: list, layer_prefix: str, layer_rules: dict) -> str
         i, rest = name[len(layer_prefix):].split(".", 1)
         for old, new in layer_rules.items():
             if rest.startswith(old):
-                return f"bert.layers.{i}.{new}{rest[len(old):]}"
+                return f"{out_layer}{i}.{new}{rest[len(old):]}"
     return None
 
 
 def from_hf_bert(folder: str) -> BertForMaskedLM:
-    """Load a Hugging Face BERT folder (config.json + model.safetensors or pytorch_model.bin, from
-    BertModel or BertForMaskedLM) as our model in the matching 'bert-base'-style config.
-
-    The vocabulary is padded up to a multiple of 64 (new rows initialised as usual); the MLM head
-    is initialised when the checkpoint has none (BertModel). Fine-tune it with the folder's own
-    WordPiece vocabulary (glue.py does).
-    """
+    """A Hugging Face BERT folder (BertModel or BertForMaskedLM weights) as our model in the matching 'bert-base'-
+    style config. The vocabulary is padded up to a multiple of 64 (new rows initialised as usual), the MLM head
+    initialised when the folder has none. Fine-tune it with the folder's own WordPiece vocabulary (glue.py does)."""
     hf, sd = _read_folder(folder)
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{folder}: only absolute position embeddings are supported")
     act = hf.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ValueError(f"{folder}: hidden_act={act!r}; only the exact erf 'gelu' is supported")
-    has_pooler = any("pooler.dense" in k for k in sd)
+    _require(hf.get("position_embedding_type", "absolute") == "absolute",
+             f"{folder}: only absolute position embeddings are supported")
+    _require(act == "gelu", f"{folder}: hidden_act={act!r}; only the exact erf 'gelu' is supported")
     cfg = ModelConfig.preset(
         "bert-base", vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"],
         n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"], max_positions=hf["max_position_embeddings"],
         type_vocab_size=hf.get("type_vocab_size", 2), layernorm_eps=hf.get("layer_norm_eps", 1e-12),
         hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attn_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        init_std=hf.get("initializer_range", 0.02), pooler=has_pooler)
+        init_std=hf.get("initializer_range", 0.02), pooler=any("pooler.dense" in k for k in sd))
     mlm = BertForMaskedLM(cfg)
     ours = mlm.state_dict()
     new = {}
     for name, t in sd.items():
-        n = name.removeprefix("bert.")
-        if ".attention.self." in n:  # fuse query/key/value into Wqkv
-            i = n.split(".")[2]
-            kind = n.rsplit(".", 1)[1]  # weight | bias
-            key = f"bert.layers.{i}.Wqkv.{kind}"
-            if key not in new:
-                p = f"{'bert.' if name.startswith('bert.') else ''}encoder.layer.{i}.attention.self."
-                new[key] = torch.cat([sd[p + f"query.{kind}"], sd[p + f"key.{kind}"], sd[p + f"value.{kind}"]], 0)
+        if ".attention.self." in name:  # query/key/value fused into one Wqkv, at the query
+            if ".query." in name:
+                i, kind = name.removeprefix("bert.").split(".")[2], name.rsplit(".", 1)[1]  # layer, weight | bias
+                qkv = [sd[name.replace(".query.", f".{x}.")] for x in ("query", "key", "value")]
+                new[f"bert.layers.{i}.Wqkv.{kind}"] = torch.cat(qkv, 0)
             continue
-        target = _hf_to_ours(name)
-        if target is None:
+        if (target := _hf_to_ours(name)) is None:
             continue
-        if target not in ours:
-            raise ValueError(f"{folder}: cannot place HF parameter {name} (mapped to {target})")
+        _require(target in ours, f"{folder}: cannot place HF parameter {name} (mapped to {target})")
         if target in ("bert.embeddings.word_embeddings.weight", "head.bias"):  # pad the vocabulary
             t = torch.cat([t, ours[target][t.shape[0]:]], 0)
         new[target] = t
-    missing = [k for k in ours if k not in new and not k.startswith("head.") and k != "head.decoder_weight"]
-    if missing:
-        raise ValueError(f"{folder}: checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    missing = [k for k in ours if k not in new and not k.startswith("head.")]
+    _require(not missing, f"{folder}: checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
     mlm.load_state_dict(new, strict=False)
     return mlm
 
@@ -178,49 +152,32 @@ def from_hf_bert(folder: str) -> BertForMaskedLM:
 
 
 def _mosaicml_to_ours(name: str) -> str | None:
-    """Map one key of MosaicML's bert_layers.BertForMaskedLM to ours (None: not mapped).
-
-    Their layer is the same post-LN layer as ours: LN(h + dense(attention)) then
-    LN(h + wo(GELU(gate) * value)), with q/k/v already fused in one Wqkv (t h d order, as ours)."""
-    rules = [
-        ("bert.embeddings.word_embeddings.", "bert.embeddings.word_embeddings."),
-        ("bert.embeddings.token_type_embeddings.", "bert.embeddings.token_type_embeddings."),
-        ("bert.embeddings.LayerNorm.", "bert.embeddings.LayerNorm."),
-        ("bert.pooler.dense.", "pooler."),
-        ("cls.predictions.transform.dense.", "head.dense."),
-        ("cls.predictions.transform.LayerNorm.", "head.LayerNorm."),
-    ]
+    """Map one key of MosaicML's bert_layers.BertForMaskedLM to ours (None: not mapped). Their layer is ours:
+    LN(h + dense(attention)), LN(h + wo(GELU(gate) * value)), q/k/v fused in one Wqkv (t h d order, as ours)."""
+    rules = [("bert.embeddings.", "bert.embeddings."), ("bert.pooler.dense.", "pooler."),
+             ("cls.predictions.transform.dense.", "head.dense."),
+             ("cls.predictions.transform.LayerNorm.", "head.LayerNorm.")]
     if name in ("cls.predictions.decoder.bias", "cls.predictions.bias"):
         return "head.bias"
     return _rename(name, rules, "bert.encoder.layer.", {
-        "attention.self.Wqkv.": "Wqkv.",
-        "attention.output.dense.": "attn_out.",
-        "attention.output.LayerNorm.": "attn_norm.",
-        "mlp.gated_layers.": "mlp.gated_layers.",
-        "mlp.wo.": "mlp.wo.",
-        "mlp.layernorm.": "mlp_norm.",
-    })
+        "attention.self.Wqkv.": "Wqkv.", "attention.output.dense.": "attn_out.", "attention.output.LayerNorm.":
+        "attn_norm.", "mlp.gated_layers.": "mlp.gated_layers.", "mlp.wo.": "mlp.wo.", "mlp.layernorm.": "mlp_norm."})
 
 
 def _mosaicml_vocab(folder: Path, rows: int) -> tuple[int, int]:
     """(vocab_size, vocab_multiple) with padded_vocab_size == rows: the real vocabulary is vocab.txt's
     length when the folder has one (30,522 for bert-base-uncased, padded to 30,528), else every row."""
-    n = rows
-    if (folder / "vocab.txt").is_file():
-        n = sum(1 for _ in open(folder / "vocab.txt", encoding="utf-8"))
+    n = sum(1 for _ in open(v, encoding="utf-8")) if (v := folder / "vocab.txt").is_file() else rows
     if n <= rows and (n + 63) // 64 * 64 == rows:
         return n, 64
     return rows, 1
 
 
 def from_mosaicml(folder) -> BertForMaskedLM:
-    """A folder written by MosaicML's `bert_layers.BertForMaskedLM.save_pretrained` (MosaicBERT-Base/-Large and
-    the 512/1024/2048-token variants) -> our BertForMaskedLM with ALiBi, GeGLU and post-LN.
-
-    Every key is mapped or refused, every shape checked: a folder that does not fit raises ValueError and
-    never loads with random weights. The tied decoder weight, when present, must equal the word embedding.
-    LayerNorm runs in fp32 under autocast (low_precision_layernorm=False), as in the published code.
-    """
+    """A folder of MosaicML's `bert_layers.BertForMaskedLM.save_pretrained` (MosaicBERT-Base/-Large, 512-2048 tokens)
+    -> our BertForMaskedLM (ALiBi, GeGLU, post-LN). Every key mapped or refused, every shape checked: a folder that
+    does not fit raises ValueError, never loads with random weights. A tied decoder weight must equal the word
+    embedding. LayerNorm runs in fp32 under autocast (low_precision_layernorm=False), as in the published code."""
     folder = Path(folder)
     hf, sd = _read_folder(folder)
     act, eps = hf.get("hidden_act", "gelu"), hf.get("layer_norm_eps", 1e-12)
@@ -266,11 +223,9 @@ def from_mosaicml(folder) -> BertForMaskedLM:
 
 
 class WordPiece:
-    """BERT's tokenizer for a HF folder's vocab.txt, run by the `tokenizers` library (Rust, multithreaded):
-    BertNormalizer (clean control chars, spaces around CJK characters, optional lowercasing and accent
-    stripping), BertPreTokenizer (split on whitespace and punctuation), then WordPiece (greedy
-    longest-match-first with '##' continuations; a word that cannot be covered is [UNK]).
-    encode() gives the ids without [CLS]/[SEP]; glue.py adds them and the token types."""
+    """BERT's tokenizer for a HF folder's vocab.txt, run by the `tokenizers` library (Rust): BertNormalizer,
+    BertPreTokenizer (whitespace and punctuation), then WordPiece (greedy longest match, '##' continuations,
+    [UNK] for a word it cannot cover). encode() gives ids without [CLS]/[SEP]; glue.py adds them."""
 
     def __init__(self, vocab_file, do_lower_case=True, strip_accents=None, tokenize_chinese_chars=True,
                  max_chars_per_word=100):
@@ -279,8 +234,7 @@ class WordPiece:
             tokens = [line.rstrip("\n") for line in f]
         self.vocab = {t: i for i, t in enumerate(tokens)}
         missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in self.vocab]
-        if missing:
-            raise ValueError(f"{vocab_file}: no {', '.join(missing)} in the vocabulary; is it a BERT vocab.txt?")
+        _require(not missing, f"{vocab_file}: no {', '.join(missing)} in the vocabulary; is it a BERT vocab.txt?")
         self.lower = do_lower_case
         self.tk = Tokenizer(models.WordPiece(self.vocab, unk_token="[UNK]",
                                              max_input_chars_per_word=max_chars_per_word))
@@ -298,9 +252,7 @@ class WordPiece:
         """Settings from the folder's tokenizer_config.json (do_lower_case, strip_accents, tokenize_chinese_chars);
         without one, HF's defaults (lowercase; accents stripped when lowercasing)."""
         folder = Path(folder)
-        conf = {}
-        if (folder / "tokenizer_config.json").is_file():
-            conf = json.loads((folder / "tokenizer_config.json").read_text())
+        conf = json.loads(p.read_text()) if (p := folder / "tokenizer_config.json").is_file() else {}
         if not (folder / "vocab.txt").is_file():
             raise FileNotFoundError(f"{folder / 'vocab.txt'} not found: the folder must hold its WordPiece vocab.txt "
                                     f"(save_pretrained writes one; MosaicBERT uses bert-base-uncased's).")
@@ -337,14 +289,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (byte-level BPE stores tokens as such strings):
     printable Latin-1 bytes map to themselves, the other 68 to chr(256 + k) in byte order."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    out, k = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + k)
-            k += 1
-    return out
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(moved)}}
 
 
 def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
@@ -363,13 +309,10 @@ def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
 
 @functools.lru_cache(maxsize=1)
 def gpt2_tokenizer_json():
-    """data.Tokenizer as a `tokenizers.Tokenizer`: the ranks of assets/gpt2.tiktoken as a byte-level BPE vocabulary,
-    the merges recovered from the ranks (a token of rank r is the merge BPE makes with the ranks below r),
-    GPT-2's split regex (ByteLevel pre-tokenizer), <|endoftext|> and [CLS] [SEP] [PAD] [MASK] as special tokens
-    with data.py's ids, and a post-processor that wraps a text as [CLS] text [SEP] (pairs: [CLS] a [SEP] b [SEP],
-    token types 0 then 1). One difference from data.Tokenizer, on purpose: a literal "[MASK]" (or another special)
-    in the text is the special token here, with the space before "[MASK]" dropped as fillmask.encode_masked does
-    (the fill-mask pipeline needs that), where data.Tokenizer encodes it as ordinary text."""
+    """data.Tokenizer as a `tokenizers.Tokenizer`: assets/gpt2.tiktoken's ranks as a byte-level BPE vocabulary (a
+    token of rank r is the merge BPE makes with the ranks below r), data.py's special tokens and ids, and
+    [CLS] a [SEP] (b [SEP]) wrapping. On purpose unlike data.Tokenizer: a literal "[MASK]" in the text is the
+    special token, the space before it dropped as fillmask.encode_masked does (the fill-mask pipeline needs it)."""
     import data
     from tiktoken.load import load_tiktoken_bpe
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -411,9 +354,8 @@ def _write_tokenizer(folder: Path, tk, max_len: int, unk: bool = False):
     conf = {"tokenizer_class": "PreTrainedTokenizerFast", "cls_token": "[CLS]", "sep_token": "[SEP]",
             "pad_token": "[PAD]", "mask_token": "[MASK]", "model_max_length": max_len,
             "clean_up_tokenization_spaces": False,
-            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
-    if unk:
-        conf["unk_token"] = "[UNK]"
+            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+            **({"unk_token": "[UNK]"} if unk else {})}
     (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 
@@ -422,35 +364,20 @@ def _write_tokenizer(folder: Path, tk, max_len: int, unk: bool = False):
 
 
 def _ours_to_hf(name: str) -> list[str]:
-    """Our parameter name -> the HF BertForMaskedLM name(s) (Wqkv splits into query/key/value)."""
-    if name.startswith("bert.layers."):
-        i, rest = name[len("bert.layers."):].split(".", 1)
-        p = f"bert.encoder.layer.{i}."
-        if rest.startswith("Wqkv."):
-            kind = rest.split(".")[1]
-            return [f"{p}attention.self.{x}.{kind}" for x in ("query", "key", "value")]
-        sub = {"attn_out.": "attention.output.dense.", "attn_norm.": "attention.output.LayerNorm.",
-               "mlp.intermediate.": "intermediate.dense.", "mlp.output.": "output.dense.",
-               "mlp_norm.": "output.LayerNorm."}
-        for old, new in sub.items():
-            if rest.startswith(old):
-                return [p + new + rest[len(old):]]
-    fixed = {"head.bias": "cls.predictions.bias", "head.decoder_weight": "cls.predictions.decoder.weight"}
-    if name in fixed:
-        return [fixed[name]]
+    """Our parameter name -> the HF BertForMaskedLM name(s): the import's rules reversed; Wqkv splits in three."""
     if name.startswith("classifier."):  # BertForSequenceClassification's names are ours
         return [name]
-    for old, new in [("bert.embeddings.", "bert.embeddings."), ("pooler.", "bert.pooler.dense."),
-                     ("head.dense.", "cls.predictions.transform.dense."),
-                     ("head.LayerNorm.", "cls.predictions.transform.LayerNorm.")]:
-        if name.startswith(old):
-            return [new + name[len(old):]]
-    raise ValueError(f"no Hugging Face BERT name for our parameter {name}")
+    if name.startswith("bert.layers.") and ".Wqkv." in name:
+        i, kind = name.split(".")[2], name.rsplit(".", 1)[1]
+        return [f"bert.encoder.layer.{i}.attention.self.{x}.{kind}" for x in ("query", "key", "value")]
+    hf_name = _rename(name, [(o, h) for h, o in HF_BERT], "bert.layers.", {o: h for h, o in HF_BERT_LAYER.items()},
+                      "encoder.layer.")
+    _require(hf_name is not None, f"no Hugging Face BERT name for our parameter {name}")
+    return [hf_name if hf_name.startswith("cls.") else "bert." + hf_name]
 
 
 def is_bert_shaped(cfg: ModelConfig) -> bool:
-    """Learned positions and the GELU MLP: exactly HF's BertForMaskedLM (unpadding, sparse prediction and
-    low-precision LayerNorm change how it runs, not what it computes in fp32)."""
+    """Learned positions and the GELU MLP: exactly HF's BertForMaskedLM (the other switches change only speed)."""
     return cfg.position == "learned" and cfg.ffn == "gelu"
 
 
@@ -458,10 +385,8 @@ def _export_bert(module, pad_id: int):
     """BertForMaskedLM, or a SequenceClassifier as BertForSequenceClassification."""
     cfg = module.config
     clf = isinstance(module, model.SequenceClassifier)
-    if clf and cfg.pooling != "cls":
-        raise ValueError(f"this classifier pools the {cfg.pooling} of its tokens; transformers' "
-                         f"BertForSequenceClassification reads the [CLS] pooler. Fine-tune with pooling='cls' to "
-                         f"export it as plain BERT")
+    _require(not clf or cfg.pooling == "cls", f"this classifier pools the {cfg.pooling} of its tokens; transformers' "
+             f"BertForSequenceClassification reads the [CLS] pooler. Fine-tune with pooling='cls' to export it as BERT")
     sd = {}
     for name, t in module.state_dict().items():
         if name == "head.decoder_weight":  # tied to the word embedding: transformers re-ties it on load
@@ -472,16 +397,12 @@ def _export_bert(module, pad_id: int):
             sd[n] = part.contiguous()
     config = {
         "architectures": ["BertForSequenceClassification" if clf else "BertForMaskedLM"], "model_type": "bert",
-        "vocab_size": cfg.padded_vocab_size,
-        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "intermediate_size": cfg.d_ff, "hidden_act": "gelu", "hidden_dropout_prob": cfg.hidden_dropout,
-        "attention_probs_dropout_prob": cfg.attn_dropout, "max_position_embeddings": cfg.max_positions,
-        "type_vocab_size": cfg.type_vocab_size, "initializer_range": cfg.init_std,
-        "layer_norm_eps": cfg.layernorm_eps, "position_embedding_type": "absolute", "tie_word_embeddings": True,
-        "pad_token_id": pad_id, "model_config": asdict(cfg),
-    }
-    if clf:
-        config["num_labels"] = module.num_labels
+        "vocab_size": cfg.padded_vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.d_ff, "hidden_act": "gelu",
+        "hidden_dropout_prob": cfg.hidden_dropout, "attention_probs_dropout_prob": cfg.attn_dropout,
+        "max_position_embeddings": cfg.max_positions, "type_vocab_size": cfg.type_vocab_size,
+        "initializer_range": cfg.init_std, "layer_norm_eps": cfg.layernorm_eps, "position_embedding_type": "absolute",
+        "tie_word_embeddings": True, "pad_token_id": pad_id, "model_config": asdict(cfg)}
     return sd, config
 
 
@@ -512,10 +433,7 @@ def _export_mosaic(module, folder: Path, pad_id: int):
                      "AutoModelForMaskedLM": "modeling_mosaicbert.MosaicBertForMaskedLM",
                      "AutoModelForSequenceClassification": "modeling_mosaicbert.MosaicBertForSequenceClassification"},
         "vocab_size": cfg.padded_vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "tie_word_embeddings": True, "pad_token_id": pad_id,
-    }
-    if clf:
-        config["num_labels"] = module.num_labels
+        "num_attention_heads": cfg.n_heads, "tie_word_embeddings": True, "pad_token_id": pad_id}
     shutil.copyfile(MODELING_FILE, folder / "modeling_mosaicbert.py")  # byte for byte
     for name in ("model.py", "kernels.py"):
         _copy_source(name, folder)
@@ -536,10 +454,9 @@ def export_model(module, folder, tokenizer=True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = module.config
     pad_id = tokenizer.pad_id if isinstance(tokenizer, WordPiece) else data.PAD_ID
-    if is_bert_shaped(cfg):
-        sd, config = _export_bert(module, pad_id)
-    else:
-        sd, config = _export_mosaic(module, folder, pad_id)
+    sd, config = _export_bert(module, pad_id) if is_bert_shaped(cfg) else _export_mosaic(module, folder, pad_id)
+    if isinstance(module, model.SequenceClassifier):
+        config["num_labels"] = module.num_labels
     save_file({k: v.detach().cpu() for k, v in sd.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -554,10 +471,9 @@ def export_model(module, folder, tokenizer=True) -> Path:
 def _glue_classifier(ck: dict, path) -> tuple:
     """glue.py's mnli_encoder.pt -> (SequenceClassifier, tokenizer): the MNLI-fine-tuned classifier and the
     tokenizer of what it was fine-tuned from (our GPT-2 BPE, or the HF / MosaicML folder's WordPiece)."""
-    if "classifier" not in ck:
-        raise ValueError(f"{path} has no classifier (written by an older glue.py): run the MNLI fine-tuning again")
-    cfg = model.config_from_dict(ck["model_config"])
-    clf = model.SequenceClassifier(cfg, ck["classifier"]["weight"].shape[0])
+    _require("classifier" in ck, f"{path} has no classifier (written by an older glue.py): run the MNLI "
+                                 f"fine-tuning again")
+    clf = model.SequenceClassifier(model.config_from_dict(ck["model_config"]), ck["classifier"]["weight"].shape[0])
     clf.bert.load_state_dict(ck["weights"]["bert"])
     if "pooler" in ck["weights"] and hasattr(clf, "pooler"):
         clf.pooler.load_state_dict(ck["weights"]["pooler"])
@@ -570,15 +486,10 @@ def _glue_classifier(ck: dict, path) -> tuple:
 
 
 def export(ckpt, folder) -> Path:
-    """A train.py checkpoint (ckpt_*.pt or the out_dir holding them), or glue.py's mnli_encoder.pt, -> a folder
-    transformers loads offline.
-
-    BERT-shaped configs (learned positions, GELU MLP; the bert-* presets) become a plain BertForMaskedLM (or
-    BertForSequenceClassification) with model_type "bert": no remote code. MosaicBERT configs get config.json with
-    an auto_map, model.safetensors, modeling_mosaicbert.py (a copy of hf_modeling.py) and copies of model.py and
-    kernels.py:
-    AutoModelForMaskedLM / AutoModel / AutoModelForSequenceClassification .from_pretrained(folder,
-    trust_remote_code=True). Both get a tokenizer.json: AutoTokenizer then gives data.Tokenizer's ids."""
+    """A train.py checkpoint (ckpt_*.pt or its out_dir), or glue.py's mnli_encoder.pt, -> a folder transformers
+    loads offline. BERT-shaped configs (the bert-* presets) become plain BERT (model_type "bert", no remote code);
+    MosaicBERT configs get an auto_map, modeling_mosaicbert.py (hf_modeling.py) and copies of model.py and
+    kernels.py (from_pretrained(folder, trust_remote_code=True)). Both get a tokenizer.json for AutoTokenizer."""
     p = Path(ckpt)
     if p.is_file() and not p.name.startswith("ckpt_"):  # perhaps glue.py's
         ck = torch.load(p, map_location="cpu", weights_only=True)
@@ -586,9 +497,8 @@ def export(ckpt, folder) -> Path:
             clf, tok = _glue_classifier(ck, p)
             return export_model(clf, folder, tokenizer=tok)
     mlm, ck = model.load_pretrained(str(ckpt))
-    if ck.get("tokenizer", "gpt2") != "gpt2":
-        raise ValueError(f"{ckpt} was trained with tokenizer {ck.get('tokenizer')!r}; the export writes the GPT-2 "
-                         f"BPE tokenizer.json of train.py checkpoints only")
+    _require(ck.get("tokenizer", "gpt2") == "gpt2", f"{ckpt} was trained with tokenizer {ck.get('tokenizer')!r}; "
+             f"the export writes the GPT-2 BPE tokenizer.json of train.py checkpoints only")
     return export_model(mlm, folder)
 
 
@@ -602,8 +512,7 @@ def load_folder(folder):
     _require(any(k in sd for k in head), f"{folder} has no MLM head ({', '.join(hf_cfg.get('architectures', []))}): "
                                          f"fill-mask needs a masked-language model, not an encoder or a classifier")
     if "model_config" in hf_cfg:  # ours, exported
-        cfg = model.config_from_dict(hf_cfg["model_config"])
-        mlm = BertForMaskedLM(cfg)
+        mlm = BertForMaskedLM(model.config_from_dict(hf_cfg["model_config"]))
         if hf_cfg.get("model_type") == "bert":
             mlm.load_state_dict(from_hf_bert(folder).state_dict())
         else:

@@ -1,4 +1,4 @@
-"""Issue 9: what would break or crawl at the paper's scale, checked on the CPU.
+"""What would break or crawl at the paper's scale, checked on the CPU.
 
 Evaluation through the compiled flex function, FlexAttention's backward against naive, host syncs
 per forward, the datasheet peak table, exact MLM accuracy, and compile-by-default on CUDA.
