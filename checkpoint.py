@@ -1,12 +1,6 @@
-"""Checkpoints and run management: atomic files, listing, autoresume, preemption, RNG state.
-
-    atomic_save, atomic_write_json    temp file + fsync + os.replace: a crash leaves the old file or the new one
-    checkpoint_path, list_checkpoints, latest_checkpoint    out_dir/ckpt_{step:07d}.pt, sorted by step
-    load_for_resume                   --resume, or autoresume: same config continues, another config is refused
-    PreemptionFlag, PREEMPTED_EXIT    SIGTERM/SIGUSR1: every rank stops after the same step, rank 0 saves
-    rng_state, set_rng_state          torch/CUDA/Python/numpy RNG as weights_only-loadable values
-    trim_metrics                      metrics.jsonl keeps only the rows up to the checkpoint a run resumes from
-"""
+"""Checkpoints and run management: atomic files (atomic_save, atomic_write_json), the checkpoint list
+(latest_checkpoint), autoresume (load_for_resume: the same config continues, another is refused), metrics.jsonl
+trimmed to the checkpoint (prepare_out_dir), RNG state, and preemption (PreemptionFlag, PREEMPTED_EXIT)."""
 
 import json
 import os
@@ -22,6 +16,12 @@ import torch.distributed as dist
 from config import ConfigError
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL of <sysexits.h>, "try again later": not success (0), bad flags (2) or failure (1)
+# torchrun turns a worker's non-zero status into its own exit 1, so rank 0 also leaves this file (holding the
+# step) in out_dir; the next start in that out_dir removes it.
+PREEMPTED_MARKER = "PREEMPTED"
+
+
 class TrainError(RuntimeError):
     """A run that cannot go on (non-finite loss, missing checkpoint...). Printed on stderr, exit 1."""
 
@@ -33,12 +33,11 @@ class TrainError(RuntimeError):
 def _atomic_write(path, write: Callable, mode: str):
     """write(f) into path.tmp in the same directory, fsync, then os.replace: never half a file."""
     path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, mode) as f:
+    with open(path + ".tmp", mode) as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a crash
@@ -62,10 +61,8 @@ def checkpoint_path(out_dir: str, step: int) -> str:
 
 def list_checkpoints(out_dir: str) -> list[str]:
     """The ckpt_*.pt files of out_dir, oldest step first ([] without the folder)."""
-    if not os.path.isdir(out_dir):
-        return []
-    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n.endswith(".pt")]
-    return sorted(os.path.join(out_dir, n) for n in names)
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted(os.path.join(out_dir, n) for n in names if n.startswith("ckpt_") and n.endswith(".pt"))
 
 
 def latest_checkpoint(out_dir: str) -> Optional[str]:
@@ -82,22 +79,16 @@ HOW_NOT_WHAT = ("resume", "stop_at_step", "out_dir", "device", "compile", "keep_
                 "log_every", "eval_every", "eval_batches", "eval_batch_size", "save_every", "keep_checkpoints")
 
 
-def run_config_diff(saved: dict, current: dict) -> list[str]:
-    """The fields (other than HOW_NOT_WHAT) in which a checkpoint's train_config differs from this run's."""
-    keys = sorted((set(saved) | set(current)) - set(HOW_NOT_WHAT))
-    return [f"--{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
-
-
-def model_config_diff(saved: dict, current: dict) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+def config_diff(saved: dict, current: dict, ignore=(), flag="") -> list[str]:
+    """The fields (other than `ignore`) in which a checkpoint's config differs from this run's."""
+    keys = sorted((set(saved) | set(current)) - set(ignore))
+    return [f"{flag}{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+            for k in keys if saved.get(k) != current.get(k)]
 
 
 def load_for_resume(out_dir: str, resume: bool, train_cfg: dict, model_cfg: dict, print0=print) -> Optional[dict]:
-    """The checkpoint this run continues, or None for a fresh start; raises before any work on a mismatch.
-    Without --resume an out_dir holding checkpoints of the same config is resumed (autoresume: running the same
-    command again continues it), and one of another config is refused. A different --data, data_mode, seq_len
-    or seed is refused later, by the data stream's load_state_dict."""
+    """The checkpoint this run continues, or None; raises before any work on a mismatch (a different --data,
+    data_mode, seq_len or seed is refused later, by the data stream's load_state_dict)."""
     path = latest_checkpoint(out_dir)
     if path is None:
         if resume:
@@ -110,13 +101,13 @@ def load_for_resume(out_dir: str, resume: bool, train_cfg: dict, model_cfg: dict
     except Exception as e:  # truncated file, not a checkpoint, or unsafe pickled types
         raise TrainError(f"{how}: cannot load {path} ({type(e).__name__}: {str(e)[:200]}); "
                          f"move it away to resume from the previous checkpoint") from None
-    diff = [] if resume else run_config_diff(ckpt.get("train_config", {}), train_cfg)
+    diff = [] if resume else config_diff(ckpt.get("train_config", {}), train_cfg, HOW_NOT_WHAT, "--")
     if diff:
         raise ConfigError(f"{out_dir} holds the checkpoints of a run with another config "
                           f"({path}, step {ckpt['step']}):\n  " + "\n  ".join(diff) + "\nNothing was changed. "
                           f"To continue that run with these settings, add --resume; to start a new run, pass "
                           f"another --out_dir (or delete {out_dir} yourself).")
-    diff = model_config_diff(ckpt["model_config"], model_cfg)
+    diff = config_diff(ckpt["model_config"], model_cfg)
     if diff:
         raise ConfigError(f"--resume: {path} was trained with a different model config:\n  " + "\n  ".join(diff)
                           + "\nuse the same --preset/--model/--model_overrides/--dropout, or a new --out_dir")
@@ -128,20 +119,21 @@ def load_for_resume(out_dir: str, resume: bool, train_cfg: dict, model_cfg: dict
     return ckpt
 
 
-def trim_metrics(metrics_path: str, step: Optional[int]):
-    """A fresh run (step None) removes the rows of a run that saved no checkpoint; a resumed one drops the
-    rows logged after its checkpoint (a crashed run's tail)."""
-    if not os.path.exists(metrics_path):
-        return
-    if step is None:
+def prepare_out_dir(out_dir: str, step: Optional[int]) -> str:
+    """Rank 0: create out_dir, remove a PREEMPTED marker; in metrics.jsonl a fresh run (step None) removes the rows
+    of a run that saved no checkpoint, a resumed one those logged after its checkpoint. Returns the metrics path."""
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, PREEMPTED_MARKER)):
+        os.remove(os.path.join(out_dir, PREEMPTED_MARKER))
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path) and step is None:
         print(f"note: {metrics_path} holds the rows of a run that saved no checkpoint; starting afresh", flush=True)
         os.remove(metrics_path)
-        return
-    with open(metrics_path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(metrics_path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(metrics_path + ".tmp", metrics_path)
+    elif os.path.exists(metrics_path):  # drop the rows logged after the checkpoint (a crashed run's tail)
+        with open(metrics_path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        _atomic_write(metrics_path, lambda f: f.writelines(rows), "w")
+    return metrics_path
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,12 +143,8 @@ def trim_metrics(metrics_path: str, step: Optional[int]):
 def rng_state() -> dict:
     """This process's RNG states as weights_only-safe values (numpy's ndarray becomes a list of ints)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "python": random.getstate(), "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
 
 
 def set_rng_state(s: dict):
@@ -172,31 +160,21 @@ def restore_rng(ckpt: Optional[dict], seed: int, rank: int, world: int, print0=p
     """A resumed run takes this rank's saved RNG state; a fresh one seeds each rank apart (dropout differs across
     ranks). Resumed on another world size, each rank is seeded from (seed, rank, step): its own stream, and the
     same resume draws the same."""
-    if ckpt is None:
-        torch.manual_seed(seed + 1 + rank)
-        random.seed(seed + rank)
-        np.random.seed(seed + rank)
-    elif len(ckpt["rng_per_rank"]) == world:
-        set_rng_state(ckpt["rng_per_rank"][rank])
+    if ckpt is not None and len(ckpt["rng_per_rank"]) == world:
+        return set_rng_state(ckpt["rng_per_rank"][rank])
+    if ckpt is None:  # a fresh run: dropout differs across ranks
+        torch_seed, s = seed + 1 + rank, seed + rank
     else:
-        s = int(np.random.SeedSequence([seed, rank, ckpt["step"]]).generate_state(1, np.uint64)[0])
-        torch.manual_seed(s)
-        random.seed(s)
-        np.random.seed(s % 2**32)
+        torch_seed = s = int(np.random.SeedSequence([seed, rank, ckpt["step"]]).generate_state(1, np.uint64)[0])
         print0(f"note: the checkpoint was written by {len(ckpt['rng_per_rank'])} ranks, this run has {world}: each "
                f"rank's RNG is seeded from (seed, rank, step), so dropout masks will differ from the original run")
+    torch.manual_seed(torch_seed)
+    random.seed(s)
+    np.random.seed(s % 2**32)
 
 
 # ----------------------------------------------------------------------------------------
 # Preemption
-
-# Exit status once the preemption checkpoint is saved: EX_TEMPFAIL of <sysexits.h>, "try again later", which a
-# requeue script tells from success (0), bad flags (2) and failures (1, or a signal's 128+n).
-PREEMPTED_EXIT = 75
-# torchrun turns any worker's non-zero status into its own exit 1, so rank 0 also leaves this file (holding
-# the step) in out_dir; the next start of train.py in that out_dir removes it.
-PREEMPTED_MARKER = "PREEMPTED"
-
 
 class Preempted(Exception):
     """Raised on every rank after a preemption checkpoint was saved; train.cli exits with PREEMPTED_EXIT."""

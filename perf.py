@@ -1,12 +1,11 @@
 """What the machine can do and what a step costs it: peak FLOP/s (the MFU denominator), memory, the CPU heap.
 
-Grep the names:
     resolve_dtype, cpu_bf16_probe     --dtype=auto: bf16 where this device runs bf16 matmuls fast, else float32
     GPU_PEAK_TFLOPS, datasheet_peak   dense bf16/fp32 peaks from the vendors' data sheets, matched on whole words
-    peak_flops                        train.py's MFU reference: the data sheet on GPUs, a timed matmul on CPUs
+    peak_flops, mfu_reference, mfu    train.py's MFU: against the data sheet on GPUs, a timed matmul on CPUs
     MatmulPeak                        bench.py's: timed matmul bursts interleaved with the benchmark's rows
     resident_bytes, high_water        the process's resident set, and a step's memory high-water mark
-    keep_freed_memory, BoundedHeap    CPU: glibc keeps freed memory between steps (no page faults), with a bound
+    CPU workarounds                   keep_freed_memory, BoundedHeap: glibc keeps freed memory, within a bound
 
 MFU = model FLOPs per second (model.flops_per_token x tokens/s) / one of these peaks, in the run's dtype.
 """
@@ -22,6 +21,11 @@ import time
 from typing import Callable, NamedTuple, Optional
 
 import torch
+
+try:
+    import resource  # Unix only
+except ImportError:
+    resource = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -40,25 +44,25 @@ def _cpu_flags() -> Optional[set]:
     """The CPU's feature flags from /proc/cpuinfo (Linux x86), or None where they cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
     except OSError:
-        pass
-    return None
+        return None
 
 
-def _matmul_rate(dtype: torch.dtype, n: int, reps: int) -> float:
-    """The best rate of `reps` timed n^3 products: another process on the machine can only slow one down."""
+def _matmul_rate(dtype: torch.dtype, n: int, reps: int, window: float = 0.0) -> float:
+    """The best rate of `reps` timed windows of n^3 products (one product, or as many as fill `window` seconds):
+    another process on the machine can only slow a window down, and an understated peak overstates every MFU."""
     g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched
     a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
     a @ b  # warm-up
-    best = float("inf")
+    best = 0.0
     for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        k, t0 = 0, time.perf_counter()
+        while k == 0 or time.perf_counter() - t0 < window:
+            a @ b
+            k += 1
+        best = max(best, 2 * n**3 * k / (time.perf_counter() - t0))
+    return best
 
 
 # Set to 'absent' (or 'native') to take the other CPU kind's --dtype=auto choice on this machine: the test suite
@@ -68,12 +72,9 @@ CPU_BF16_ENV = "MOSAICBERT_CPU_BF16"
 
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_probe() -> Bf16Probe:
-    """Whether bf16 matmuls are fast on this CPU: the feature flags, and timed 256^3 products in each dtype.
-
-    Once per process; well under 0.1 s where bf16 is native, about 0.3 s where it is not (there a bf16
-    matmul runs some 50x slower than float32: oneDNN has no bf16 kernel without AVX-512-BF16 or AMX).
-    The flags decide where they can be read; the timing, the best of interleaved rounds, gives the ratio.
-    """
+    """Whether bf16 matmuls are fast on this CPU: the feature flags decide where they can be read (without
+    AVX-512-BF16 or AMX oneDNN has no bf16 kernel); timed 256^3 products, best of interleaved rounds, give the
+    ratio. Once per process, well under a second."""
     flags, forced = _cpu_flags(), os.environ.get(CPU_BF16_ENV, "")
     native = None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16"})
     if forced in ("native", "absent"):
@@ -81,10 +82,6 @@ def cpu_bf16_probe() -> Bf16Probe:
     rates = [(_matmul_rate(torch.bfloat16, 256, 2), _matmul_rate(torch.float32, 256, 2)) for _ in range(4)]
     speedup = max(r[0] for r in rates) / max(r[1] for r in rates)
     return Bf16Probe(native, speedup, forced if forced in ("native", "absent") else "")
-
-
-def _ratio(speedup: float) -> str:
-    return f"{speedup:.1f}x faster than" if speedup >= 1 else f"{1 / speedup:.0f}x slower than"
 
 
 def resolve_dtype(flag: str, device: torch.device) -> tuple[str, str, Optional[str]]:
@@ -95,21 +92,20 @@ def resolve_dtype(flag: str, device: torch.device) -> tuple[str, str, Optional[s
         raise ValueError(f"--dtype={flag}: choose one of {', '.join(DTYPES)}")
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
-        if flag != "auto":
-            warn = None if ok or flag == "float32" else "this GPU has no native bf16; expect it to be slow"
-            return flag, f"--dtype={flag}", warn
-        return ("bfloat16", "auto: this GPU supports bf16") if ok else ("float32", "auto: this GPU has no bf16")
+        if flag == "auto":
+            return ("bfloat16", "auto: this GPU supports bf16") if ok else ("float32", "auto: this GPU has no bf16")
+        return flag, f"--dtype={flag}", None if ok or flag == "float32" else "this GPU has no native bf16; expect it to be slow"
     if device.type != "cpu":  # meta and other test devices: no probe, as asked
         return ("float32" if flag == "auto" else flag), f"--dtype={flag} on {device.type}", None
     probe = cpu_bf16_probe()
     fast = probe.native if probe.native is not None else probe.speedup >= 1.0
-    ratio = f"bf16 matmul runs {_ratio(probe.speedup)} float32 on this CPU"
+    s = probe.speedup
+    ratio = f"bf16 matmul runs {f'{s:.1f}x faster than' if s >= 1 else f'{1 / s:.0f}x slower than'} float32 on this CPU"
     if probe.forced:
         ratio += f"; {CPU_BF16_ENV}={probe.forced} says bf16 is {probe.forced}"
     if flag == "auto":
         return ("bfloat16" if fast else "float32"), f"auto: {ratio}", None
-    warn = None if fast or flag == "float32" else f"{ratio}; --dtype=auto would pick float32"
-    return flag, f"--dtype={flag}", warn
+    return flag, f"--dtype={flag}", None if fast or flag == "float32" else f"{ratio}; --dtype=auto would pick float32"
 
 
 def autocast(device: torch.device, dtype: str):
@@ -120,10 +116,9 @@ def autocast(device: torch.device, dtype: str):
 # ----------------------------------------------------------------------------------------
 # Peak FLOP/s: the data sheet on GPUs, timed matmuls on CPUs
 
-# Dense (no sparsity) peaks per GPU in TFLOP/s from the vendors' data sheets: (bf16 tensor core, fp32).
-# fp32 is the plain (non-tensor-core) rate torch's default float32 matmul precision ("highest") runs at;
-# with TF32 allowed (torch.set_float32_matmul_precision("high")) float32 matmuls get half the bf16 peak.
-# Names are matched as whole words, longest first: "L40" never matches "L4", "GB200" never "B200".
+# Dense (no sparsity) peaks in TFLOP/s from the vendors' data sheets: (bf16 tensor core, fp32). fp32 is the
+# plain rate of torch's default float32 matmul precision ("highest"); with TF32 allowed float32 matmuls get
+# half the bf16 peak. Names match as whole words, longest first: "L40" never matches "L4", "GB200" never "B200".
 GPU_PEAK_TFLOPS = {
     "A100": (312, 19.5),
     "H100": (989, 67), "H100 PCIe": (756, 51), "H100 NVL": (835, 60),
@@ -132,23 +127,18 @@ GPU_PEAK_TFLOPS = {
     "B200": (2250, 75), "GB200": (2500, 80),
     # export parts: H800 and A800 have the H100's and A100's compute (NVLink cut), H20 a smaller Hopper
     "H800": (989, 67), "H800 PCIe": (756, 51), "A800": (312, 19.5), "H20": (148, 44),
-    # AWS's A10G has no NVIDIA data sheet: 70 is AWS's dense bf16 figure (a large bf16 matmul reaches ~69 on one;
-    # the A10 data sheet's 125 is a different, faster part), fp32 the A10 sheet's 31.2
+    # AWS's A10G has no NVIDIA data sheet: 70 is AWS's dense bf16 figure (not the A10's 125), fp32 the A10's 31.2
     "A10G": (70, 31.2),
-    # Ada workstation and GeForce: bf16 with fp32 accumulate, as torch's matmuls run it (GeForce runs it at half
-    # its fp16-accumulate rate: the RTX 4090's 330 TFLOP/s is fp16 accumulate)
+    # Ada workstation and GeForce: bf16 with fp32 accumulate, as torch runs it (GeForce: half the fp16-acc rate)
     "RTX 4090": (165.2, 82.6), "RTX 6000 Ada": (364.2, 91.1),
 }
-
-
-def _words(name: str) -> list[str]:
-    return name.upper().replace("-", " ").replace("_", " ").split()
 
 
 def datasheet_peak(device_name: str, dtype: str) -> Optional[float]:
     """Dense peak FLOP/s of a GPU (torch.cuda.get_device_name) for the run's dtype, or None when the
     name is not in GPU_PEAK_TFLOPS. The longest table key whose words appear, in order and whole, in
     the name wins: "NVIDIA H100 NVL" is the NVL part, "NVIDIA A100-SXM4-80GB" an A100."""
+    _words = lambda name: name.upper().replace("-", " ").replace("_", " ").split()  # noqa: E731
     words = _words(device_name)
     for key in sorted(GPU_PEAK_TFLOPS, key=lambda k: (len(_words(k)), len(k)), reverse=True):
         kw = _words(key)
@@ -163,9 +153,7 @@ def datasheet_peak(device_name: str, dtype: str) -> Optional[float]:
 
 def datasheet_peaks(device: torch.device) -> Optional[dict]:
     """{dtype: dense peak FLOP/s} of this GPU from GPU_PEAK_TFLOPS (None on CPU or for an unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peaks = {dt: datasheet_peak(name, dt) for dt in ("bfloat16", "float32")}
     return peaks if peaks["bfloat16"] else None
 
@@ -175,23 +163,9 @@ def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
     if device.type == "cuda":
         return datasheet_peak(torch.cuda.get_device_name(device), dtype)
     dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    # 2048^3 (~17 GFLOP) reaches the CPU's sustained rate; where the dtype is slow (bf16 without native
-    # support: ~12 s per product) a small product keeps the measurement within a second.
+    # 2048^3 reaches the CPU's sustained rate; where the dtype is slow (bf16 without native support) 256^3
     n = 2048 if 2 * 2048**3 / _matmul_rate(dt, 256, 1) < 0.25 else 256
-    g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched
-    a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
-    for _ in range(2):
-        a @ b  # warm-up
-    # The best of 3 windows of 0.3 s: anything else running on the machine (another job, a data thread)
-    # can only slow a window down, and an understated peak would overstate every MFU of the run.
-    rates = []
-    for _ in range(3):
-        k, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.3:
-            a @ b
-            k += 1
-        rates.append(2 * n**3 * k / (time.perf_counter() - t0))
-    return max(rates)
+    return _matmul_rate(dt, n, reps=3, window=0.3)
 
 
 def fmt_flops(rate: float) -> str:
@@ -219,10 +193,7 @@ def mfu_reference(device: torch.device, dtype: str) -> tuple[Optional[float], st
 def mfu(flops_per_s: float, peak: Optional[float]) -> Optional[float]:
     """Model FLOPs utilisation, or None (printed n/a) without a peak or where the step beats the 'peak':
     then the peak was understated (a busy machine while it was measured), and no MFU above 100% is shown."""
-    if not peak:
-        return None
-    u = flops_per_s / peak
-    return u if u <= 1.0 else None
+    return flops_per_s / peak if peak and flops_per_s / peak <= 1.0 else None
 
 
 def sync(device: torch.device):
@@ -242,12 +213,10 @@ class MatmulPeak:
 
     def burst(self, reps: int = 3):
         for name in self.rates:
-            dt = getattr(torch, name)
             if name not in self._ab:
-                a = torch.randn(self.n, self.n, device=self.device, dtype=dt)
-                b = torch.randn(self.n, self.n, device=self.device, dtype=dt)
-                self._ab[name] = (a, b)
-                a @ b  # warm-up
+                dt = getattr(torch, name)
+                self._ab[name] = [torch.randn(self.n, self.n, device=self.device, dtype=dt) for _ in range(2)]
+                self._ab[name][0] @ self._ab[name][1]  # warm-up
             a, b = self._ab[name]
             times = []
             for _ in range(reps):
@@ -277,42 +246,20 @@ def resident_bytes() -> Optional[int]:
 
 def peak_resident_bytes() -> int:
     """The process's resident-set high-water mark so far (getrusage; Linux reports KiB), or 0 without it."""
-    try:
-        import resource  # noqa: PLC0415 (Unix only)
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if resource else 0
 
 
-def _hwm_bytes() -> Optional[int]:
-    """The resident-set high-water mark VmHWM (/proc/self/status, kB) in bytes, or None off Linux. Unlike
-    peak_resident_bytes (getrusage), it can be reset (_reset_hwm)."""
+def _vm_hwm(reset: bool = False) -> Optional[int]:
+    """VmHWM, the resident-set high-water mark (/proc/self/status), in bytes, or None off Linux. reset: first
+    reset it to the current RSS (Linux >= 4.0; unlike getrusage's mark, this one can be reset)."""
     try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
     except OSError:
-        pass
-    return None
-
-
-def malloc_trim():
-    """Give every free page of the heap back to the kernel (glibc; a no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0). False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+        return None
 
 
 def high_water(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -326,51 +273,45 @@ def high_water(fn: Callable[[], object], device: torch.device) -> Optional[int]:
         sync(device)
         return max(0, torch.cuda.max_memory_allocated(device) - start)
     malloc_trim()
-    if not _reset_hwm():
+    if _vm_hwm(reset=True) is None:
         fn()
         return None
     start = resident_bytes()
     fn()
-    peak = _hwm_bytes()
+    peak = _vm_hwm()
     return None if start is None or peak is None else max(0, peak - start)
 
 
 # ----------------------------------------------------------------------------------------
-# The CPU heap: freed memory kept between steps, within a bound
+# CPU workarounds: the glibc heap (train.py holds the other one, the CPU compile threshold)
+
+
+def malloc_trim():
+    """Give every free page of the heap back to the kernel (glibc; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def keep_freed_memory() -> bool:
-    """CPU: glibc keeps freed memory instead of returning it to the kernel (BoundedHeap bounds it).
-
-    A training step frees and re-allocates the same large tensors every step (gradients, activations,
-    autocast's bf16 weight copies, the head's buffers). glibc serves big blocks with mmap and unmaps
-    them on free, so every step page-faults all of that memory back in, zero-filled by the kernel: on
-    this project's 2-core CI machine a third of the demo's step time and ~10% of a MosaicBERT-base step.
-    mallopt gets the memory kept (no mmap for big blocks, no trimming of the heap's top); PyTorch's CPU
-    tuning guide reaches for jemalloc/tcmalloc instead. Alone, this lets a heap whose block sizes change
-    from step to step fragment and grow; BoundedHeap trims it back. Returns whether it applied (glibc only).
-    """
+    """CPU: glibc keeps freed memory instead of unmapping it, so a step's re-allocated tensors are not
+    page-faulted (and zero-filled) back in every step (PyTorch's CPU tuning guide uses jemalloc/tcmalloc
+    for the same). BoundedHeap bounds the heap it lets grow. Returns whether it applied (glibc only)."""
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>: no mmap for big blocks, no trimming of the heap's top
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 class BoundedHeap:
-    """The CPU default (--keep_freed_memory=true): freed memory is kept for the next step, and the heap
-    is trimmed back whenever the resident set passes `growth` x its level after `warmup` steps.
-
-    keep_freed_memory removes the per-step page faults; what it leaves is a heap that fragments and
-    keeps growing when allocation sizes drift (before the head was fused, the demo grew from 3.8 GB
-    after 10 steps to 7.6 GB after 250). After each step `after_step` reads the resident set (one
-    small /proc read); past the bound it calls malloc_trim(0), which hands every free page of the heap
-    back to the kernel. The next step faults only its working set back in, once. A no-op where glibc
-    or /proc is missing, or when not enabled (glibc's default behaviour then).
-    """
+    """The CPU default (--keep_freed_memory=true): freed memory is kept for the next step, and the heap is
+    trimmed (malloc_trim) whenever the resident set passes `growth` x its level after `warmup` steps, since a
+    kept heap fragments and grows when allocation sizes drift. A no-op without glibc or /proc, or disabled."""
 
     def __init__(self, enabled: bool, growth: float = 1.15, warmup: int = 20):
         self.active = enabled and keep_freed_memory() and resident_bytes() is not None

@@ -4,32 +4,19 @@
     python train.py --preset=mosaic-bert-tiny --max_steps=20
     torchrun --nproc_per_node=8 train.py --preset=mosaic-bert-base --data=c4   # the paper's recipe
 
-The recipe, top to bottom (grep the names):
-    TrainConfig, TRAIN_PRESETS    one dataclass, --field=value flags, named recipes
-    init_distributed              torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU
-    build_optimizer               MosaicML's decoupled weight decay expressed with torch's AdamW
-    lr_factor, lr_at              linear warmup, then linear decay to final_lr_frac x peak
-    mlm_step                      global masked count: a step's MLM loss is sum(CE) / (masked tokens in the global batch);
-                                  gradients are all-reduced once per step, on the last micro-step (no_sync)
-    --compile                     torch.compile in one place, on by default on CUDA (resolve_compile)
-    MFU                           against a peak-FLOP table on GPUs, a measured matmul rate on CPUs (perf.peak_flops)
-    checkpoint.py                 atomic saves, autoresume (same config continues, another is refused), preemption
-                                  (SIGTERM/SIGUSR1: every rank finishes the step, rank 0 saves, exit PREEMPTED_EXIT)
+The recipe, top to bottom (grep the names): TrainConfig and TRAIN_PRESETS; init_distributed (torchrun's env
+vars); build_optimizer (MosaicML's decoupled weight decay); lr_factor (warmup, linear decay); mlm_step (the loss is
+sum(CE) / masked tokens of the global batch; gradients sync once per step); compile_model (torch.compile in one
+place); Run (log line with MFU, evaluation, checkpoints); checkpoint.py (autoresume, preemption).
 
-The shared MLM micro-step (bench.py times the same function):
+    stats = mlm_step(model, micro, world=1, amp=nullcontext, loss_fn=mlm_loss)  # float64 [loss, n_correct, n_masked]
 
-    stats = mlm_step(model, micro, world=1, amp=nullcontext, loss_fn=mlm_loss)   # float64 [loss_sum, n_correct, n_masked]
+micro: dicts of input_ids, attention_mask, labels (B, S), optionally counts (model.LayoutCounts), from
+micro_batches(batch, mb); loss_fn(model, mb) -> (summed CE, correct top-1, masked count); hf_mlm_loss adapts a
+transformers model (it returns a mean). amp: a callable returning a context. The caller steps the optimizer.
 
-micro: the step's micro-batches on this rank, dicts with input_ids, attention_mask, labels (B, S) and optionally
-counts (model.LayoutCounts); micro_batches(batch, mb) splits a batch into them. loss_fn(model, mb) returns
-(summed CE, correct top-1 count, masked count); hf_mlm_loss adapts a transformers model, which returns a mean.
-The caller steps the optimizer. amp is a zero-argument callable returning a context (perf.autocast).
-
-Shape legend: B sequences per micro-batch, S = seq_len.
-Recompiles: with --compile, run with TORCH_LOGS=recompiles to see every recompilation and its reason.
-Every micro-batch has the same (B, S) shape and only tensors enter the model; the varying number of
-real tokens (nnz) and of masked tokens is marked dynamic inside model.py (model.compile_model), so a
-run compiles once per region instead of once per batch.
+Shape legend: B sequences per micro-batch, S = seq_len. Recompiles: TORCH_LOGS=recompiles shows each and its reason;
+nnz and the masked count are marked dynamic (model.compile_model), so a run compiles once per region.
 """
 
 import datetime
@@ -52,7 +39,7 @@ import model as modeling
 import perf
 from checkpoint import (PREEMPTED_EXIT, PREEMPTED_MARKER, Preempted, PreemptionFlag, TrainError,  # noqa: F401
                         atomic_save, checkpoint_path, latest_checkpoint, list_checkpoints, load_for_resume,
-                        restore_rng, rng_state, set_rng_state, trim_metrics)
+                        prepare_out_dir, restore_rng, rng_state, set_rng_state)
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
 # Process-group timeout: a collective waits this long for the slowest rank. torch's default is 10 min for NCCL;
@@ -112,10 +99,8 @@ class TrainConfig:
     samples: bool = True               # print fill-mask predictions for SAMPLE_TEXTS before and after training
 
 
-# The paper's recipe: mosaicml/examples v0.0.4, examples/bert/yamls/main/mosaic-bert-base-uncased.yaml
-# (the version the MosaicBERT paper pins): C4, seq 128, global batch 4096, microbatch 128,
-# decoupled AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6, wd 1e-5, 6% warmup, linear decay to 0.02x,
-# 286,720,000 samples = 70,000 steps, bf16, no gradient clipping, eval at 15% masking every 2000 steps.
+# The paper's recipe: mosaicml/examples v0.0.4, examples/bert/yamls/main/mosaic-bert-base-uncased.yaml (the
+# version the paper pins): 286,720,000 samples = 70,000 steps of 4096, bf16, eval at 15% masking every 2000 steps.
 _PAPER = dict(
     model_overrides="", dropout=None, data="c4", data_mode="truncate", seq_len=128, num_workers=4,
     global_batch_size=4096, micro_batch_size=128, max_steps=70_000, lr=5e-4, beta1=0.9, beta2=0.98,
@@ -129,13 +114,8 @@ _TINY = dict(
     log_every=5, eval_every=20, eval_batches=4, eval_batch_size=16, save_every=20,
 )
 TRAIN_PRESETS = {
-    # The TrainConfig defaults: 4 layers, d=256, the real 50304 vocab, 300 steps of 32 packed rows of 128 tokens.
-    # No dropout and lr 1e-3: at 2e-3 and above this model sat on the unigram plateau (mlm_acc ~0.05) for 200+
-    # steps. The data is the Wikipedia sample plus the sentiment sample's training sentences without their labels
-    # (in-domain text for glue.py's demo, "don't stop pretraining"; the dev sentences are never read). Packing
-    # fills every row (each window attends only to itself), so every step has the same ~4,090 real tokens:
-    # the matmuls are full-sized, the heap stays bounded (chunked rows of short sentences changed the tensor
-    # sizes every step and fragmented it), and on the CPU the run is long enough for torch.compile to pay.
+    # The TrainConfig defaults: 300 steps of 32 packed rows (every step the same ~4,090 real tokens) of the
+    # Wikipedia sample plus the sentiment sample's unlabelled training sentences (in-domain for glue.py's demo).
     "demo": {},
     "mosaic-bert-base": dict(_PAPER, model="mosaic-bert-base", mask_prob=0.3, out_dir="out/mosaic-bert-base"),
     # BERT baseline: the paper trains it with the same recipe at 15% masking
@@ -146,8 +126,7 @@ TRAIN_PRESETS = {
 }
 
 
-# Held-out sentences for the fill-mask samples (written for this file: in neither corpus), nanoGPT-style evidence
-# that the model learned something: at step 0 the predictions are noise, after the demo they fit the context.
+# Held-out sentences (in neither corpus) for fill-mask samples: noise at step 0, fitting the context after the demo.
 SAMPLE_TEXTS = (
     "The city is the [MASK] of the province and its largest city.",
     "It is one of the [MASK] films of the year.",
@@ -166,13 +145,11 @@ def print_samples(model, when: str):
 
 def check_config(cfg: TrainConfig, world_size: int) -> int:
     """Validate choices and the batch arithmetic. Returns the gradient accumulation steps."""
-    choices = dict(device=("auto", "cpu", "cuda"), dtype=perf.DTYPES,
-                   data_mode=("truncate", "chunk", "pack"))
-    for key, allowed in choices.items():
+    for key, allowed in dict(device=("auto", "cpu", "cuda"), dtype=perf.DTYPES,
+                             data_mode=("truncate", "chunk", "pack")).items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
-    positive = ("global_batch_size", "micro_batch_size", "max_steps", "seq_len", "log_every")
-    for key in positive:
+    for key in ("global_batch_size", "micro_batch_size", "max_steps", "seq_len", "log_every"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"--{key} must be positive, got {getattr(cfg, key)}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
@@ -184,24 +161,21 @@ def check_config(cfg: TrainConfig, world_size: int) -> int:
                           f"{world_size} ranks; pick a multiple of {world_size}")
     per_rank = cfg.global_batch_size // world_size
     if per_rank % cfg.micro_batch_size:
-        divisors = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
-        hint = ", ".join(map(str, [m for m in divisors if m <= cfg.micro_batch_size][-3:]))
+        hint = ", ".join(map(str, [m for m in range(1, cfg.micro_batch_size + 1) if per_rank % m == 0][-3:]))
         raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} does not divide the per-rank batch "
                           f"{per_rank} (= --global_batch_size={cfg.global_batch_size} / {world_size} ranks); "
                           f"use a divisor of {per_rank}, e.g. {hint}")
     return per_rank // cfg.micro_batch_size
 
 
-# --- CPU workaround: on the CPU, compiling pays back its ~25 s only over a long run (docs/log.md has the
-# measurement), so auto compiles CPU runs of at least this many planned tokens.
+# --- CPU workaround (the other ones are in perf.py): compiling pays back its ~25 s on the CPU only over a long run
+# (docs/log.md has the measurement), so auto compiles CPU runs of at least this many planned tokens.
 CPU_COMPILE_MIN_TOKENS = 1_000_000
 
 
 def resolve_compile(flag: Optional[bool], device: torch.device, planned_tokens: int = 0) -> tuple[bool, str]:
-    """--compile: true/false as given; unset (None), compile where it pays. On CUDA the regional compile
-    (fused GeGLU, LayerNorm and dropout, the fused flex kernel) is always worth its one-off cost. On the
-    CPU it pays only over a long enough run: planned_tokens (max_steps x global batch x seq_len) of at
-    least CPU_COMPILE_MIN_TOKENS, as in the demo; tests and quick checks stay eager. Returns (on, why)."""
+    """--compile: as given; unset (None), on CUDA (the fused GeGLU, LayerNorm, dropout and flex kernels are
+    always worth it) and on the CPU from CPU_COMPILE_MIN_TOKENS planned tokens (the demo). Returns (on, why)."""
     if flag is not None:
         return flag, f"--compile={str(flag).lower()}"
     if device.type == "cuda":
@@ -213,8 +187,8 @@ def resolve_compile(flag: Optional[bool], device: torch.device, planned_tokens: 
                    f"{planned_tokens / 1e6:.2f}M; --compile=true to compile")
 
 
-def planned_tokens(cfg: "TrainConfig") -> int:
-    """Token positions the whole run will train on (padding included): what resolve_compile weighs."""
+def planned_tokens(cfg: TrainConfig) -> int:
+    """Token positions (padding included) the whole run trains on: what resolve_compile weighs."""
     return cfg.max_steps * cfg.global_batch_size * cfg.seq_len
 
 
@@ -265,9 +239,8 @@ def print0(*args):
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
-    """DDP without buffer broadcasts (the only buffers are the constant ALiBi slopes) and with the .grad
-    tensors as views into the all-reduce buckets (no copy in or out, one gradient's memory less)."""
-    # newer torch renames the flag (forward_sync_buffers; its buffers are still synced once, at init: fine here)
+    """DDP without buffer broadcasts (the only buffers are the constant ALiBi slopes; newer torch renames the
+    flag) and with the .grad tensors as views into the all-reduce buckets (no copy, one gradient's memory less)."""
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                       else {"broadcast_buffers": False})
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
@@ -294,15 +267,10 @@ def all_gather(obj) -> list:
 
 
 def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.98), eps=1e-6) -> torch.optim.AdamW:
-    """AdamW with MosaicML's *decoupled* weight decay and no decay on biases and LayerNorm weights.
-
-    DecoupledAdamW (Composer) decays as p -= wd * (lr_t / peak_lr) * p, so weight_decay=1e-5 means 1e-5 of the
-    weight per step at peak LR, whatever the LR's size. torch's AdamW decays p -= lr_t * weight_decay * p, so
-    weight_decay = wd / peak_lr gives the same update. Tensors with fewer than 2 dims are not decayed.
-    params: a module or an iterable of parameters.
-    """
-    params = params.parameters() if isinstance(params, torch.nn.Module) else params
-    params = [p for p in params if p.requires_grad]
+    """AdamW with MosaicML's *decoupled* weight decay (DecoupledAdamW: p -= wd * (lr_t / peak_lr) * p), which is
+    torch's AdamW (p -= lr_t * weight_decay * p) with weight_decay = wd / peak_lr. Tensors with fewer than 2 dims
+    (biases, LayerNorm) are not decayed. params: a module or an iterable of parameters."""
+    params = [p for p in (params.parameters() if isinstance(params, torch.nn.Module) else params) if p.requires_grad]
     groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=weight_decay / lr),
               dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
     # one kernel over all params (on the CPU ~5x faster than foreach)
@@ -343,12 +311,8 @@ def hf_mlm_loss(model, mb: dict):
 
 def mlm_step(model, micro: list[dict], world: int = 1, amp=nullcontext, loss_fn: Callable = mlm_loss) -> torch.Tensor:
     """Forward and backward of one step's micro-batches on this rank; returns float64 [loss_sum, n_correct, n_masked].
-
-    Global masked count: the gradient left in .grad is that of sum(CE over the masked tokens of the whole
-    global batch) / (masked tokens in the whole global batch), whatever their split over micro-batches and
-    ranks (tests/test_train.py checks it against autograd on the global batch). `model` is DDP-wrapped when
-    world > 1: DDP averages gradients over ranks, so each rank scales by world / N_global.
-    """
+    Global masked count: .grad is the gradient of sum(CE over the global batch's masked tokens) / their number,
+    whatever their split over micro-batches and ranks (`model` is DDP-wrapped when world > 1)."""
     # global masked count: the whole global batch's masked tokens, known before the forward pass
     n_masked = all_reduce(sum((mb["labels"] != -100).sum() for mb in micro).float())
     loss_scale = world / n_masked.clamp(min=1)  # DDP averages grads over ranks; `world` undoes that
@@ -402,9 +366,7 @@ def evaluate(model, batches, device, amp, rank, world):
     for b in batches[rank::world]:
         counts = model.layout_counts(b["attention_mask"], b["labels"])  # from the CPU batch: no device sync
         b = {k: to_device(v, device) for k, v in b.items()}
-        # Never under set_stance("force_eager"): that also turns off the compiled flex_attention, and eager
-        # flex builds the whole (1, H, nnz, nnz) score matrix (~43 GB a layer at the paper's eval batch).
-        # Under --compile each region compiles once more, for no_grad; nnz stays dynamic.
+        # never under set_stance("force_eager"): eager flex builds the whole (1, H, nnz, nnz) score matrix
         with amp():
             out = model(b["input_ids"], b["attention_mask"], b["labels"], counts=counts)
         tot += torch.stack([out.loss_sum.float(), out.n_correct.float(), out.n_masked.float()]).double()
@@ -440,23 +402,17 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         return print0(f"nothing to do: the checkpoint is at step {ckpt['step']} and the run ends at step {end}")
 
     # --- data (first: a bad --data fails before any other work)
-    stream = data.PretrainStream(cfg.data, split="train", seq_len=cfg.seq_len, mode=cfg.data_mode,
-                                 mask_prob=cfg.mask_prob, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
-                                 rank=rank, world_size=world, num_workers=cfg.num_workers)
-    eval_data = [] if cfg.eval_every <= 0 else data.eval_batches(
-        cfg.data, cfg.seq_len, cfg.data_mode, cfg.eval_batch_size, cfg.eval_batches, mask_prob=0.15, seed=cfg.seed)
-    print0(stream.describe())
+    stream, eval_data = build_data(cfg, rank, world)
 
     # --- model and optimizer (restored from the checkpoint), compiled, wrapped for DDP
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = modeling.build(mcfg).to(device)  # uncompiled, unwrapped: saving and evaluation use this
     optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     print0(f"model: {cfg.model} {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters")
-    step = 0 if ckpt is None else ckpt["step"]
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-    if rank == 0 and cfg.samples and step == 0:
+    elif rank == 0 and cfg.samples:
         print_samples(raw_model, "before training")
     use_compile = compile_model(raw_model, cfg, device)
     model = wrap_ddp(raw_model, device) if world > 1 else raw_model
@@ -466,6 +422,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     run = Run(cfg, mcfg, rank, world, device, raw_model, optimizer, stream, ckpt, use_compile)
 
     # --- the loop
+    step = run.first_step
     model.train()
     while step < end:
         lr = lr_at(step, cfg)
@@ -489,12 +446,18 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         if preempt is not None and step < end and preempt.agreed():  # every rank agrees: all stop after this step
             run.stop_preempted(step, saved, preempt.received)
 
-    # --- the end
-    if rank == 0 and cfg.samples and step == cfg.max_steps:
-        print_samples(raw_model, f"after {step} steps")
-    if end < cfg.max_steps:
-        print0(f"stopped after step {step} (--stop_at_step); continue with --resume")
-    print0(f"done: {step} steps, {fmt_time(time.perf_counter() - run.t_start)} wall time")
+    run.finish(step, end)
+
+
+def build_data(cfg: TrainConfig, rank: int, world: int):
+    """This rank's training stream and the held-out batches (15% masking, fixed masks; [] without evaluation)."""
+    stream = data.PretrainStream(cfg.data, split="train", seq_len=cfg.seq_len, mode=cfg.data_mode,
+                                 mask_prob=cfg.mask_prob, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
+                                 rank=rank, world_size=world, num_workers=cfg.num_workers)
+    eval_data = [] if cfg.eval_every <= 0 else data.eval_batches(
+        cfg.data, cfg.seq_len, cfg.data_mode, cfg.eval_batch_size, cfg.eval_batches, mask_prob=0.15, seed=cfg.seed)
+    print0(stream.describe())
+    return stream, eval_data
 
 
 def resolve_config(cfg: TrainConfig, world: int, device: torch.device) -> tuple[TrainConfig, modeling.ModelConfig]:
@@ -539,10 +502,7 @@ class Run:
         self.tokens_seen = 0 if ckpt is None else ckpt.get("tokens_seen", 0)
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         if self.master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            if os.path.exists(os.path.join(cfg.out_dir, PREEMPTED_MARKER)):
-                os.remove(os.path.join(cfg.out_dir, PREEMPTED_MARKER))
-            trim_metrics(self.metrics_path, None if ckpt is None else self.first_step)
+            prepare_out_dir(cfg.out_dir, None if ckpt is None else self.first_step)
         self.peak, peak_line = perf.mfu_reference(device, cfg.dtype)  # measured in the dtype that runs
         print0(peak_line)
         self.peak_beaten = False  # the step outran the measured peak: MFU n/a, said once
@@ -561,7 +521,8 @@ class Run:
         n_real, context_sq = data.attention_context(batch["attention_mask"])
         self.stats += stats
         self.grad_norm = grad_norm
-        self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(grad_norm) | ~torch.isfinite(self.stats[0])).float())
+        bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(self.stats[0])
+        self.nonfinite = torch.maximum(self.nonfinite, bad.float())
         self.steps += 1
         self.tokens += n_real
         self.context += context_sq
@@ -660,6 +621,13 @@ class Run:
         if dist.is_initialized():
             dist.barrier()
         self.t_log += time.perf_counter() - t0
+
+    def finish(self, step: int, end: int):
+        if self.master and self.cfg.samples and step == self.cfg.max_steps:
+            print_samples(self.raw_model, f"after {step} steps")
+        if end < self.cfg.max_steps:
+            print0(f"stopped after step {step} (--stop_at_step); continue with --resume")
+        print0(f"done: {step} steps, {fmt_time(time.perf_counter() - self.t_start)} wall time")
 
     def stop_preempted(self, step: int, saved: bool, received: Optional[str]):
         """Save (unless this step just did), leave the PREEMPTED marker, raise Preempted on every rank."""
