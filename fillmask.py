@@ -1,17 +1,10 @@
-"""Fill-mask: what a checkpoint predicts for each [MASK] in a sentence.
-
-The quickest way to see what a masked language model has learned (nanoGPT's sample.py, for BERT):
+"""Fill-mask: the top-k tokens a checkpoint predicts for each [MASK] in a sentence (nanoGPT's sample.py, for BERT).
 
     python fillmask.py --ckpt=out/demo "The capital of France is [MASK]." "He played the [MASK] in a band."
     python fillmask.py --hf=path/to/folder "Paris is the [MASK] of France."   # an export, MosaicBERT or HF BERT
 
-prints the top-k tokens and their probabilities for every [MASK]. `top_k` is the function the pretraining demo
-uses for its before/after samples, and the one the Hugging Face export is checked against.
-
-The tokenizer is any object with encode(text) -> ids, decode(ids) -> str, and cls_id, sep_id, mask_id
-(data.Tokenizer, or a WordPiece tokenizer for BERT vocabularies). "[MASK]" in the text is cut out and replaced by
-mask_id; the rest is encoded as ordinary text. With GPT-2's byte-level BPE the space before a word belongs to the
-word (" Paris" is one token), so the space just before each [MASK] is left to the masked token.
+`top_k` also gives train.py's before/after samples and checks the Hugging Face export. The tokenizer is any object
+with encode, decode, cls_id, sep_id and mask_id (data.Tokenizer, hf.WordPiece).
 """
 
 import sys
@@ -27,7 +20,8 @@ MASK = "[MASK]"
 
 
 def encode_masked(tok, text: str) -> list[int]:
-    """[CLS] text [SEP] as ids, each "[MASK]" in text as tok.mask_id. Raises ValueError when text has no [MASK]."""
+    """[CLS] text [SEP] as ids, each "[MASK]" as tok.mask_id (ValueError without one). With GPT-2's byte-level BPE
+    the space before a word belongs to the word (" Paris"), so the space before each [MASK] goes to the mask."""
     pieces = text.split(MASK)
     if len(pieces) < 2:
         raise ValueError(f"no {MASK} in {text!r}: write the word to predict as {MASK}")
@@ -45,19 +39,14 @@ def encode_masked(tok, text: str) -> list[int]:
 
 @torch.no_grad()
 def top_k(model, tok, text: str, k: int = 5) -> list[list[tuple[str, float]]]:
-    """For each [MASK] in text, in order, the k most likely tokens as (decoded token, probability).
-
-    model is a model.BertForMaskedLM, on any device: the input is built on its parameters' device. The softmax
-    runs over the real vocabulary (config.vocab_size): the rows that only pad the embedding to a multiple of 64
-    are not tokens and are never predicted.
-    """
+    """For each [MASK] in text, in order, the k most likely tokens as (decoded token, probability). The softmax
+    runs over the real vocabulary: the rows that pad the embedding to a multiple of 64 are never predicted."""
     ids = encode_masked(tok, text)
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)  # [1, S]
-    attention_mask = torch.ones_like(input_ids)
     was_training = model.training
     model.eval()
     try:
-        logits = model.logits(input_ids, attention_mask)[0]     # [S, V_padded]
+        logits = model.logits(input_ids, torch.ones_like(input_ids))[0]  # [S, V_padded]
     finally:
         model.train(was_training)
     logits = logits[:, : model.config.vocab_size].float()       # [S, V]
@@ -68,9 +57,8 @@ def top_k(model, tok, text: str, k: int = 5) -> list[list[tuple[str, float]]]:
 
 
 def format_predictions(text: str, preds: list[list[tuple[str, float]]]) -> str:
-    """One line per [MASK]: the sentence, then `[MASK] #n: token (p) | token (p) ...`. Tokens print without
-    their surrounding spaces, except where that would hide what they are: whitespace-only tokens, and tokens
-    that only their spaces tell apart in the same row (GPT-2 BPE's " It" and "It") print quoted."""
+    """The sentence, then per [MASK] `[MASK] #n: token (p) | ...`, tokens stripped of spaces; quoted where that would
+    hide them: whitespace-only tokens, and tokens only their spaces tell apart (GPT-2 BPE's " It" and "It")."""
     lines = [text]
     for n, row in enumerate(preds, 1):
         stripped = Counter(t.strip() for t, _ in row)
@@ -79,9 +67,8 @@ def format_predictions(text: str, preds: list[list[tuple[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------
+# --- command line
+
 @dataclass
 class FillMaskConfig:
     ckpt: str = "out/demo"          # a train.py checkpoint (.pt) or the out_dir holding them

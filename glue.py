@@ -7,15 +7,12 @@
     python glue.py --init=mosaicml --hf=path/to/mosaic-bert-base --glue_dir=glue_data   # MosaicML's published weights
     torchrun --nproc_per_node=8 glue.py --glue_dir=glue_data --tasks=mnli
 
-The task table, its recipes, the readers and the metrics are in glue_tasks.py. Here, top to bottom:
-- where fine-tuning starts: our checkpoint (GPT-2 BPE), a HF BERT or MosaicML folder (WordPiece), random init;
-- one run per (task, seed): train.py's AdamW (betas (0.9, 0.98), eps 1e-6, decoupled weight decay), 6% warmup then
-  linear decay to 0, bf16 autocast, batches padded to their longest row (the model unpads), the final evaluation;
-- the sweep: RTE, MRPC and STS-B start from the MNLI-fine-tuned encoder, as in the paper; out_dir/results.json is
-  rewritten atomically after every (task, seed), so an interrupted sweep resumes; under torchrun the ranks share
-  out the runs (--parallel=batches: DDP splits each batch instead);
-- the demo (no flags): train.py's default checkpoint (out/demo) against a random-init control on the Rotten Tomatoes
-  sample (1,000 labels, 3 seeds) and the majority class, into out_dir/demo.json; a collapsed encoder is flagged.
+The tasks, recipes, readers and metrics are in glue_tasks.py. Here: the starting points (our checkpoint, a HF BERT
+or MosaicML folder, random init); one run per (task, seed) with train.py's AdamW and schedule (6% warmup, linear
+decay to 0), the final evaluation scored; the sweep (RTE, MRPC, STS-B start from the MNLI-fine-tuned encoder, as in
+the paper; out_dir/results.json rewritten atomically after each run, so a sweep resumes; under torchrun the ranks
+share out the runs, or with --parallel=batches DDP splits each batch); the demo: out/demo's checkpoint against a
+random-init control on the Rotten Tomatoes sample, into out_dir/demo.json, with a collapsed encoder flagged.
 """
 
 import dataclasses
@@ -38,20 +35,16 @@ from checkpoint import atomic_save, atomic_write_json, latest_checkpoint
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 from glue_tasks import (FROM_MNLI, GLUE_TASKS, TASKS, Encoded, Examples, GlueError, Task, collate,  # noqa: F401
                         compute_metrics, encode_examples, eval_splits, label_subset, load_task, metric_names, read_tsv)
-from train import build_optimizer, init_distributed, lr_factor, resolve_compile, wrap_ddp
+from train import all_gather, build_optimizer, init_distributed, lr_factor, resolve_compile, wrap_ddp
 
 
-# --------------------------------------------------------------------------------------------------------------
-# config
-
+# --- config
 
 @dataclass
 class GlueConfig:
-    tasks: str = ""              # comma list of mnli,qqp,qnli,sst2,cola,stsb,mrpc,rte | all | sentiment (the
-                                 # offline sample in assets/). Empty: all with --glue_dir, else sentiment.
+    tasks: str = ""              # comma list of GLUE tasks | all | sentiment (assets/); empty: all with --glue_dir
     glue_dir: str = ""           # GLUE TSVs in download_glue_data.py's layout; empty: the hub (nyu-mll/glue)
-    init: str = "auto"           # ckpt | scratch | hf | mosaicml; auto: hf or mosaicml (by the folder) when --hf
-                                 # is given, else ckpt
+    init: str = "auto"           # ckpt | scratch | hf | mosaicml; auto: hf or mosaicml (by the folder) with --hf
     ckpt: str = "out/demo"       # a train.py checkpoint (.pt) or its out_dir (latest checkpoint)
     hf: str = ""                 # a Hugging Face BERT or MosaicML MosaicBERT folder (config.json, weights, vocab.txt)
     model: str = "mosaic-bert-small"  # model preset for --init=scratch when --ckpt does not exist
@@ -63,16 +56,14 @@ class GlueConfig:
     weight_decay: float = -1.0   # decoupled weight decay (absolute, at peak lr), -1: the recipe's
     batch_size: int = 0          # global batch size in sequences, 0: the recipe's
     max_steps: int = 0           # cap on optimizer steps per task/seed (smoke runs), 0: none
-    max_train_examples: int = 0  # a fixed random subset of the training set: 0 the recipe's label budget
-                                 # (all for GLUE tasks, 1,000 for the sentiment demo), -1 all
+    max_train_examples: int = 0  # a fixed random subset of the training rows: 0 the recipe's label budget, -1 all
     max_len: int = 128           # recipe: sequences truncated to 128 tokens
     warmup: float = 0.06         # fraction of steps with linear warmup, then linear decay to 0
     dropout: float = 0.1         # hidden dropout while fine-tuning (the paper's 0.1), whatever pretraining used
     eval_batch_size: int = 128
     dtype: str = "auto"          # auto (bf16 where this device runs it fast, else float32) | bfloat16 | float32
     device: str = "auto"         # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
-    parallel: str = "runs"       # under torchrun: runs (each rank fine-tunes its share of each task's seeds alone,
-                                 # no DDP; the recipe's 16-48 row batches are too small to split) | batches (DDP)
+    parallel: str = "runs"       # under torchrun: runs (the ranks share out each task's seeds, no DDP) | batches
     compile: Optional[bool] = None  # regional torch.compile of the encoder layers; None (auto): on CUDA only
     from_mnli: bool = True       # start RTE, MRPC, STS-B from the MNLI-fine-tuned encoder when there is one
     control: Optional[bool] = None  # also fine-tune a from-scratch copy (default: only for the sentiment sample)
@@ -80,9 +71,7 @@ class GlueConfig:
     log_interval: int = 100
 
 
-# --------------------------------------------------------------------------------------------------------------
-# distributed (torchrun) and device
-
+# --- distributed (torchrun) and device
 
 @dataclass
 class Dist:
@@ -104,17 +93,7 @@ def setup_distributed(device: str) -> Dist:
     return Dist(*init_distributed(device))
 
 
-def broadcast_object(obj, dist: Dist):
-    if dist.world == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# starting points: our pretrained checkpoint, random init, a HF BERT folder, or the MNLI-fine-tuned encoder
-
+# --- starting points: our pretrained checkpoint, random init, a HF BERT folder, or the MNLI-fine-tuned encoder
 
 @dataclass
 class Start:
@@ -127,9 +106,7 @@ class Start:
 
 def _resolve_ckpt(path: str) -> Optional[str]:
     p = Path(path)
-    if p.is_dir():
-        return latest_checkpoint(str(p))
-    return str(p) if p.is_file() else None
+    return latest_checkpoint(str(p)) if p.is_dir() else (str(p) if p.is_file() else None)
 
 
 def load_start(cfg: GlueConfig, init: str) -> Start:
@@ -157,14 +134,10 @@ def load_start(cfg: GlueConfig, init: str) -> Start:
         return start
     tok = data.get_tokenizer()
     path = _resolve_ckpt(cfg.ckpt) if cfg.ckpt else None
-    if init == "scratch":
-        if path is not None:  # the control: same architecture as the checkpoint, random weights
-            mcfg = _load_ckpt(path, tok)[0].config
-            src = {"init": "scratch", "model_config": config_dict(mcfg)}
-            return Start(mcfg, None, tok, src, f"random init (architecture of {path})")
-        mcfg = model.ModelConfig.preset(cfg.model)
+    if init == "scratch":  # the control: the checkpoint's architecture (else --model's), random weights
+        mcfg = _load_ckpt(path, tok)[0].config if path is not None else model.ModelConfig.preset(cfg.model)
         return Start(mcfg, None, tok, {"init": "scratch", "model_config": config_dict(mcfg)},
-                     f"random init ({cfg.model})")
+                     f"random init ({f'architecture of {path}' if path is not None else cfg.model})")
     if init != "ckpt":
         raise ConfigError(f"--init={init}: choose ckpt, scratch, hf or mosaicml")
     if path is None:
@@ -179,8 +152,7 @@ def load_start(cfg: GlueConfig, init: str) -> Start:
 
 
 def encoder_weights(m) -> dict:
-    """What a classifier takes over: the encoder, and the [CLS] pooler when there is a trained one (HF BERT,
-    or our MNLI-fine-tuned classifier). The classification layer is always new."""
+    """What a classifier takes over: the encoder, and a trained [CLS] pooler (HF BERT, our MNLI classifier)."""
     out = {"bert": m.bert.state_dict()}
     if hasattr(m, "pooler"):
         out["pooler"] = m.pooler.state_dict()
@@ -206,9 +178,8 @@ def _load_ckpt(path: str, tok):
 
 @torch.no_grad()
 def token_cosine(start: Start, n_sentences: int = 32) -> float:
-    """Mean cosine similarity between the final hidden states of all real tokens of a few sentences of the
-    sentiment sample. Random init gives about 0.5; an encoder whose pretraining collapsed (every token mapped
-    to the same vector, the MLM predicting unigram frequencies) gives 1.0, and fine-tuning cannot use it."""
+    """Mean cosine similarity between the final hidden states of the real tokens of a few sentiment sentences:
+    about 0.5 at random init, 1.0 for an encoder whose pretraining collapsed (every token the same vector)."""
     bert = model.Bert(start.model_config).eval()
     bert.load_state_dict(start.weights["bert"])
     ex = read_tsv(TASKS["sentiment"], Path(TASKS["sentiment"].folder) / TASKS["sentiment"].files["dev"])
@@ -247,17 +218,14 @@ def load_mnli_encoder(out_dir, start: Start) -> Optional[dict]:
     return ck["weights"]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# fine-tuning one (task, seed)
-
+# --- fine-tuning one (task, seed)
 
 def effective_recipe(cfg: GlueConfig, task: Task) -> dict:
     r = task.recipe
     return {"lr": cfg.lr or r.lr, "weight_decay": r.weight_decay if cfg.weight_decay < 0 else cfg.weight_decay,
             "epochs": cfg.epochs or r.epochs, "batch_size": cfg.batch_size or r.batch_size, "max_len": cfg.max_len,
-            "warmup": cfg.warmup, "max_steps": cfg.max_steps,
-            "max_train_examples": cfg.max_train_examples or r.train_examples,
-            "dtype": cfg.dtype, "betas": [0.9, 0.98], "eps": 1e-6}
+            "warmup": cfg.warmup, "max_steps": cfg.max_steps, "max_train_examples": cfg.max_train_examples
+            or r.train_examples, "dtype": cfg.dtype, "betas": [0.9, 0.98], "eps": 1e-6}
 
 
 @torch.no_grad()
@@ -277,13 +245,9 @@ def predict(clf, data: Encoded, cfg: GlueConfig, pad_id: int, dist: Dist, regres
         out.append(logits[:, 0] if regression else logits.argmax(-1))
     pred = torch.cat(out).cpu().numpy() if out else np.zeros(0)
     pairs = list(zip(mine.tolist(), pred.tolist()))
-    if dist.world > 1:
-        gathered = [None] * dist.world
-        torch.distributed.all_gather_object(gathered, pairs)
-        pairs = [p for g in gathered for p in g]
+    pairs = [p for g in all_gather(pairs) for p in g] if dist.world > 1 else pairs
     result = np.zeros(len(data), np.float64 if regression else np.int64)
-    for i, p in pairs:
-        result[i] = p
+    result[[i for i, _ in pairs]] = [p for _, p in pairs]
     return result
 
 
@@ -311,8 +275,7 @@ def build_classifier(cfg: GlueConfig, task: Task, start: Start, weights: Optiona
 
 
 def epoch_batches(n: int, B: int, world: int, seed: int, epochs: float, max_steps: int) -> tuple[int, list]:
-    """(total steps, the global batches' row ids): a new order each epoch, the last batch may be partial (under
-    DDP it must still give every rank a row)."""
+    """(total steps, the global batches' rows): a new order each epoch; a partial last batch gives each rank a row."""
     starts = [s for s in range(0, n, B) if min(B, n - s) >= world]
     total = math.ceil(epochs * len(starts))
     total = min(total, max_steps) if max_steps else total
@@ -407,9 +370,7 @@ def majority_baseline(task: Task, train: Examples, evals: dict) -> Optional[dict
     return score(task, evals, lambda ex: np.full(len(ex.labels), major))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# results.json: written atomically after every finished (task, seed)
-
+# --- results.json: written atomically after every finished (task, seed)
 
 def load_results(out_dir: Path, source: dict) -> dict:
     path = out_dir / "results.json"
@@ -448,11 +409,8 @@ def describe(source: dict) -> str:
     if source["init"] == "scratch":
         mc = source["model_config"]
         return f"random init ({mc['n_layers']} layers, d_model {mc['d_model']})"
-    if source["init"] == "hf":
-        return f"HF BERT {source['path']}"
-    if source["init"] == "mosaicml":
-        return f"MosaicBERT {source['path']}"
-    return f"pretrained {source['path']} (step {source.get('step')})"
+    name = {"hf": "HF BERT", "mosaicml": "MosaicBERT"}.get(source["init"])
+    return f"{name} {source['path']}" if name else f"pretrained {source['path']} (step {source.get('step')})"
 
 
 def markdown_table(res: dict) -> str:
@@ -475,9 +433,9 @@ def markdown_table(res: dict) -> str:
         lines += ["", f"**GLUE average: {res['glue_average'] * 100:.2f}**" + (
             "" if res["glue_complete"] else f" (partial: {n}/8 tasks: {', '.join(res['glue_tasks'])})")]
     return "\n".join(lines)
-# --------------------------------------------------------------------------------------------------------------
-# the sweep
 
+
+# --- the sweep
 
 def check_config(cfg: GlueConfig):
     choices = dict(dtype=perf.DTYPES, device=("auto", "cpu", "cuda"), parallel=("runs", "batches"),
@@ -537,20 +495,7 @@ def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None
         raise GlueError(f"--max_len={cfg.max_len} exceeds the checkpoint's {mc.max_positions} learned positions")
     if dist.master and start.weights is not None:
         warn_if_collapsed(start)
-    res = open_results(Path(cfg.out_dir), start, dist)
-    for name in tasks:
-        run_task(cfg, TASKS[name], start, res, dist)
-    res = summarize(res)
-    if dist.master:
-        table = markdown_table(res)
-        (Path(cfg.out_dir) / "results.md").write_text(table + "\n")
-        print("\n" + table + "\n")
-    return res
-
-
-def open_results(out_dir: Path, start: Start, dist: Dist) -> dict:
-    """results.json so far, read on rank 0 and broadcast: every rank learns what is done (or the error)."""
-    res = None
+    out_dir, res = Path(cfg.out_dir), None
     if dist.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -558,9 +503,16 @@ def open_results(out_dir: Path, start: Start, dist: Dist) -> dict:
         except GlueError as e:
             res = e
         print(f"starting point: {start.label}; results in {out_dir / 'results.json'}")
-    res = broadcast_object(res, dist)
+    res = all_gather(res)[0] if dist.world > 1 else res  # rank 0's: every rank learns what is done (or the error)
     if isinstance(res, GlueError):
         raise res
+    for name in tasks:
+        run_task(cfg, TASKS[name], start, res, dist)
+    res = summarize(res)
+    if dist.master:
+        table = markdown_table(res)
+        (out_dir / "results.md").write_text(table + "\n")
+        print("\n" + table + "\n")
     return res
 
 
@@ -636,8 +588,7 @@ def finetune_seeds_across_ranks(cfg: GlueConfig, task: Task, start: Start, weigh
         if task.name == "mnli" and seed == seeds[0]:  # whichever rank ran it writes it
             save_mnli_encoder(out, start, seed, out_dir)
         mine[str(seed)] = out["metrics"]
-    gathered = [None] * dist.world
-    torch.distributed.all_gather_object(gathered, mine)
+    gathered = all_gather(mine)
     if dist.master:
         done = {k: v for g in gathered for k, v in g.items()}
         res["tasks"][task.name]["seeds"].update({str(s): done[str(s)] for s in todo})  # in seed order
@@ -645,14 +596,11 @@ def finetune_seeds_across_ranks(cfg: GlueConfig, task: Task, start: Start, weigh
     torch.distributed.barrier()  # the results and the MNLI encoder are on disk before the next task
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the sentiment demo and the command line
-
+# --- the sentiment demo and the command line
 
 def demo_summary(main: dict, control: Optional[dict], main_label: str, out_dir: Optional[Path] = None):
-    """The sentiment demo's comparison: pretrained vs from-scratch control vs majority class, as the median over
-    seeds with the spread; written to out_dir/demo.json as fractions ({"pretrained": [per seed], "scratch": [...],
-    "majority": rate}) when there is a control."""
+    """The demo's table: pretrained vs from-scratch control vs majority class (median over seeds, spread); with a
+    control, out_dir/demo.json gets {"pretrained": [per seed], "scratch": [per seed], "majority": rate}."""
     tr = main["tasks"].get("sentiment")
     if not tr or "mean" not in tr:
         return
@@ -661,8 +609,7 @@ def demo_summary(main: dict, control: Optional[dict], main_label: str, out_dir: 
     ctl = control["tasks"].get("sentiment") if control else None
     if ctl and ctl["seeds"]:
         rows.append(("from scratch (control: same architecture and recipe)", accs(ctl)))
-    majority = tr["majority"]["accuracy"]
-    rec = tr["recipe"]
+    majority, rec = tr["majority"]["accuracy"], tr["recipe"]
     print(f"Sentiment sample (Rotten Tomatoes, SST-2 layout) dev accuracy; fine-tuned on "
           f"{rec['max_train_examples'] if rec['max_train_examples'] > 0 else 'all'} labelled training sentences, "
           f"{rec['epochs']:g} epoch(s) at lr {rec['lr']:g}:\n\n"

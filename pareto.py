@@ -4,29 +4,11 @@
     python pareto.py --size=base --budget_s=3600      # GPU: the paper's question at base size, an hour per arm
     python pareto.py --quick --resume                 # continue an interrupted run where its last point left off
 
-The paper's claim (Portes et al. 2023, Figure 1) is about quality per second, not throughput: MosaicBERT is
-Pareto-optimal in accuracy against pretraining wall-clock, and reaches the BERT baseline's GLUE score in about a
-third of the time. bench.py measures tokens per second; this measures what those seconds buy.
-
-Two arms of the same depth, width and heads (`--size`):
-- `mosaic`: the MosaicBERT architecture (ALiBi, GeGLU, unpadded, bf16 LayerNorm, sparse head) and 30% masking;
-- `bert`:   the BERT baseline: learned positions, GELU MLP, padded, fp32 LayerNorm, dense head, attention dropout
-            0.1, and 15% masking.
-Both: the same data stream (order and rows; each arm masks at its own rate), the same optimizer recipe (decoupled
-AdamW, train.py's), the same seed, the same precision (--dtype=auto: bf16 where the machine runs it fast), and the same learning-rate schedule over the *time* budget
-(warmup then linear decay as a function of elapsed training time, as Cramming does for a fixed budget).
-
-Fairness on a noisy machine: the arms train interleaved, in alternating slices of the budget (A B, then B A), so
-that whatever else the machine is doing hits both alike. Only training steps are timed (on CUDA, synchronized);
-evaluation, checkpoints, fine-tuning and the compile/warm-up step are excluded and reported separately.
-
-At n_points fixed fractions of the budget each arm is evaluated on the same held-out batches at 15% masking
-(MLM loss and exact top-1 accuracy). At t = 0 and at `downstream_at` of those points its encoder is fine-tuned on
-the embedded sentiment task with glue.py's machinery (glue.run; median dev accuracy over `seeds` seeds).
-
-Outputs in out_dir: pareto.json, pareto.md, pareto.png (when matplotlib is installed), state.pt (resume),
-ckpt/ (the checkpoints fine-tuned) and glue/ (their results.json, which glue.run resumes).
-Headline: the time each arm needs to reach the other's final eval MLM accuracy, as a fraction of the budget.
+The paper's Figure 1 is about accuracy per second of pretraining. Arm `mosaic` (every MosaicBERT trick, 30%
+masking) and arm `bert` (the same shape, every trick off, 15% masking) train interleaved, in alternating slices,
+on one data stream and one time-based schedule; only training steps are timed. Each arm is evaluated at n_points
+budget fractions and fine-tuned (glue.run) at t = 0 and `downstream_at`. Outputs in out_dir: pareto.json, .md,
+.png, state.pt (resume), ckpt/, glue/. Headline: when each arm reaches the other's final eval MLM accuracy.
 """
 
 import dataclasses
@@ -45,14 +27,13 @@ import glue
 import model as modeling
 import perf
 import train
+from checkpoint import atomic_save, atomic_write_json
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
 ARMS = ("mosaic", "bert")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# config
-
+# --- config
 
 @dataclass
 class ParetoConfig:
@@ -66,8 +47,7 @@ class ParetoConfig:
     # the pretraining recipe (train.py's fields; the same for both arms)
     data: str = ""                 # empty: 'default+sentiment' with --quick (the demo's), else 'c4' (train.py's --data)
     num_workers: int = 0           # DataLoader workers per arm for streamed data (c4)
-    data_mode: str = "chunk"       # 'chunk': a document's windows, short ones padded, so the padded bert arm
-                                   # pays for its padding (the demo packs); 'truncate' is the paper's, for c4
+    data_mode: str = "chunk"       # chunk: short windows padded, so the bert arm pays for padding | truncate (c4)
     seq_len: int = 128
     batch_size: int = 0            # sequences per step; 0: 32 with --quick, else 256
     lr: float = 0.0                # peak lr; 0: 1e-3 with --quick (the demo's), else 5e-4 (the paper's)
@@ -97,8 +77,8 @@ def resolve(cfg: ParetoConfig) -> ParetoConfig:
     q = cfg.quick
     cfg = dataclasses.replace(
         cfg, size=cfg.size or ("small" if q else "base"), data=cfg.data or ("default+sentiment" if q else "c4"),
-        budget_s=cfg.budget_s or (240.0 if q else 3600.0), batch_size=cfg.batch_size or (32 if q else 256), lr=cfg.lr or (1e-3 if q else 5e-4),
-        ft_epochs=cfg.ft_epochs or (2.0 if q else 0.0))
+        budget_s=cfg.budget_s or (240.0 if q else 3600.0), batch_size=cfg.batch_size or (32 if q else 256),
+        lr=cfg.lr or (1e-3 if q else 5e-4), ft_epochs=cfg.ft_epochs or (2.0 if q else 0.0))
     if f"mosaic-bert-{cfg.size}" not in modeling.PRESETS:
         sizes = [p.removeprefix("mosaic-bert-") for p in modeling.PRESETS if p.startswith("mosaic-bert-")]
         raise ConfigError(f"--size={cfg.size}: choose one of {', '.join(sizes)}")
@@ -119,32 +99,23 @@ def downstream_points(cfg: ParetoConfig) -> list[int]:
 
 
 def arm_model_config(size: str, arm: str) -> modeling.ModelConfig:
-    """`mosaic`: the mosaic-bert-{size} preset. `bert`: the same depth, width, heads and d_ff with every MosaicBERT
-    switch off (model._BERT: learned positions, GELU, padded, fp32 LayerNorm, dense head, attention dropout 0.1)."""
+    """`mosaic`: the mosaic-bert-{size} preset. `bert`: the same shape with every MosaicBERT switch off (model._BERT)."""
     base = modeling.ModelConfig.preset(f"mosaic-bert-{size}")
     return base if arm == "mosaic" else dataclasses.replace(base, **modeling._BERT)
 
 
 def compile_choice(cfg: ParetoConfig, device: torch.device) -> bool:
-    """auto: compile on CUDA, where it pays; eager on the CPU. There compiling buys the mosaic step 14-17%
-    (bench.py; train.py compiles its CPU demo) but costs ~30-60 s per arm, and each bert arm's padded shapes
-    would need dynamic compiles too: a 25-minute quick run cannot spare it, and its committed results are
-    eager for both arms. --compile=on compares compiled arms."""
+    """auto: compile on CUDA, where it pays; eager on the CPU, where a quick run cannot spare the compile time."""
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
-def lr_at(t: float, cfg: ParetoConfig) -> float:
-    """The schedule as a function of elapsed training time t (seconds): linear warmup over warmup_frac of the
-    budget, then linear decay to final_lr_frac at the budget (train.lr_at's shape, on time instead of steps)."""
-    f, w = min(t / cfg.budget_s, 1.0), cfg.warmup_frac
-    if f < w:
-        return cfg.lr * max(f / w, 1e-3)
-    return cfg.lr * (1.0 - (1.0 - cfg.final_lr_frac) * (f - w) / max(1e-9, 1.0 - w))
+def lr_at(t: float, cfg: ParetoConfig, ticks: int = 10_000) -> float:
+    """train.lr_factor on elapsed training time t (seconds) instead of steps: the budget counts as `ticks` steps."""
+    f = min(t / cfg.budget_s, 1.0)
+    return cfg.lr * train.lr_factor(f * ticks, ticks, cfg.warmup_frac * ticks, cfg.final_lr_frac)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# one arm: model, optimizer, stream, clock
-
+# --- one arm: model, optimizer, stream, clock
 
 class Arm:
     """One pretraining run that can be advanced slice by slice: only its training steps are timed."""
@@ -157,8 +128,7 @@ class Arm:
                                           cfg.batch_size, num_workers=cfg.num_workers)
         torch.manual_seed(cfg.seed)  # the same initial-weight draw for both arms (their shapes differ)
         self.model = modeling.build(self.mcfg).to(device)
-        tcfg = train.TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.optimizer = train.build_optimizer(self.model, tcfg, device)
+        self.optimizer = train.build_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.compiled = compile_choice(cfg, device)
         self.train_s, self.tokens, self.steps, self.warmup_s = 0.0, 0, 0, 0.0
         self.points: list[dict] = []
@@ -178,8 +148,7 @@ class Arm:
         (out.loss_sum / out.n_masked.clamp(min=1)).backward()
 
     def warm_up(self):
-        """Compile (if on) and touch every buffer with one forward/backward on a batch of another stream: its time
-        is reported, not counted, and no weight changes."""
+        """Compile (if on) and touch every buffer with one forward/backward on another stream's batch (not counted)."""
         if self.compiled:
             modeling.compile_model(self.model)
         other = data.PretrainStream(self.cfg.data, "train", self.cfg.seq_len, self.cfg.data_mode, self.mask_prob,
@@ -192,8 +161,7 @@ class Arm:
 
     def train_until(self, t_end: float):
         """Train until this arm's counted training time reaches t_end seconds (the step that crosses it finishes).
-        Within the budget a slice takes at least one step, so a slice shorter than a step still moves the arm;
-        past the budget it takes none, so a slow arm overshoots the budget by at most one step."""
+        Within the budget a slice takes at least one step; past it none: an arm overshoots by at most one step."""
         self.model.train()
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self.rng.get_state())
@@ -232,55 +200,20 @@ class Arm:
 
     def save_checkpoint(self, path: Path):
         """A train.py-style checkpoint of the current weights (what glue.py fine-tunes)."""
-        modeling.atomic_save({"model": self.model.state_dict(), "model_config": config_dict(self.mcfg),
-                              "step": self.steps, "tokenizer": "gpt2"}, str(path))
+        atomic_save({"model": self.model.state_dict(), "model_config": config_dict(self.mcfg),
+                     "step": self.steps, "tokenizer": "gpt2"}, str(path))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the interleaved run
-
+# --- the interleaved run
 
 def run_pretraining(cfg: ParetoConfig, device: torch.device, out: Path) -> tuple[dict, dict]:
     """Both arms through the whole budget in alternating slices; returns (arms, excluded-time report)."""
     arms = {name: Arm(name, cfg, device) for name in ARMS}
     evals = data.eval_batches(cfg.data, cfg.seq_len, cfg.data_mode, cfg.eval_batch_size, cfg.eval_batches,
                               mask_prob=0.15, seed=cfg.seed)
-    state_path = out / "state.pt"
-    excluded = {"warmup_s": {}, "eval_s": 0.0, "checkpoint_s": 0.0}
-    want = downstream_points(cfg)
-    if cfg.resume and state_path.is_file():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        if st["config"] != pretrain_identity(cfg):
-            raise ConfigError(f"--resume: {state_path} was written by another configuration:\n  {st['config']}\n"
-                              f"now:\n  {pretrain_identity(cfg)}\nuse the same flags, or another --out_dir")
-        for name, a in arms.items():
-            a.load(st["arms"][name])
-        excluded = st["excluded"]
-        print(f"resuming from {state_path}: {len(arms['mosaic'].points) - 1} of {cfg.n_points} points done")
-    elif state_path.exists() and not cfg.resume:
-        print(f"warning: starting over in {out}: its state.pt is replaced (use --resume to continue it)")
-
-    def record(a: Arm, k: int):
-        t0 = time.perf_counter()
-        loss, acc = a.evaluate(evals)
-        excluded["eval_s"] += time.perf_counter() - t0
-        a.points.append(dict(wall_s=round(a.train_s, 3), tokens=a.tokens, steps=a.steps, eval_loss=loss,
-                             eval_mlm_acc=acc, downstream_acc=None))
-        print(f"{a.name:6s} point {k}/{cfg.n_points} | wall {a.train_s:7.1f} s | {a.steps:5d} steps | "
-              f"{a.tokens:,} tokens | eval_loss {loss:.4f} | eval_mlm_acc {acc:.4f}", flush=True)
-        if k == 0 or k in want:
-            t0 = time.perf_counter()
-            a.save_checkpoint(out / "ckpt" / f"{a.name}_{k}.pt")
-            excluded["checkpoint_s"] += time.perf_counter() - t0
-
-    def save_state():
-        t0 = time.perf_counter()
-        modeling.atomic_save({"config": pretrain_identity(cfg), "excluded": excluded,
-                              "arms": {n: a.state() for n, a in arms.items()}}, str(state_path))
-        excluded["checkpoint_s"] += time.perf_counter() - t0
-
+    excluded = load_state(cfg, arms, out) or {"warmup_s": {}, "eval_s": 0.0, "checkpoint_s": 0.0}
     (out / "ckpt").mkdir(parents=True, exist_ok=True)
-    done = len(arms["mosaic"].points) == cfg.n_points + 1 and len(arms["bert"].points) == cfg.n_points + 1
+    done = all(len(a.points) == cfg.n_points + 1 for a in arms.values())
     for a in arms.values():
         if done:  # a finished run resumed for its fine-tuning: nothing to train, nothing to warm up
             continue
@@ -289,9 +222,9 @@ def run_pretraining(cfg: ParetoConfig, device: torch.device, out: Path) -> tuple
         print(f"{a.name:6s} {modeling.n_params(a.model) / 1e6:.1f}M parameters | mask {a.mask_prob:.0%} | "
               f"compile {'on' if a.compiled else 'off'} | warm-up {a.warmup_s:.1f} s (not counted)", flush=True)
         if not a.points:
-            record(a, 0)
-    if not cfg.resume or not state_path.exists():
-        save_state()
+            record(cfg, a, 0, evals, out, excluded)
+    if not cfg.resume or not (out / "state.pt").exists():
+        save_state(cfg, arms, out, excluded)
     m = cfg.slices_per_point
     for k in range(len(arms["mosaic"].points), cfg.n_points + 1):
         for j in range(m):
@@ -300,9 +233,48 @@ def run_pretraining(cfg: ParetoConfig, device: torch.device, out: Path) -> tuple
             for name in order:
                 arms[name].train_until(t_end)
         for a in arms.values():
-            record(a, k)
-        save_state()
+            record(cfg, a, k, evals, out, excluded)
+        save_state(cfg, arms, out, excluded)
     return arms, excluded
+
+
+def load_state(cfg: ParetoConfig, arms: dict, out: Path) -> Optional[dict]:
+    """With --resume, the arms from out/state.pt (the pretraining config must match); returns its excluded times."""
+    state_path = out / "state.pt"
+    if cfg.resume and state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st["config"] != pretrain_identity(cfg):
+            raise ConfigError(f"--resume: {state_path} was written by another configuration:\n  {st['config']}\n"
+                              f"now:\n  {pretrain_identity(cfg)}\nuse the same flags, or another --out_dir")
+        for name, a in arms.items():
+            a.load(st["arms"][name])
+        print(f"resuming from {state_path}: {len(arms['mosaic'].points) - 1} of {cfg.n_points} points done")
+        return st["excluded"]
+    if state_path.exists() and not cfg.resume:
+        print(f"warning: starting over in {out}: its state.pt is replaced (use --resume to continue it)")
+    return None
+
+
+def record(cfg: ParetoConfig, a: Arm, k: int, evals, out: Path, excluded: dict):
+    """Point k of arm a: evaluate, and save a checkpoint when the point is fine-tuned later."""
+    t0 = time.perf_counter()
+    loss, acc = a.evaluate(evals)
+    excluded["eval_s"] += time.perf_counter() - t0
+    a.points.append(dict(wall_s=round(a.train_s, 3), tokens=a.tokens, steps=a.steps, eval_loss=loss,
+                         eval_mlm_acc=acc, downstream_acc=None))
+    print(f"{a.name:6s} point {k}/{cfg.n_points} | wall {a.train_s:7.1f} s | {a.steps:5d} steps | "
+          f"{a.tokens:,} tokens | eval_loss {loss:.4f} | eval_mlm_acc {acc:.4f}", flush=True)
+    if k == 0 or k in downstream_points(cfg):
+        t0 = time.perf_counter()
+        a.save_checkpoint(out / "ckpt" / f"{a.name}_{k}.pt")
+        excluded["checkpoint_s"] += time.perf_counter() - t0
+
+
+def save_state(cfg: ParetoConfig, arms: dict, out: Path, excluded: dict):
+    t0 = time.perf_counter()
+    atomic_save({"config": pretrain_identity(cfg), "excluded": excluded,
+                 "arms": {n: a.state() for n, a in arms.items()}}, str(out / "state.pt"))
+    excluded["checkpoint_s"] += time.perf_counter() - t0
 
 
 def pretrain_identity(cfg: ParetoConfig) -> dict:
@@ -313,14 +285,11 @@ def pretrain_identity(cfg: ParetoConfig) -> dict:
     return {k: getattr(cfg, k) for k in keep}
 
 
-# --------------------------------------------------------------------------------------------------------------
-# downstream: glue.py's sentiment task from the saved checkpoints
-
+# --- downstream: glue.py's sentiment task from the saved checkpoints
 
 def downstream(cfg: ParetoConfig, arms: dict, out: Path, excluded: dict, write_outputs):
-    """Fine-tune every saved checkpoint (t = 0 and downstream_at) with glue.run; fills downstream_acc with the
-    median over seeds and rewrites the outputs after each point. glue.run keeps each (checkpoint, seed) in its
-    results.json, so this part resumes too."""
+    """Fine-tune every saved checkpoint (t = 0 and downstream_at) with glue.run (which resumes from its results.json);
+    fills downstream_acc with the median over seeds and rewrites the outputs after each point."""
     dist = glue.setup_distributed(cfg.device)
     for a in arms.values():
         for k, p in enumerate(a.points):
@@ -341,9 +310,7 @@ def downstream(cfg: ParetoConfig, arms: dict, out: Path, excluded: dict, write_o
             write_outputs()
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the headline, the frontier, the outputs
-
+# --- the headline, the frontier, the outputs
 
 def time_to_reach(points: list[dict], target: float) -> Optional[float]:
     """First wall-clock at which eval_mlm_acc reaches target, linearly interpolated between points; None if never."""
@@ -468,7 +435,7 @@ def main(argv=None):
                "config": config_dict(cfg), "arms": {n: a.points for n, a in arms.items()},
                "headline": headline({n: a.points for n, a in arms.items()}, cfg.budget_s),
                "excluded": excluded, "total_s": time.perf_counter() - t_all}
-        glue.atomic_write_json(res, out / "pareto.json")
+        atomic_write_json(res, out / "pareto.json")
         table = markdown(res)
         (out / "pareto.md").write_text(table)
         png = plot(res, out / "pareto.png")

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import checkpoint
 import data
 import fillmask
 import model as M
@@ -57,7 +58,7 @@ def test_top_k_equals_softmax_of_dense_logits_at_each_mask(tok):
 def test_command_line_prints_predictions_for_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     net = M.build(CFG)
-    M.atomic_save({"model": net.state_dict(), "model_config": asdict(CFG)}, str(tmp_path / "ckpt_0000001.pt"))
+    checkpoint.atomic_save({"model": net.state_dict(), "model_config": asdict(CFG)}, str(tmp_path / "ckpt_0000001.pt"))
     run = subprocess.run([sys.executable, "fillmask.py", f"--ckpt={tmp_path}", "--k=3", "I [MASK] it."],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
