@@ -361,6 +361,20 @@ def warm_indices(batches: list[dict], accum: int, every: bool) -> list[int]:
     return out
 
 
+def mlm_row(name: str, workload: str, model, opt, bs: list[dict], accum: int, device, bf16: bool, fpt: float,
+            note: str, info: dict, compiled: bool = False, loss_fn=train.mlm_loss, before=None) -> Row:
+    """A row whose step i is one train_step of `model` over accum micro-batches of bs (cycled)."""
+    own = list(model.parameters())
+
+    def step(i):
+        if before:
+            before()
+        return train_step(model, opt, [bs[(i * accum + j) % len(bs)] for j in range(accum)], device, bf16, loss_fn)
+
+    return Row(name, workload, step, warm_indices(bs, accum, every=compiled), fpt, "bfloat16" if bf16 else "float32",
+               lambda: state_bytes(own, opt), note=note, compiled=compiled, info=info)
+
+
 def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[Row]:
     """The ladder (+ ablations) on every MLM workload: one model per (config, compiled), one parameter pool."""
     if not dev_batches:
@@ -387,19 +401,12 @@ def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list
                 rows.append(skipped_row(name, workload, why))
                 continue
             m = models[(json.dumps(asdict(mcfg), sort_keys=True), comp)]
-            own = list(m.parameters())
-
-            def step(i, m=m, bs=bs, bf16=bf16):
-                return train_step(m, opt, [bs[(i * cfg.accum + j) % len(bs)] for j in range(cfg.accum)], device, bf16)
-
             switches = ("unpad", "position", "ffn", "low_precision_layernorm", "sparse_prediction", "attn_dropout")
-            rows.append(Row(name, workload, step, warm_indices(bs, cfg.accum, every=comp),
-                            modeling.flops_per_token(mcfg, st.context, st.mask_frac),
-                            "bfloat16" if bf16 else "float32", lambda own=own: state_bytes(own, opt),
-                            note=note, compiled=comp,
-                            info=dict(bf16=bf16, compile=comp, **{k: getattr(mcfg, k) for k in switches},
-                                      attn_backend=kernels.resolve_backend(mcfg.attn_backend, device,
-                                                                           mcfg.attn_dropout))))
+            rows.append(mlm_row(name, workload, m, opt, bs, cfg.accum, device, bf16,
+                                modeling.flops_per_token(mcfg, st.context, st.mask_frac), note,
+                                dict(bf16=bf16, compile=comp, **{k: getattr(mcfg, k) for k in switches},
+                                     attn_backend=kernels.resolve_backend(mcfg.attn_backend, device,
+                                                                          mcfg.attn_dropout)), comp))
     return rows
 
 
@@ -415,18 +422,12 @@ def demo_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[
     if comp:
         modeling.compile_model(m)
     opt = train.build_optimizer(m, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    bs, st = dev_batches["demo"], stats["demo"]
-    name = f"{t.model} (demo)"
-
-    def step(i):
-        return train_step(m, opt, [bs[i % len(bs)]], device, t.dtype == "bfloat16")
-
-    return [Row(name, "demo", step, warm_indices(bs, 1, every=comp),
-                modeling.flops_per_token(mcfg, t.seq_len, t.mask_prob), t.dtype,
-                lambda: state_bytes(list(m.parameters()), opt),
-                note=f"python train.py's step: {mcfg.n_layers} layers, d={mcfg.d_model}, vocab "
-                     f"{mcfg.padded_vocab_size}, {st.shape}, {'compiled' if comp else 'eager'}",
-                compiled=comp, info=dict(bf16=t.dtype == "bfloat16", compile=comp))]
+    bf16, st = t.dtype == "bfloat16", stats["demo"]
+    note = (f"python train.py's step: {mcfg.n_layers} layers, d={mcfg.d_model}, vocab {mcfg.padded_vocab_size}, "
+            f"{st.shape}, {'compiled' if comp else 'eager'}")
+    return [mlm_row(f"{t.model} (demo)", "demo", m, opt, dev_batches["demo"], 1, device, bf16,
+                    modeling.flops_per_token(mcfg, t.seq_len, t.mask_prob), note, dict(bf16=bf16, compile=comp),
+                    comp)]
 
 
 def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Row]:
@@ -443,25 +444,20 @@ def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Ro
         return [skipped_row(name, w, "transformers not installed") for w in cpu_batches for name, _, _ in variants]
     import transformers  # noqa: PLC0415  (installed: hf_model found it)
     m = m.to(device).train()
-    own = list(m.parameters())
-    opt = optimizer(own)
-    rows = []
+    opt, rows = optimizer(m.parameters()), []
     for workload, cpu in cpu_batches.items():
         bs = to_device_batches(cpu, device, trim=True)  # each batch cut to its longest row
         st = stats[workload]
         for name, bf16, impl in variants:
-            def step(i, bs=bs, bf16=bf16, impl=impl):
+            def attn(impl=impl):
                 if m.config._attn_implementation != impl:
                     m.set_attn_implementation(impl)
-                return train_step(m, opt, [bs[(i * cfg.accum + j) % len(bs)] for j in range(cfg.accum)], device,
-                                  bf16, loss_fn=train.hf_mlm_loss)
 
-            rows.append(Row(name, workload, step, warm_indices(bs, cfg.accum, every=False),
-                            modeling.flops_per_token(mcfg, st.context, st.mask_frac),
-                            "bfloat16" if bf16 else "float32", lambda: state_bytes(own, opt),
-                            note=f"transformers {transformers.__version__}, {impl} attention, "
-                                 f"{'bf16 autocast' if bf16 else 'fp32'}, dynamic padding",
-                            info=dict(bf16=bf16, attn_implementation=impl)))
+            note = (f"transformers {transformers.__version__}, {impl} attention, "
+                    f"{'bf16 autocast' if bf16 else 'fp32'}, dynamic padding")
+            rows.append(mlm_row(name, workload, m, opt, bs, cfg.accum, device, bf16,
+                                modeling.flops_per_token(mcfg, st.context, st.mask_frac), note,
+                                dict(bf16=bf16, attn_implementation=impl), loss_fn=train.hf_mlm_loss, before=attn))
     return rows
 
 
@@ -737,6 +733,29 @@ def chart(results: list[dict], path: str) -> str:
     return f"chart: {path}"
 
 
+def peak_lines(peak: perf.MatmulPeak, sheet: Optional[dict], device, status: dict) -> list[str]:
+    """The header lines that say what MFU and peak memory are measured against."""
+    lines = [f"matmul peak (measured, median of {len(peak.rates['float32'])} bursts of {peak.n}^3): "
+             + ", ".join(f"{k} {peak.peak(k) / 1e9:,.0f} GFLOP/s" for k in peak.rates)
+             + (f"; datasheet bf16 {sheet['bfloat16'] / 1e12:,.0f}, fp32 {sheet['float32'] / 1e12:,.1f} TFLOP/s"
+                if sheet else ""),
+             "peak mem: the row's parameters + AdamW state + the step's high-water mark above its start ("
+             + ("CUDA max_memory_allocated" if device.type == "cuda" else "CPU VmHWM via /proc/self/clear_refs") + ")"]
+    if status["recompiled_during_timing"]:
+        lines.append("WARNING: torch.compile recompiled during the timed rounds (TORCH_LOGS=recompiles shows why)")
+    return lines
+
+
+def write_outputs(cfg: BenchConfig, out: dict, md: str, results: list[dict]):
+    path = Path(cfg.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    md_path = Path(cfg.markdown) if cfg.markdown else path.with_suffix(".md")
+    md_path.write_text(md + "\n")
+    png = chart(results, str(Path(cfg.png) if cfg.png else path.with_suffix(".png")))
+    print(f"wrote {path} and {md_path}; {png}")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
@@ -776,29 +795,6 @@ def all_rows(cfg: BenchConfig, device, cpu: dict, dev: dict, stats: dict) -> lis
     print(f"built {len(rows)} rows in {time.perf_counter() - t0:.1f} s; measuring "
           f"({cfg.repeats} interleaved rounds after warm-up)", flush=True)
     return rows
-
-
-def peak_lines(peak: perf.MatmulPeak, sheet: Optional[dict], device, status: dict) -> list[str]:
-    """The header lines that say what MFU and peak memory are measured against."""
-    lines = [f"matmul peak (measured, median of {len(peak.rates['float32'])} bursts of {peak.n}^3): "
-             + ", ".join(f"{k} {peak.peak(k) / 1e9:,.0f} GFLOP/s" for k in peak.rates)
-             + (f"; datasheet bf16 {sheet['bfloat16'] / 1e12:,.0f}, fp32 {sheet['float32'] / 1e12:,.1f} TFLOP/s"
-                if sheet else ""),
-             "peak mem: the row's parameters + AdamW state + the step's high-water mark above its start ("
-             + ("CUDA max_memory_allocated" if device.type == "cuda" else "CPU VmHWM via /proc/self/clear_refs") + ")"]
-    if status["recompiled_during_timing"]:
-        lines.append("WARNING: torch.compile recompiled during the timed rounds (TORCH_LOGS=recompiles shows why)")
-    return lines
-
-
-def write_outputs(cfg: BenchConfig, out: dict, md: str, results: list[dict]):
-    path = Path(cfg.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    md_path = Path(cfg.markdown) if cfg.markdown else path.with_suffix(".md")
-    md_path.write_text(md + "\n")
-    png = chart(results, str(Path(cfg.png) if cfg.png else path.with_suffix(".png")))
-    print(f"wrote {path} and {md_path}; {png}")
 
 
 def bench(cfg: BenchConfig) -> dict:
