@@ -1,13 +1,8 @@
-"""Command-line configuration shared by train.py, glue.py and bench.py.
-
-Every script has one dataclass config. `parse_config` turns `--field=value` arguments into
-an instance of it: values are parsed by the field's type, unknown keys and ill-typed values
-are rejected with the list of valid keys, and `--preset=name` (when the script has presets)
-is applied first so that explicit flags override it. `--help` (or `-h`) prints every field with its
-default and the comment beside it in the dataclass, then exits.
+"""Command-line configuration: one dataclass per script, `--field=value` flags parsed by the field's type, unknown
+keys rejected with the valid ones, `--preset=name` applied first, `--help` listing every field with its default and
+its comment in the dataclass.
 
     cfg = parse_config(TrainConfig, sys.argv[1:], presets=TRAIN_PRESETS)
-    print_config(cfg)
 """
 
 import dataclasses
@@ -27,38 +22,29 @@ class ConfigError(ValueError):
 
 def _parse_value(name: str, text: str, typ):
     """Parse `text` as the field's declared type (bool, int, float, str or Optional of one)."""
-    origin = typing.get_origin(typ)
-    if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if typing.get_origin(typ) is typing.Union:  # Optional[X]
         if text.lower() in ("none", "null", ""):
             return None
-        typ = args[0]
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    if typ is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return text.lower() in ("1", "true", "yes", "on")
     if typ is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
         raise ConfigError(f"--{name}={text}: expected a boolean (true/false/1/0)")
-    if typ is int:
-        try:
-            return int(text.replace("_", ""))
-        except ValueError:
-            try:  # accept 1e5-style integers
-                f = float(text)
-            except ValueError:
-                f = None
-            if f is not None and f == int(f):
-                return int(f)
-            raise ConfigError(f"--{name}={text}: expected an integer") from None
-    if typ is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"--{name}={text}: expected a number") from None
     if typ is str:
         return text
-    raise ConfigError(f"--{name}: unsupported field type {typ!r}")
+    if typ not in (int, float):
+        raise ConfigError(f"--{name}: unsupported field type {typ!r}")
+    try:
+        return int(text.replace("_", "")) if typ is int else float(text)
+    except ValueError:
+        pass
+    try:
+        f = float(text) if typ is int else None  # 1e5-style integers
+    except ValueError:
+        f = None
+    if f is not None and f == int(f):
+        return int(f)
+    raise ConfigError(f"--{name}={text}: expected {'an integer' if typ is int else 'a number'}")
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -116,13 +102,11 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None, *
         sys.exit(0)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    valid = sorted(fields | ({"preset"} if presets is not None else set()))
-    values: dict = {}
-    preset_name = None
+    valid = ", ".join(sorted(fields | ({"preset"} if presets is not None else set())))
+    values, preset_name = {}, None
     for arg in argv:
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: flags look like --field=value. "
-                              f"Valid fields: {', '.join(valid)}")
+            raise ConfigError(f"unexpected argument {arg!r}: flags look like --field=value. Valid fields: {valid}")
         key, eq, text = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key == "preset" and presets is not None:
@@ -131,8 +115,7 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None, *
             preset_name = text
             continue
         if key not in fields:
-            raise ConfigError(f"unknown flag --{key}. Valid fields: {', '.join(valid)} (--help lists them "
-                              f"with their defaults)")
+            raise ConfigError(f"unknown flag --{key}. Valid fields: {valid} (--help lists them with their defaults)")
         if not eq:
             if bool not in (hints[key], *typing.get_args(hints[key])):  # bool or Optional[bool]
                 raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
@@ -140,9 +123,7 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None, *
         values[key] = _parse_value(key, text, hints[key])
     merged = dict(base)
     if preset_name is not None:
-        merged.update(presets[preset_name])
-        if "preset" in fields:
-            merged["preset"] = preset_name
+        merged.update(presets[preset_name], **({"preset": preset_name} if "preset" in fields else {}))
     merged.update(values)
     return cls(**merged)
 
@@ -154,8 +135,7 @@ def config_dict(cfg) -> dict:
 
 def print_config(cfg, file=None):
     """Print the resolved config, one `field = value` a line."""
-    file = file or sys.stdout
-    print(f"{type(cfg).__name__}:", file=file)
+    print(f"{type(cfg).__name__}:", file=file)  # file None: stdout
     for k, v in config_dict(cfg).items():
         print(f"  {k} = {json.dumps(v)}", file=file)
 
