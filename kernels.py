@@ -17,19 +17,13 @@ ALiBi (Press et al., 2022): no position embeddings; each head h adds -slope_h * 
 of query i and key j (symmetric: the encoder form MosaicBERT uses). It extrapolates past the trained
 length, costs no parameters, and is fast: part of one fused mask (sdpa) or a score_mod (flex).
 
-Backends of `attention` (all take the packed qkv and return the packed output):
-    naive  explicit scores, bias and softmax, one sequence at a time: the reference.
-    sdpa   re-pad to (n, H, L, D) and call F.scaled_dot_product_attention with ALiBi plus
-           padding as one additive mask: the fused (flash) kernel, trains on CPU and GPU.
-    flex   FlexAttention on the packed (1, H, nnz, D) sequence (MosaicBERT's FlashAttention role):
-           ALiBi is a `score_mod`, the per-sequence structure a document block mask built from
-           cu_seqlens, so no FLOPs go to padding or across documents. The GPU training path; on the
-           CPU this torch runs it forward only.
-    auto   flex on CUDA, sdpa elsewhere.
-
-The per-batch work (pad indices, the additive mask, the block mask) is done once by `plan_attention`
-and shared by every layer, which calls `attend`: that is what the model runs. `attention()`, the two
-in one call, is the readable reference form the tests use.
+Backends (packed qkv in, packed output out): naive, the reference (explicit softmax per sequence); sdpa,
+re-pad to (n, H, L, D) and F.scaled_dot_product_attention's fused (flash) kernel with ALiBi and padding as
+one additive mask (trains on CPU and GPU); flex, FlexAttention on the packed sequence (the role
+FlashAttention plays in MosaicBERT): ALiBi a `score_mod`, a document block mask from cu_seqlens, so no
+FLOPs go to padding or across documents (GPU training; forward only on the CPU); auto, flex on CUDA.
+The model plans once per batch (`plan_attention`) and each layer calls `attend`; `attention()`, the two in
+one call, is the readable reference form the tests use.
 """
 
 import contextlib
@@ -42,12 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.attention.flex_attention as flex_module
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("naive", "sdpa", "flex", "auto")
 
-# Additive bias for "may not attend". Finite, so a fully masked row (a pad query) gives a harmless uniform
-# softmax instead of NaN; its exp() is exactly 0 in fp32 and bf16 (both have float32's exponent range).
+# Additive bias for "may not attend": finite, so a pad query's all-masked row is uniform, not NaN; exp() is 0.
 MASK_VALUE = -1e30
 
 
@@ -89,15 +81,11 @@ def alibi_bias(slopes: torch.Tensor, L: int, device=None) -> torch.Tensor:
 def unpad(x: torch.Tensor, attention_mask: torch.Tensor):
     """Drop the pad tokens: x[B, S, ...] -> (x_unpadded[nnz, ...], indices[nnz], cu_seqlens, max_seqlen).
 
-    attention_mask[B, S]: 0 marks padding. A nonzero value is a document id within its row:
-    consecutive real tokens of a row with the same id form one sequence, so a plain 0/1 mask
-    gives one sequence per row (cu_seqlens int32 [B+1], empty rows included as zero-length
-    sequences) and a packed row 1,1,1,2,2,0 gives two. indices are the flat positions
-    (b * S + s) of the real tokens, in order; `pad` is the exact inverse. Both are plain
-    gathers and scatters, so gradients flow through them.
-
-    The reference form: it reads the counts from the device (host syncs, as FlashAttention's
-    unpad_input). The model calls `unpad_index` with counts it read on the CPU batch instead.
+    attention_mask[B, S]: 0 marks padding, a nonzero value is a document id within its row: a plain 0/1
+    mask gives one sequence per row (cu_seqlens int32 [B+1], empty rows as zero-length sequences), a
+    packed row 1,1,1,2,2,0 two. indices: the flat positions (b * S + s) of the real tokens; `pad` is the
+    exact inverse, and gradients flow through both. The reference form: it reads the counts from the
+    device (host syncs, as FlashAttention's unpad_input); the model calls `unpad_index` with counts.
     """
     B, S = attention_mask.shape
     if x.shape[:2] != (B, S):
@@ -110,10 +98,8 @@ def unpad(x: torch.Tensor, attention_mask: torch.Tensor):
 
 def unpad_index(attention_mask: torch.Tensor, nnz: int | None = None, n_inner: int | None = None,
                 starts: torch.Tensor | None = None):
-    """The index half of `unpad`: attention_mask[B, S] -> (indices[nnz], cu_seqlens int32 [n+1]).
-
-    nnz (real tokens) and n_inner (documents that start inside a row: document_starts(mask).sum()), when the
-    caller read them on the CPU batch: then nothing here waits on the device. starts: document_starts(mask)."""
+    """The index half of `unpad`, which the model calls: attention_mask[B, S] -> (indices[nnz], cu_seqlens [n+1]).
+    Given nnz and n_inner (document_starts(mask).sum()), read on the CPU batch, nothing waits on the device."""
     starts = document_starts(attention_mask) if starts is None else starts  # (B, S)
     real = attention_mask.reshape(-1) != 0  # (B*S,)
     indices = (torch.nonzero(real) if nnz is None else torch.nonzero_static(real, size=nnz)).flatten()  # (nnz,)
@@ -126,10 +112,8 @@ def seqlens_from_mask(attention_mask, indices, n_inner: int | None = None, doc_s
     row_starts = F.pad(row_lens.cumsum(0), (1, 0))  # (B+1,) the row boundaries, in real tokens
     doc_starts = document_starts(attention_mask) if doc_starts is None else doc_starts  # (B, S)
     starts = doc_starts.reshape(-1)[indices]  # (nnz,) in packed order
-    if n_inner is None:
-        inner = torch.nonzero(starts, as_tuple=False).flatten()  # (n_inner,): a host sync
-    else:
-        inner = torch.nonzero_static(starts, size=n_inner).flatten()  # (n_inner,)
+    # (n_inner,): the documents starting inside a row; without n_inner, a host sync
+    inner = (torch.nonzero(starts) if n_inner is None else torch.nonzero_static(starts, size=n_inner)).flatten()
     if inner.numel() == 0:
         return row_starts.to(torch.int32)
     return torch.sort(torch.cat([row_starts, inner])).values.to(torch.int32)
@@ -174,8 +158,7 @@ class _ScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, index, n_rows):
         ctx.save_for_backward(index)
-        out = x.new_zeros((n_rows,) + x.shape[1:])
-        return out.index_put_((index,), x)
+        return x.new_zeros((n_rows,) + x.shape[1:]).index_put_((index,), x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -188,13 +171,11 @@ scatter_rows = _ScatterRows.apply  # (x[M, ...], index[M], N) -> [N, ...], row i
 
 
 def document_ids(cu_seqlens: torch.Tensor, nnz: int | None = None) -> torch.Tensor:
-    """The sequence (document) index of every packed token: int32 [nnz]. Pass nnz when known: reading
-    it from cu_seqlens is a host sync."""
+    """int32 [nnz]: the sequence (document) of every packed token; nnz, when known, saves a host sync."""
     seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     nnz = int(cu_seqlens[-1]) if nnz is None else nnz
-    n = seqlens.numel()
-    return torch.repeat_interleave(torch.arange(n, device=cu_seqlens.device, dtype=torch.int32), seqlens,
-                                   output_size=nnz)
+    ids = torch.arange(seqlens.numel(), device=cu_seqlens.device, dtype=torch.int32)
+    return torch.repeat_interleave(ids, seqlens, output_size=nnz)
 
 
 def positions_in_sequence(cu_seqlens: torch.Tensor, nnz: int | None = None):
@@ -209,13 +190,9 @@ def positions_in_sequence(cu_seqlens: torch.Tensor, nnz: int | None = None):
 
 @dataclass
 class AttentionPlan:
-    """Everything attention needs that depends only on the batch layout, built once per batch.
-
-    backend "naive": the sequence boundaries as Python ints.
-    backend "sdpa":  pad_index[nnz] into the (n*L) padded layout, and the additive mask
-                     [n, H or 1, L, L] (ALiBi plus -inf-like padding) in the compute dtype.
-    backend "flex":  the document BlockMask over the packed nnz tokens and the ALiBi score_mod.
-    """
+    """What attention needs that depends only on the batch layout, built once per batch. naive: the sequence
+    bounds as ints; sdpa: pad_index[nnz] into the (n*L) padded layout and the additive mask [n, H or 1, L, L]
+    (ALiBi plus padding) in the compute dtype; flex: the document BlockMask and the ALiBi score_mod."""
     backend: str
     cu_seqlens: torch.Tensor
     max_seqlen: int
@@ -230,9 +207,8 @@ class AttentionPlan:
 
 
 def resolve_backend(backend: str, device: torch.device, attn_dropout: float = 0.0) -> str:
-    """The backend `backend` names on `device`. "auto": flex on CUDA (packed: no work on padding), sdpa elsewhere,
-    and sdpa on CUDA too when the model has attention dropout, which flex lacks. On CUDA the choice is printed
-    once per process, with its reason."""
+    """The backend `backend` names on `device`. "auto": flex on CUDA (packed: no work on padding) unless the model
+    has attention dropout, which flex lacks; sdpa elsewhere. On CUDA the choice is printed once, with its reason."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend != "auto":
@@ -268,8 +244,7 @@ def plan_attention(cu_seqlens, max_seqlen, slopes=None, backend="auto", head_sha
             raise ValueError("the flex attention backend has no attention dropout; "
                              "set attn_dropout=0 or use attn_backend='sdpa'")
         plan.block_mask, plan.score_mod = _flex_plan(cu_seqlens, slopes, nnz)
-        # looked up here, eagerly, not inside a compiled region
-        plan.flex_fn = compiled_flex_attention((slopes is not None, dtype, device.type, head_shape))
+        plan.flex_fn = compiled_flex_attention((slopes is not None, dtype, device.type, head_shape))  # eagerly
     return plan
 
 
@@ -285,11 +260,8 @@ def attend(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
 
 
 def attention(qkv, cu_seqlens, max_seqlen, slopes=None, backend="auto", dropout_p=0.0):
-    """Bidirectional attention within each sequence of the packed batch.
-
-    qkv[nnz, 3, H, D], cu_seqlens int32 [n+1], max_seqlen = L -> out[nnz, H, D].
-    slopes[H] adds the ALiBi bias -slope_h * |i - j|; None means no bias (the BERT baseline).
-    """
+    """Bidirectional attention within each sequence of the packed batch: qkv[nnz, 3, H, D], cu_seqlens int32
+    [n+1], max_seqlen = L -> out[nnz, H, D]. slopes[H]: ALiBi (-slope_h * |i - j|); None: no bias (BERT)."""
     plan = plan_attention(cu_seqlens, max_seqlen, slopes, backend, tuple(qkv.shape[2:]), qkv.dtype, dropout_p)
     return attend(qkv, plan)
 
@@ -310,9 +282,7 @@ def _naive(qkv, plan):
         probs = torch.softmax(scores, dim=-1)
         probs = F.dropout(probs, plan.dropout_p, training=plan.dropout_p > 0)
         outs.append(torch.einsum("hij,jhd->ihd", probs, v.float()).to(qkv.dtype))  # (len, H, D)
-    if not outs:
-        return qkv.new_zeros(0, *qkv.shape[2:])
-    return torch.cat(outs, 0)
+    return torch.cat(outs, 0) if outs else qkv.new_zeros(0, *qkv.shape[2:])
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,12 +290,9 @@ def _naive(qkv, plan):
 
 
 def padded_attention_mask(attention_mask: torch.Tensor, slopes, dtype) -> torch.Tensor:
-    """Additive mask for attention on the padded layout: attention_mask[B, S] -> [B, H or 1, S, S].
-
-    Query i may attend key j when both are real tokens of the same document (same nonzero id);
-    the ALiBi bias -slope_h * |i - j| is added when slopes is given. Pad queries attend nowhere
-    (their row is all MASK_VALUE: a uniform softmax over garbage that the caller discards).
-    """
+    """Additive mask for the padded layout: attention_mask[B, S] -> [B, H or 1, S, S]. Query i may attend key j
+    when both are real tokens of one document (same nonzero id), plus ALiBi when slopes is given. Pad queries
+    attend nowhere (a row of MASK_VALUE: a uniform softmax over garbage that the caller discards)."""
     B, S = attention_mask.shape
     ids = attention_mask
     allowed = (ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] != 0)  # (B, S, S)
@@ -364,10 +331,9 @@ def _sdpa_plan(cu_seqlens, L, slopes, dtype, nnz):
         mask = mask + alibi_bias(slopes, L, cu_seqlens.device)[None]  # (n, H, L, L)
     else:
         mask = mask.expand(n, 1, L, L)
-    # nnz (and n, for packed rows) vary per batch: tell torch.compile up front (no recompile).
-    torch._dynamo.maybe_mark_dynamic(pad_index, 0)
     mask = mask.to(dtype)
-    torch._dynamo.maybe_mark_dynamic(mask, 0)
+    for t in (pad_index, mask):  # nnz (and n, for packed rows) vary per batch: no recompile
+        torch._dynamo.maybe_mark_dynamic(t, 0)
     return pad_index, mask
 
 
@@ -390,7 +356,7 @@ _compiled_flex = {}
 
 
 def _flex_call(q, k, v, score_mod, block_mask):
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    return flex_module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
 def compiled_flex_attention(variant: tuple):
@@ -435,10 +401,10 @@ def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK, nnz: 
 
     part_num, part_idx = to_indices(overlap & ~full)
     full_num, full_idx = to_indices(full)
-    # symmetric: the q side is the kv side
-    return BlockMask(seq_lengths=(nnz, nnz), kv_num_blocks=part_num, kv_indices=part_idx, full_kv_num_blocks=full_num,
-                     full_kv_indices=full_idx, q_num_blocks=part_num, q_indices=part_idx, full_q_num_blocks=full_num,
-                     full_q_indices=full_idx, BLOCK_SIZE=(block, block), mask_mod=mask_mod)
+    return flex_module.BlockMask(seq_lengths=(nnz, nnz), kv_num_blocks=part_num, kv_indices=part_idx,
+                                 full_kv_num_blocks=full_num, full_kv_indices=full_idx, q_num_blocks=part_num,
+                                 q_indices=part_idx, full_q_num_blocks=full_num, full_q_indices=full_idx,
+                                 BLOCK_SIZE=(block, block), mask_mod=mask_mod)
 
 
 def _flex_plan(cu_seqlens, slopes, nnz):
@@ -456,15 +422,11 @@ def _flex_plan(cu_seqlens, slopes, nnz):
 def _flex(qkv, plan):
     q, k, v = qkv.permute(1, 2, 0, 3)[:, None].unbind(0)  # each (1, H, nnz, D)
     if qkv.device.type == "cpu" and torch.is_grad_enabled() and qkv.requires_grad:
-        # torch refuses flex's CPU backward in this one device check (tests lift it to check the gradients
-        # of the dense eager implementation underneath); asked here, eagerly, so that the error says what to do.
-        try:
+        try:  # torch's one check against flex's CPU backward (tests lift it), asked eagerly to say what to do
             flex_module._validate_device(q, k, v)
         except NotImplementedError as e:
-            raise NotImplementedError(
-                "the flex attention backend has no backward pass on the CPU in this torch (FlexAttention "
-                "does not support backward on CPU); use attn_backend='sdpa' to train on the CPU, or run "
-                "flex under torch.no_grad() for inference") from e
+            raise NotImplementedError("the flex attention backend has no backward pass on the CPU in this torch; use "
+                                      "attn_backend='sdpa' to train on the CPU, or flex under torch.no_grad()") from e
     out = plan.flex_fn(q, k, v, plan.score_mod, plan.block_mask)  # (1, H, nnz, D)
     return out[0].transpose(0, 1)  # (nnz, H, D)
 
@@ -476,12 +438,9 @@ def _flex(qkv, plan):
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum of CE(x W^T + b, labels) and the count of exact top-1 hits, chunk by chunk over the rows.
 
-    The forward computes each chunk's logits (c, V) in the compute dtype, its fp32 log-sum-exp,
-    argmax and the gradient with respect to the logits, softmax - onehot, which it keeps in the
-    compute dtype: G (M, V). The backward is then two matmuls, G @ W and G^T @ x, and a column sum
-    for the bias. Never materialised: the fp32 (M, V) logits, their log-softmax and their fp32
-    gradient, which the plain path (F.linear, .float(), F.cross_entropy) all holds at once.
-    """
+    The forward computes each chunk's logits (c, V) in the compute dtype, its fp32 log-sum-exp, argmax and
+    the logits' gradient softmax - onehot, kept in the compute dtype: G (M, V). The backward is two matmuls,
+    G @ W and G^T @ x, and a column sum. Never held: the fp32 (M, V) logits, log-softmax and gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, labels, chunk_rows, dtype, grad):  # (M, d), (V, d), (V,), (M,)
@@ -503,8 +462,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target = y.clamp(min=0)[:, None]  # (n, 1)
             logits = torch.addmm(bc, xc[sl], wc.t(), out=logits_buf[:n])  # (n, V) in the compute dtype
             z = z_buf[:n].copy_(logits)  # (n, V) fp32, exactly the logits' values
-            # exact top-1 in the same pass as the max: max(dim) returns the first index of the maximum,
-            # argmax's rule for ties; no host sync (a nonzero over tied rows here would sync every chunk)
+            # exact top-1 in the max's pass: max(dim) returns the first maximal index, argmax's rule; no host sync
             mx, top1 = z.max(-1, keepdim=True)  # (n, 1), (n, 1)
             z_label = z.gather(1, target)  # (n, 1)
             n_correct += ((top1.squeeze(1) == y) & valid).sum()
@@ -527,18 +485,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_correct):
         G, xc, wc, grad_bias = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = ((G @ wc).float() * grad_loss).to(x_dtype)  # (M, d)
-        if ctx.needs_input_grad[1]:
-            gw = ((G.t() @ xc).float() * grad_loss).to(w_dtype)  # (V, d)
-        if ctx.needs_input_grad[2]:
-            gb = (grad_bias * grad_loss).to(b_dtype)  # (V,)
+        need = ctx.needs_input_grad
+        gx = ((G @ wc).float() * grad_loss).to(x_dtype) if need[0] else None  # (M, d)
+        gw = ((G.t() @ xc).float() * grad_loss).to(w_dtype) if need[1] else None  # (V, d)
+        gb = (grad_bias * grad_loss).to(b_dtype) if need[2] else None  # (V,)
         return gx, gw, gb, None, None, None, None
 
 
-# Rows per chunk of the fused decoder + cross-entropy: enough for the matmul to run near peak, few enough
-# launches on a GPU, buffers of rows x V x 6 bytes (0.6 GB at 2,048 x 50304).
+# Rows per chunk of the fused decoder + loss: the matmul near peak, few GPU launches, rows x V x 6 bytes of buffers
 CHUNK_ROWS = {"cpu": 256, "cuda": 2048}
 
 
@@ -550,12 +504,10 @@ def default_chunk_rows(device: torch.device) -> int:
 def linear_cross_entropy(x, weight, bias, labels, chunk_rows: int = 0):
     """Fused decoder + cross-entropy: (sum over rows of CE(x W^T + b), rows whose argmax is the label).
 
-    x (M, d), weight (V, d), bias (V,), labels (M,) with -100 for rows to ignore. Returns two scalars:
-    the fp32 loss sum (differentiable in x, weight and bias) and the int64 count of rows whose logits'
-    argmax (first index on ties) equals the label. Under autocast the matmuls run in its dtype, as
-    F.linear would; the log-sum-exp is fp32 either way. chunk_rows: rows per chunk (0: default_chunk_rows
-    of x's device). Reference: linear_cross_entropy_naive.
-    """
+    x (M, d), weight (V, d), bias (V,), labels (M,) with -100 for rows to ignore -> the fp32 loss sum
+    (differentiable) and the int64 count of rows whose argmax (first index on ties) is the label. Matmuls in
+    autocast's dtype, as F.linear; log-sum-exp in fp32. chunk_rows 0: default_chunk_rows. Reference:
+    linear_cross_entropy_naive. Sparse prediction's head: fast because the fp32 (M, V) logits are never held."""
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if chunk_rows <= 0:
