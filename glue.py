@@ -7,12 +7,10 @@
     python glue.py --init=mosaicml --hf=path/to/mosaic-bert-base --glue_dir=glue_data   # MosaicML's published weights
     torchrun --nproc_per_node=8 glue.py --glue_dir=glue_data --tasks=mnli
 
-The tasks, recipes, readers and metrics are in glue_tasks.py. Here: the starting points (our checkpoint, a HF BERT
-or MosaicML folder, random init); one run per (task, seed) with train.py's AdamW and schedule (6% warmup, linear
-decay to 0), the final evaluation scored; the sweep (RTE, MRPC, STS-B start from the MNLI-fine-tuned encoder, as in
-the paper; out_dir/results.json rewritten atomically after each run, so a sweep resumes; under torchrun the ranks
-share out the runs, or with --parallel=batches DDP splits each batch); the demo: out/demo's checkpoint against a
-random-init control on the Rotten Tomatoes sample, into out_dir/demo.json, with a collapsed encoder flagged.
+Tasks, recipes, readers and metrics: glue_tasks.py. Here: the starting points; one run per (task, seed) with train.py's
+AdamW and schedule (6% warmup, linear decay to 0); the sweep (RTE, MRPC, STS-B start from the MNLI-fine-tuned
+encoder, as in the paper; results.json is rewritten after each run, so a sweep resumes; under torchrun the ranks
+share out the runs); the demo (out/demo's checkpoint vs a random-init control, demo.json); the collapse detector.
 """
 
 import dataclasses
@@ -34,7 +32,8 @@ import perf
 from checkpoint import atomic_save, atomic_write_json, latest_checkpoint
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 from glue_tasks import (FROM_MNLI, GLUE_TASKS, TASKS, Encoded, Examples, GlueError, Task, collate,  # noqa: F401
-                        compute_metrics, encode_examples, eval_splits, label_subset, load_task, metric_names, read_tsv)
+                        compute_metrics, describe, encode_examples, eval_splits, label_subset, load_task,
+                        markdown_table, metric_names, read_tsv, summarize)
 from train import all_gather, build_optimizer, init_distributed, lr_factor, resolve_compile, wrap_ddp
 
 
@@ -78,10 +77,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
-
-    @property
-    def master(self):
-        return self.rank == 0
+    master = property(lambda self: self.rank == 0)
 
 
 def setup_distributed(device: str) -> Dist:
@@ -121,11 +117,9 @@ def load_start(cfg: GlueConfig, init: str) -> Start:
             raise GlueError(f"could not load {what} from {cfg.hf}: {type(e).__name__}: {e}") from None
         if tok.n_tokens > mlm.config.vocab_size:
             raise GlueError(f"{Path(cfg.hf) / 'vocab.txt'} has {tok.n_tokens} tokens but {cfg.hf}/config.json says "
-                            f"vocab_size={mlm.config.vocab_size}: the vocabulary does not match the weights. Use the "
-                            f"vocab.txt saved with this checkpoint.")
-        src = {"init": init, "path": str(Path(cfg.hf).resolve())}
-        label = f"{'HF BERT' if init == 'hf' else 'MosaicBERT'} {cfg.hf}"
-        return Start(mlm.config, encoder_weights(mlm), tok, src, label)
+                            f"vocab_size={mlm.config.vocab_size}: use the vocab.txt saved with these weights.")
+        return Start(mlm.config, encoder_weights(mlm), tok, {"init": init, "path": str(Path(cfg.hf).resolve())},
+                     f"{'HF BERT' if init == 'hf' else 'MosaicBERT'} {cfg.hf}")
 
     if init == "scratch" and cfg.hf:  # the control of a HF run: its architecture and vocabulary, random weights
         start = load_start(cfg, "mosaicml" if hf.is_mosaicml(cfg.hf) else "hf")
@@ -147,16 +141,13 @@ def load_start(cfg: GlueConfig, init: str) -> Start:
                         f"run `{how}` first (a few minutes on a CPU), or pass --ckpt=PATH to a train.py "
                         f"checkpoint or out_dir, or --init=scratch for a randomly initialized model.")
     mlm, ck = _load_ckpt(path, tok)
-    src = {"init": "ckpt", "path": str(Path(path).resolve()), "step": ck.get("step")}
-    return Start(mlm.config, encoder_weights(mlm), tok, src, f"pretrained {path} (step {ck.get('step')})")
+    return Start(mlm.config, encoder_weights(mlm), tok, {"init": "ckpt", "path": str(Path(path).resolve()),
+                 "step": ck.get("step")}, f"pretrained {path} (step {ck.get('step')})")
 
 
 def encoder_weights(m) -> dict:
     """What a classifier takes over: the encoder, and a trained [CLS] pooler (HF BERT, our MNLI classifier)."""
-    out = {"bert": m.bert.state_dict()}
-    if hasattr(m, "pooler"):
-        out["pooler"] = m.pooler.state_dict()
-    return out
+    return {"bert": m.bert.state_dict(), **({"pooler": m.pooler.state_dict()} if hasattr(m, "pooler") else {})}
 
 
 def _load_ckpt(path: str, tok):
@@ -171,8 +162,7 @@ def _load_ckpt(path: str, tok):
                         f"with GPT-2 BPE for train.py checkpoints. For a HF BERT folder use --init=hf --hf=FOLDER.")
     if mlm.config.vocab_size < tok.n_tokens:
         raise GlueError(f"checkpoint {path} has vocab_size={mlm.config.vocab_size} but the GPT-2 tokenizer with our "
-                        f"special tokens needs {tok.n_tokens}: the vocabulary does not match. Pretrain with "
-                        f"train.py's default vocabulary, or use --init=hf for a WordPiece BERT folder.")
+                        f"special tokens needs {tok.n_tokens}: pretrain with train.py's default vocabulary.")
     return mlm, ck
 
 
@@ -236,8 +226,7 @@ def predict(clf, data: Encoded, cfg: GlueConfig, pad_id: int, dist: Dist, regres
     mine = mine[np.argsort([len(data.ids[i]) for i in mine], kind="stable")]  # similar lengths together
     out = []
     for s in range(0, len(mine), cfg.eval_batch_size):
-        idx = mine[s:s + cfg.eval_batch_size]
-        b = collate(data, idx, pad_id)
+        b = collate(data, mine[s:s + cfg.eval_batch_size], pad_id)
         with perf.autocast(dist.device, cfg.dtype):
             logits, _ = clf(b["input_ids"].to(dist.device), b["attention_mask"].to(dist.device),
                             b["token_type_ids"].to(dist.device))
@@ -277,8 +266,7 @@ def build_classifier(cfg: GlueConfig, task: Task, start: Start, weights: Optiona
 def epoch_batches(n: int, B: int, world: int, seed: int, epochs: float, max_steps: int) -> tuple[int, list]:
     """(total steps, the global batches' rows): a new order each epoch; a partial last batch gives each rank a row."""
     starts = [s for s in range(0, n, B) if min(B, n - s) >= world]
-    total = math.ceil(epochs * len(starts))
-    total = min(total, max_steps) if max_steps else total
+    total = min(math.ceil(epochs * len(starts)), max_steps or math.inf)
     batches = []
     while len(batches) < total:
         perm = np.random.default_rng([seed, len(batches) // len(starts)]).permutation(n)
@@ -370,8 +358,6 @@ def majority_baseline(task: Task, train: Examples, evals: dict) -> Optional[dict
     return score(task, evals, lambda ex: np.full(len(ex.labels), major))
 
 
-# --- results.json: written atomically after every finished (task, seed)
-
 def load_results(out_dir: Path, source: dict) -> dict:
     path = out_dir / "results.json"
     if not path.is_file():
@@ -386,56 +372,7 @@ def load_results(out_dir: Path, source: dict) -> dict:
     return res
 
 
-def summarize(res: dict) -> dict:
-    """Per task: the mean of each metric over the finished seeds, and the task score (the mean of those means).
-    The GLUE average, as in the paper: the mean over tasks of the task scores (MNLI: mean of m and mm)."""
-    scores = {}
-    for name, tr in res["tasks"].items():
-        names = metric_names(TASKS[name])
-        seeds = [s for s in tr["seeds"].values()]
-        if not seeds:
-            continue
-        tr["mean"] = {m: float(np.mean([s[m] for s in seeds])) for m in names}
-        tr["score"] = float(np.mean([tr["mean"][m] for m in names]))
-        if name in GLUE_TASKS:
-            scores[name] = tr["score"]
-    res["glue_average"] = float(np.mean(list(scores.values()))) if scores else None
-    res["glue_tasks"] = [t for t in GLUE_TASKS if t in scores]
-    res["glue_complete"] = len(scores) == len(GLUE_TASKS)
-    return res
-
-
-def describe(source: dict) -> str:
-    if source["init"] == "scratch":
-        mc = source["model_config"]
-        return f"random init ({mc['n_layers']} layers, d_model {mc['d_model']})"
-    name = {"hf": "HF BERT", "mosaicml": "MosaicBERT"}.get(source["init"])
-    return f"{name} {source['path']}" if name else f"pretrained {source['path']} (step {source.get('step')})"
-
-
-def markdown_table(res: dict) -> str:
-    lines = [f"Fine-tuned from {describe(res['source'])}", "",
-             "| task | start | seed | metrics (x100) | score |", "|---|---|---|---|---|"]
-    for name, tr in res["tasks"].items():
-        names = metric_names(TASKS[name])
-        fmt = lambda d: ", ".join(f"{m} {d[m] * 100:.2f}" for m in names)
-        for seed, s in tr["seeds"].items():
-            lines.append(f"| {name} | {tr.get('start', '')} | {seed} | {fmt(s)} | "
-                         f"{np.mean([s[m] for m in names]) * 100:.2f} |")
-        if "mean" in tr:
-            lines.append(f"| **{name}** | | mean of {len(tr['seeds'])} | {fmt(tr['mean'])} | "
-                         f"**{tr['score'] * 100:.2f}** |")
-        if tr.get("majority"):
-            lines.append(f"| {name} | majority class | | {fmt(tr['majority'])} | "
-                         f"{np.mean([tr['majority'][m] for m in names]) * 100:.2f} |")
-    if res.get("glue_average") is not None:
-        n = len(res["glue_tasks"])
-        lines += ["", f"**GLUE average: {res['glue_average'] * 100:.2f}**" + (
-            "" if res["glue_complete"] else f" (partial: {n}/8 tasks: {', '.join(res['glue_tasks'])})")]
-    return "\n".join(lines)
-
-
-# --- the sweep
+# --- the sweep: results.json rewritten atomically after every finished (task, seed)
 
 def check_config(cfg: GlueConfig):
     choices = dict(dtype=perf.DTYPES, device=("auto", "cpu", "cuda"), parallel=("runs", "batches"),
@@ -580,9 +517,7 @@ def finetune_seeds_across_ranks(cfg: GlueConfig, task: Task, start: Start, weigh
                                 todo: list, train_set: Encoded, evals: dict, dist: Dist, res: dict):
     """--parallel=runs under torchrun: rank r fine-tunes todo[r::world], each run alone on its own device (no DDP,
     no gradient all-reduce), exactly as a 1-process run would. Rank 0 gathers the metrics into results.json."""
-    out_dir = Path(cfg.out_dir)
-    solo = Dist(0, 1, dist.device)
-    mine = {}
+    out_dir, solo, mine = Path(cfg.out_dir), Dist(0, 1, dist.device), {}
     for seed in todo[dist.rank::dist.world]:
         out = finetune(cfg, task, start, weights, seed, train_set, evals, solo)
         if task.name == "mnli" and seed == seeds[0]:  # whichever rank ran it writes it

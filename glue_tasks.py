@@ -1,6 +1,6 @@
 """The GLUE tasks as the MosaicBERT paper fine-tunes them: the task table with each task's recipe (lr, decoupled
 weight decay, epochs, batch size, seeds), readers for GLUE's TSVs and the hub, the [CLS] a [SEP] b [SEP] encoding,
-and the metrics in numpy (fractions; x100 when printed). glue.py runs the recipe."""
+the metrics in numpy (fractions; x100 when printed) and a sweep's scores (the GLUE average). glue.py runs them."""
 
 import csv
 import gzip
@@ -20,9 +20,7 @@ class GlueError(ValueError):
     """Bad input (a malformed TSV, a missing file, a mismatched checkpoint). The message says what to do."""
 
 
-# --------------------------------------------------------------------------------------------------------------
-# tasks and the paper's recipe
-
+# --- tasks and the paper's recipe
 
 @dataclass(frozen=True)
 class Recipe:
@@ -91,9 +89,7 @@ def metric_names(task: Task) -> list[str]:
     return list(task.metrics) if len(splits) == 1 else [f"{m}_{s}" for s in splits for m in task.metrics]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# metrics (numpy)
-
+# --- metrics (numpy)
 
 def accuracy(pred, label) -> float:
     return float(np.mean(pred == label)) if len(label) else 0.0
@@ -174,9 +170,7 @@ def compute_metrics(task: str, predictions, labels) -> dict:
     return {m: METRICS[m](pred, label) for m in t.metrics}
 
 
-# --------------------------------------------------------------------------------------------------------------
-# reading GLUE: the distributed TSVs (download_glue_data.py layout) or the hub
-
+# --- reading GLUE: the distributed TSVs (download_glue_data.py layout) or the hub
 
 @dataclass
 class Examples:
@@ -277,9 +271,7 @@ def label_subset(ex: Examples, budget: int) -> Examples:
     return Examples([ex.a[i] for i in keep], [ex.b[i] for i in keep] if ex.b else None, ex.labels[keep], ex.origin)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# encoding: GPT-2 BPE (data.get_tokenizer) for our checkpoints; BERT WordPiece (hf.WordPiece) for HF checkpoints
-
+# --- encoding: GPT-2 BPE (data.get_tokenizer) for our checkpoints; BERT WordPiece (hf.WordPiece) for HF checkpoints
 
 def truncate_pair(a: list, b: list, budget: int) -> tuple[list, list]:
     """Longest-first truncation to len(a) + len(b) <= budget, as HF's fast tokenizers (what the paper used): the
@@ -328,3 +320,54 @@ def collate(data: Encoded, idx, pad_id: int) -> dict:
         types[r, data.n_first[i]:n] = 1
     labels = torch.from_numpy(data.labels[np.asarray(idx, dtype=np.int64)])
     return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
+
+
+# --- scoring a sweep: task scores, the GLUE average, the results table
+
+def summarize(res: dict) -> dict:
+    """Per task: the mean of each metric over the finished seeds, and the task score (the mean of those means).
+    The GLUE average, as in the paper: the mean over tasks of the task scores (MNLI: mean of m and mm)."""
+    scores = {}
+    for name, tr in res["tasks"].items():
+        names = metric_names(TASKS[name])
+        seeds = [s for s in tr["seeds"].values()]
+        if not seeds:
+            continue
+        tr["mean"] = {m: float(np.mean([s[m] for s in seeds])) for m in names}
+        tr["score"] = float(np.mean([tr["mean"][m] for m in names]))
+        if name in GLUE_TASKS:
+            scores[name] = tr["score"]
+    res["glue_average"] = float(np.mean(list(scores.values()))) if scores else None
+    res["glue_tasks"] = [t for t in GLUE_TASKS if t in scores]
+    res["glue_complete"] = len(scores) == len(GLUE_TASKS)
+    return res
+
+
+def describe(source: dict) -> str:
+    if source["init"] == "scratch":
+        mc = source["model_config"]
+        return f"random init ({mc['n_layers']} layers, d_model {mc['d_model']})"
+    name = {"hf": "HF BERT", "mosaicml": "MosaicBERT"}.get(source["init"])
+    return f"{name} {source['path']}" if name else f"pretrained {source['path']} (step {source.get('step')})"
+
+
+def markdown_table(res: dict) -> str:
+    lines = [f"Fine-tuned from {describe(res['source'])}", "",
+             "| task | start | seed | metrics (x100) | score |", "|---|---|---|---|---|"]
+    for name, tr in res["tasks"].items():
+        names = metric_names(TASKS[name])
+        fmt = lambda d: ", ".join(f"{m} {d[m] * 100:.2f}" for m in names)
+        for seed, s in tr["seeds"].items():
+            lines.append(f"| {name} | {tr.get('start', '')} | {seed} | {fmt(s)} | "
+                         f"{np.mean([s[m] for m in names]) * 100:.2f} |")
+        if "mean" in tr:
+            lines.append(f"| **{name}** | | mean of {len(tr['seeds'])} | {fmt(tr['mean'])} | "
+                         f"**{tr['score'] * 100:.2f}** |")
+        if tr.get("majority"):
+            lines.append(f"| {name} | majority class | | {fmt(tr['majority'])} | "
+                         f"{np.mean([tr['majority'][m] for m in names]) * 100:.2f} |")
+    if res.get("glue_average") is not None:
+        n = len(res["glue_tasks"])
+        lines += ["", f"**GLUE average: {res['glue_average'] * 100:.2f}**" + (
+            "" if res["glue_complete"] else f" (partial: {n}/8 tasks: {', '.join(res['glue_tasks'])})")]
+    return "\n".join(lines)
