@@ -42,8 +42,7 @@ from checkpoint import (PREEMPTED_EXIT, PREEMPTED_MARKER, Preempted, PreemptionF
                         prepare_out_dir, restore_rng, rng_state, set_rng_state)
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
-# Process-group timeout: a collective waits this long for the slowest rank. torch's default is 10 min for NCCL;
-# a rank's first batch (DataLoader start-up, a resumed stream re-reading part of one C4 file) may take minutes.
+# A collective waits this long for the slowest rank (torch's NCCL default, 10 min, is less than a first batch may take)
 DIST_TIMEOUT = datetime.timedelta(hours=1)
 
 
@@ -320,8 +319,7 @@ def mlm_step(model, micro: list[dict], world: int = 1, amp=nullcontext, loss_fn:
     with amp():  # one autocast context for all micro-steps: on CPU the bf16 weight casts are reused
         for i, mb in enumerate(micro):
             # gradients are all-reduced only on the last micro-step; forward runs inside no_sync too
-            sync_ctx = model.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext()
-            with sync_ctx:
+            with model.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
                 loss_sum, n_correct, n = loss_fn(model, mb)
                 (loss_sum * loss_scale).backward()
             stats += torch.stack([loss_sum.detach().float(), n_correct.float(), n.float()]).double()
@@ -419,7 +417,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     if ckpt is not None:
         stream.load_state_dict(ckpt["data"])  # raises DataError if it does not fit this data
     restore_rng(ckpt, cfg.seed, rank, world, print0)
-    run = Run(cfg, mcfg, rank, world, device, raw_model, optimizer, stream, ckpt, use_compile)
+    run = Run(cfg, mcfg, rank, world, device, raw_model, optimizer, stream, ckpt, use_compile, end)
 
     # --- the loop
     step = run.first_step
@@ -437,7 +435,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         step += 1
         run.record(batch, stats, grad_norm)
         if step % cfg.log_every == 0 or step == end or step == run.first_step + 1:
-            run.log(step, end, lr)
+            run.log(step, lr)
         if eval_data and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             run.evaluate(step, eval_data)
         saved = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == end  # periodic, end, stop_at_step
@@ -446,7 +444,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         if preempt is not None and step < end and preempt.agreed():  # every rank agrees: all stop after this step
             run.stop_preempted(step, saved, preempt.received)
 
-    run.finish(step, end)
+    run.finish(step)
 
 
 def build_data(cfg: TrainConfig, rank: int, world: int):
@@ -493,23 +491,19 @@ class Run:
     """What the loop carries between log lines and writes out: the step's sums on the device (read on the host
     only at log time), the metrics file and the checkpoints."""
 
-    def __init__(self, cfg, mcfg, rank, world, device, raw_model, optimizer, stream, ckpt, use_compile):
-        self.cfg, self.mcfg, self.rank, self.world, self.device = cfg, mcfg, rank, world, device
-        self.use_compile = use_compile
-        self.raw_model, self.optimizer, self.stream = raw_model, optimizer, stream
-        self.master = rank == 0
-        self.first_step = 0 if ckpt is None else ckpt["step"]
-        self.tokens_seen = 0 if ckpt is None else ckpt.get("tokens_seen", 0)
-        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    def __init__(self, cfg, mcfg, rank, world, device, raw_model, optimizer, stream, ckpt, use_compile, end):
+        self.cfg, self.mcfg, self.rank, self.world, self.device, self.master = cfg, mcfg, rank, world, device, rank == 0
+        self.raw_model, self.optimizer, self.stream, self.use_compile = raw_model, optimizer, stream, use_compile
+        self.end = end
+        self.first_step, self.tokens_seen = (0, 0) if ckpt is None else (ckpt["step"], ckpt.get("tokens_seen", 0))
         if self.master:
-            prepare_out_dir(cfg.out_dir, None if ckpt is None else self.first_step)
+            self.metrics_path = prepare_out_dir(cfg.out_dir, None if ckpt is None else self.first_step)
         self.peak, peak_line = perf.mfu_reference(device, cfg.dtype)  # measured in the dtype that runs
         print0(peak_line)
         self.peak_beaten = False  # the step outran the measured peak: MFU n/a, said once
-        self.stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked since last log
+        # since the last log line: [loss_sum, n_correct, n_masked] on the device, real tokens, steps, sum of windows^2
+        self.stats, self.tokens, self.steps, self.context = torch.zeros(3, dtype=torch.float64, device=device), 0, 0, 0
         self.nonfinite = torch.zeros((), device=device)  # > 0 once any loss or grad norm was NaN/inf (no sync per step)
-        self.tokens, self.steps, self.context = 0, 0, 0  # since the last log; context: sum of attention windows^2
-        self.grad_norm = torch.zeros((), device=device)
         self.t_log = self.t_start = time.perf_counter()
         self.heap = perf.BoundedHeap(cfg.keep_freed_memory and device.type == "cpu")  # a CPU workaround
 
@@ -523,14 +517,12 @@ class Run:
         self.grad_norm = grad_norm
         bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(self.stats[0])
         self.nonfinite = torch.maximum(self.nonfinite, bad.float())
-        self.steps += 1
-        self.tokens += n_real
-        self.context += context_sq
+        self.tokens, self.steps, self.context = self.tokens + n_real, self.steps + 1, self.context + context_sq
 
     def global_count(self, n: int) -> int:
         return int(all_reduce(torch.tensor(float(n), dtype=torch.float64, device=self.device)).item())
 
-    def log(self, step: int, end: int, lr: float):
+    def log(self, step: int, lr: float):
         """The log line and metrics row (the only place a loss is read on the host)."""
         cfg = self.cfg
         tok = self.global_count(self.tokens)
@@ -539,8 +531,7 @@ class Run:
         gn = self.grad_norm.item()
         dt = time.perf_counter() - self.t_log
         loss, acc = loss_sum / max(n_masked_sum, 1), n_correct / max(n_masked_sum, 1)
-        ms = 1000 * dt / self.steps
-        tok_s = tok / dt
+        ms, tok_s = 1000 * dt / self.steps, tok / dt
         # MFU's attention term counts the mean context a token actually attended to (its window)
         context = self.context / max(self.tokens, 1)
         flops_per_s = modeling.flops_per_token(self.mcfg, context, cfg.mask_prob) * tok_s / self.world
@@ -549,7 +540,7 @@ class Run:
             self.peak_beaten = True
             print0(f"mfu n/a: this step runs {perf.fmt_flops(flops_per_s)} per rank, above the measured "
                    f"peak of {perf.fmt_flops(self.peak)} (measured on a busy machine?)")
-        eta = (end - step) * dt / self.steps
+        eta = (self.end - step) * dt / self.steps
         print0(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | mlm_acc {acc:.3f} | "
                f"lr {f'{lr:.1e}'.replace('e-0', 'e-')} | {ms:,.0f} ms | {tok_s:,.0f} tok/s | "
                f"mfu {f'{mfu:.0%}' if mfu is not None else 'n/a'} | eta {fmt_time(eta)}")
@@ -561,8 +552,7 @@ class Run:
                                 rss_gb=(perf.resident_bytes() or 0) / 2**30,
                                 peak_rss_gb=perf.peak_resident_bytes() / 2**30, heap_trims=self.heap.trims))
         self.stats.zero_()
-        self.tokens, self.steps, self.context = 0, 0, 0
-        self.t_log = time.perf_counter()
+        self.tokens, self.steps, self.context, self.t_log = 0, 0, 0, time.perf_counter()
 
     def write_metrics(self, row: dict):
         if self.master:
@@ -572,8 +562,7 @@ class Run:
     def evaluate(self, step: int, eval_data: list):
         """Held-out MLM loss and accuracy at 15% masking; its time is kept out of the training throughput."""
         t0 = time.perf_counter()
-        eval_loss, eval_acc = evaluate(self.raw_model, eval_data, self.device, self.amp,
-                                       self.rank, self.world)
+        eval_loss, eval_acc = evaluate(self.raw_model, eval_data, self.device, self.amp, self.rank, self.world)
         print0(f"eval step {step} | eval_loss {eval_loss:.4f} | eval_mlm_acc {eval_acc:.3f} | "
                f"{time.perf_counter() - t0:.1f} s")
         self.write_metrics(dict(step=step, eval_loss=eval_loss, eval_mlm_acc=eval_acc))
@@ -600,19 +589,12 @@ class Run:
         if self.master:
             path = checkpoint_path(cfg.out_dir, step)
             atomic_save({
-                "model": self.raw_model.state_dict(),
-                "model_config": config_dict(self.mcfg),
-                "train_config": config_dict(cfg),
-                "optimizer": self.optimizer.state_dict(),
+                "model": self.raw_model.state_dict(), "model_config": config_dict(self.mcfg),
+                "train_config": config_dict(cfg), "optimizer": self.optimizer.state_dict(),
                 "schedule": dict(name="linear_warmup_linear_decay", lr=cfg.lr, warmup_frac=cfg.warmup_frac,
                                  final_lr_frac=cfg.final_lr_frac, max_steps=cfg.max_steps, next_lr=lr_at(step, cfg)),
-                "step": step,
-                "tokens_seen": total_tokens,  # real tokens trained on, all ranks
-                "data": data_state,
-                "rng": rngs[0],
-                "rng_per_rank": rngs,
-                "world_size": self.world,
-                "tokenizer": "gpt2",
+                "step": step, "tokens_seen": total_tokens,  # real tokens trained on, all ranks
+                "data": data_state, "rng": rngs[0], "rng_per_rank": rngs, "world_size": self.world, "tokenizer": "gpt2",
             }, path)
             if cfg.keep_checkpoints > 0:
                 for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
@@ -622,10 +604,10 @@ class Run:
             dist.barrier()
         self.t_log += time.perf_counter() - t0
 
-    def finish(self, step: int, end: int):
+    def finish(self, step: int):
         if self.master and self.cfg.samples and step == self.cfg.max_steps:
             print_samples(self.raw_model, f"after {step} steps")
-        if end < self.cfg.max_steps:
+        if self.end < self.cfg.max_steps:
             print0(f"stopped after step {step} (--stop_at_step); continue with --resume")
         print0(f"done: {step} steps, {fmt_time(time.perf_counter() - self.t_start)} wall time")
 
