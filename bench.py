@@ -5,8 +5,8 @@
     python bench.py --quick --json=out/b.json    # (also `--json out/b.json`)
     python bench.py --quick --size=tiny          # tiny presets: the smoke test
 
-Every row times a full training step (train.mlm_step's forward and backward, train.build_optimizer's fused AdamW
-step, zero_grad) on the same batches: real (non-pad) tokens/s, step time, speedup over `bert-base`, MFU, peak
+Every MLM row times a full training step (train.mlm_step's forward and backward, train.build_optimizer's fused
+AdamW step, zero_grad) on the same batches: real (non-pad) tokens/s, step time, speedup over `bert-base`, MFU, peak
 memory. Grep the names:
 
     LADDER       bert-base, then one MosaicBERT change at a time: +bf16, +unpad, +alibi (fused attention, no

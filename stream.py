@@ -1,4 +1,4 @@
-"""Streamed pretraining sources ('c4', 'stream:PATH') for PretrainStream: shards, DataLoader workers, resume.
+"""Streamed pretraining sources ('c4', 'stream:PATH') for data.PretrainStream: shards, workers, resume.
 
 The stream splits into world_size * max(1, num_workers) disjoint shards (whole files when their count divides, else
 every n-th record); each worker yields whole per-rank batches with its position (epoch, file * FILE_STRIDE + record,
@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
-from data import (_TRAIN_TAG, DataError, _build_rows, _builder_for, _check_identity, _encode_docs, _is_validation,
-                  _key_hash, _load_dataset, _plan_rows, _records, _to_batch, _warn_skipped, hash64, mlm_mask,
-                  resolve_files, DEFAULT_CORPUS, MODES, PretrainStream, _read_file, get_tokenizer)
+from data import (_TRAIN_TAG, DEFAULT_CORPUS, MODES, DataError, PretrainStream, _build_rows, _builder_for,
+                  _check_identity, _encode_docs, _is_validation, _key_hash, _load_dataset, _plan_rows, _read_file,
+                  _records, _to_batch, _warn_skipped, get_tokenizer, hash64, mlm_mask, resolve_files)
 
 
 def open_stream(source: str, split: str):
