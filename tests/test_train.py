@@ -238,6 +238,41 @@ def test_accumulated_gradient_is_the_global_masked_mean(unpad, one_thread):
                                    msg=lambda s: f"{n}: {s}")
 
 
+class MeanLossModel(torch.nn.Module):
+    """A transformers-style wrapper: keyword inputs, and .loss the mean CE over the micro-batch's masked tokens."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask, labels):
+        out = self.m(input_ids, attention_mask, labels)
+        return dataclasses.make_dataclass("Out", ["loss"])(out.loss_sum / out.n_masked.clamp(min=1))
+
+
+def test_hf_mean_loss_adapter_gives_the_global_masked_mean(one_thread):
+    """train.hf_mlm_loss (bench's peer rows: the model returns a per-micro-batch mean) with micro-batches of 1, 0, 13
+    and 3 masked tokens leaves the same gradient and summed loss as the model's own summed loss."""
+    m, ref = grad_models()
+    batch = uneven_batch()
+    stats = train.mlm_step(MeanLossModel(m), train.micro_batches(batch, 2), loss_fn=train.hf_mlm_loss)
+    want = train.mlm_step(ref, train.micro_batches(batch, 2))
+    torch.testing.assert_close(stats[[0, 2]], want[[0, 2]], atol=0, rtol=1e-5)
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-7, rtol=1e-4, msg=lambda s: f"{n}: {s}")
+
+
+def test_lr_factor_matches_the_schedules_written_out():
+    """lr_factor against the two schedules written out by hand: glue's (warmup, then linear decay to 0 at total)
+    and the paper's (decay to final_frac); the first update already gets 1/warmup of the peak."""
+    total, warmup = 1000, 60
+    for step in range(total + 5):
+        glue = (step + 1) / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
+        assert train.lr_factor(step, total, warmup, 0.0) == pytest.approx(glue, abs=1e-12), step
+        paper = (step + 1) / warmup if step < warmup else 0.02 + 0.98 * max(0.0, (total - step) / (total - warmup))
+        assert train.lr_factor(step, total, warmup, 0.02) == pytest.approx(paper, abs=1e-12), step
+
+
 def test_a_step_without_masked_tokens_has_finite_zero_gradients(one_thread):
     """A global batch with no masked token at all (and an all-pad row): finite zero loss and gradients."""
     m, _ = grad_models()
