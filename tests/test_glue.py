@@ -1,5 +1,6 @@
-"""glue.py and glue_tasks.py: metrics against hand-worked values, every GLUE TSV layout, bad-input errors, the WordPiece tokenizer
-(hf.WordPiece) against transformers, fine-tuning that learns, resuming a sweep, the MNLI -> RTE start, HF and DDP runs.
+"""glue.py and glue_tasks.py: metrics against hand-worked values, every GLUE TSV layout, bad-input errors, the
+WordPiece tokenizer (hf.WordPiece) against transformers, fine-tuning that learns, resuming a sweep, the MNLI -> RTE
+start, HF and DDP runs.
 
 The fixtures in tests/fixtures/glue/ are small files in GLUE's distributed layouts (download_glue_data.py):
 headers, column counts and label spellings as in the real files, and sentences with unbalanced `"` quotes.

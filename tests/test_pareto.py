@@ -81,3 +81,15 @@ def test_bert_arm_is_the_mosaic_shape_with_every_switch_off():
         ("learned", "gelu", False, False, False, 0.1)
     with pytest.raises(ConfigError, match="size"):
         pareto.resolve(pareto.ParetoConfig(size="huge"))
+
+
+def test_time_schedule_warms_up_then_decays_to_final_frac():
+    """lr_at (train.lr_factor on time) against the schedule written directly in budget fractions f: warmup f / w up
+    to warmup_frac w, then 1 - (1 - final) * (f - w) / (1 - w), held at final past the budget."""
+    cfg = pareto.resolve(pareto.ParetoConfig(quick=True, budget_s=100.0, lr=1e-3))
+    w, final = cfg.warmup_frac, cfg.final_lr_frac
+    assert 0 < pareto.lr_at(0.0, cfg) < 0.01 * cfg.lr
+    assert pareto.lr_at(3.0, cfg) == pytest.approx(cfg.lr * 0.03 / w, rel=1e-2)
+    for t in (6.0, 30.0, 53.0, 99.0, 100.0, 250.0):
+        f = min(t / 100.0, 1.0)
+        assert pareto.lr_at(t, cfg) == pytest.approx(cfg.lr * (1 - (1 - final) * (f - w) / (1 - w))), t
