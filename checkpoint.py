@@ -176,6 +176,7 @@ def restore_rng(ckpt: Optional[dict], seed: int, rank: int, world: int, print0=p
 # ----------------------------------------------------------------------------------------
 # Preemption
 
+
 class Preempted(Exception):
     """Raised on every rank after a preemption checkpoint was saved; train.cli exits with PREEMPTED_EXIT."""
 

@@ -94,7 +94,8 @@ def resolve_dtype(flag: str, device: torch.device) -> tuple[str, str, Optional[s
         ok = torch.cuda.is_bf16_supported()
         if flag == "auto":
             return ("bfloat16", "auto: this GPU supports bf16") if ok else ("float32", "auto: this GPU has no bf16")
-        return flag, f"--dtype={flag}", None if ok or flag == "float32" else "this GPU has no native bf16; expect it to be slow"
+        warn = None if ok or flag == "float32" else "this GPU has no native bf16; expect it to be slow"
+        return flag, f"--dtype={flag}", warn
     if device.type != "cpu":  # meta and other test devices: no probe, as asked
         return ("float32" if flag == "auto" else flag), f"--dtype={flag} on {device.type}", None
     probe = cpu_bf16_probe()

@@ -39,7 +39,7 @@ import model as modeling
 import perf
 from checkpoint import (PREEMPTED_EXIT, PREEMPTED_MARKER, Preempted, PreemptionFlag, TrainError,  # noqa: F401
                         atomic_save, checkpoint_path, latest_checkpoint, list_checkpoints, load_for_resume,
-                        prepare_out_dir, restore_rng, rng_state, set_rng_state)
+                        prepare_out_dir, restore_rng, rng_state)
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
 # A collective waits this long for the slowest rank (torch's NCCL default, 10 min, is less than a first batch may take)
@@ -80,10 +80,8 @@ class TrainConfig:
     grad_clip: float = 1.0             # max global grad norm; 0 = off
     # system
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
-    dtype: str = "auto"                # 'auto' (bf16 where this device runs it fast, else float32; perf.resolve_dtype)
-                                       # | 'bfloat16' (autocast) | 'float32' (no autocast)
-    compile: Optional[bool] = None     # None (auto): on CUDA; on the CPU for runs of >= 1M planned tokens (the
-                                       # demo), where it pays back its compile time; true/false forces it
+    dtype: str = "auto"                # 'auto' (bf16 where this device runs it fast) | 'bfloat16' | 'float32'
+    compile: Optional[bool] = None     # None: on CUDA, and on the CPU for runs of >= 1M planned tokens (the demo)
     keep_freed_memory: bool = True     # CPU: glibc keeps freed memory, trimmed back at a bound (see perf.BoundedHeap)
     seed: int = 0
     # logging, evaluation, checkpoints
@@ -104,21 +102,18 @@ _PAPER = dict(
     model_overrides="", dropout=None, data="c4", data_mode="truncate", seq_len=128, num_workers=4,
     global_batch_size=4096, micro_batch_size=128, max_steps=70_000, lr=5e-4, beta1=0.9, beta2=0.98,
     eps=1e-6, weight_decay=1e-5, warmup_frac=0.06, final_lr_frac=0.02, grad_clip=0.0, dtype="auto",
-    seed=17, log_every=10, eval_every=2000, eval_batches=40, eval_batch_size=128, save_every=3500,
-)
+    seed=17, log_every=10, eval_every=2000, eval_batches=40, eval_batch_size=128, save_every=3500)
 # Tiny recipes for CPU tests and quick checks.
 _TINY = dict(
     model_overrides="", dropout=None, data="default", data_mode="chunk", seq_len=128, samples=False,
     global_batch_size=16, micro_batch_size=8, max_steps=40, lr=1e-3, grad_clip=1.0,
-    log_every=5, eval_every=20, eval_batches=4, eval_batch_size=16, save_every=20,
-)
+    log_every=5, eval_every=20, eval_batches=4, eval_batch_size=16, save_every=20)
 TRAIN_PRESETS = {
     # The TrainConfig defaults: 300 steps of 32 packed rows (every step the same ~4,090 real tokens) of the
     # Wikipedia sample plus the sentiment sample's unlabelled training sentences (in-domain for glue.py's demo).
     "demo": {},
     "mosaic-bert-base": dict(_PAPER, model="mosaic-bert-base", mask_prob=0.3, out_dir="out/mosaic-bert-base"),
-    # BERT baseline: the paper trains it with the same recipe at 15% masking
-    # (mosaicml/examples v0.0.4 yamls/main/hf-bert-base-uncased.yaml: lr 5e-4, mlm_probability 0.15).
+    # BERT baseline: the same recipe at 15% masking (mosaicml/examples v0.0.4 yamls/main/hf-bert-base-uncased.yaml)
     "bert-base": dict(_PAPER, model="bert-base", mask_prob=0.15, out_dir="out/bert-base"),
     "mosaic-bert-tiny": dict(_TINY, model="mosaic-bert-tiny", mask_prob=0.3, out_dir="out/mosaic-bert-tiny"),
     "bert-tiny": dict(_TINY, model="bert-tiny", mask_prob=0.15, out_dir="out/bert-tiny"),
@@ -156,14 +151,14 @@ def check_config(cfg: TrainConfig, world_size: int) -> int:
     if not 0.0 < cfg.mask_prob < 1.0:
         raise ConfigError(f"--mask_prob={cfg.mask_prob}: must be in (0, 1)")
     if cfg.global_batch_size % world_size:
-        raise ConfigError(f"--global_batch_size={cfg.global_batch_size} is not divisible by the "
-                          f"{world_size} ranks; pick a multiple of {world_size}")
+        raise ConfigError(f"--global_batch_size={cfg.global_batch_size} is not divisible by the {world_size} ranks; "
+                          f"pick a multiple of {world_size}")
     per_rank = cfg.global_batch_size // world_size
     if per_rank % cfg.micro_batch_size:
         hint = ", ".join(map(str, [m for m in range(1, cfg.micro_batch_size + 1) if per_rank % m == 0][-3:]))
-        raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} does not divide the per-rank batch "
-                          f"{per_rank} (= --global_batch_size={cfg.global_batch_size} / {world_size} ranks); "
-                          f"use a divisor of {per_rank}, e.g. {hint}")
+        raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} does not divide the per-rank batch {per_rank} "
+                          f"(= --global_batch_size={cfg.global_batch_size} / {world_size} ranks); use a divisor of "
+                          f"{per_rank}, e.g. {hint}")
     return per_rank // cfg.micro_batch_size
 
 
@@ -327,9 +322,8 @@ def mlm_step(model, micro: list[dict], world: int = 1, amp=nullcontext, loss_fn:
 
 
 def micro_batches(batch: dict, mb: int, model=None, device=None) -> list[dict]:
-    """Split this rank's batch (B_rank, S) into micro-batches of mb rows. With `model`, each gets its
-    model.LayoutCounts, read from the CPU batch (then no forward waits on the device); with `device`, the
-    batch is moved there first (one copy)."""
+    """This rank's batch (B_rank, S) as micro-batches of mb rows, moved to `device` in one copy, each with the
+    `model`'s LayoutCounts read from the CPU batch (then no forward waits on the device)."""
     slices = [slice(i, i + mb) for i in range(0, batch["input_ids"].shape[0], mb)]
     counts = [model.layout_counts(batch["attention_mask"][sl], batch["labels"][sl]) if model is not None else None
               for sl in slices]
@@ -488,8 +482,7 @@ def compile_model(raw_model, cfg: TrainConfig, device: torch.device) -> bool:
 
 
 class Run:
-    """What the loop carries between log lines and writes out: the step's sums on the device (read on the host
-    only at log time), the metrics file and the checkpoints."""
+    """The loop's state: sums since the last log line (on the device: read only at log time), metrics, checkpoints."""
 
     def __init__(self, cfg, mcfg, rank, world, device, raw_model, optimizer, stream, ckpt, use_compile, end):
         self.cfg, self.mcfg, self.rank, self.world, self.device, self.master = cfg, mcfg, rank, world, device, rank == 0
@@ -596,9 +589,8 @@ class Run:
                 "step": step, "tokens_seen": total_tokens,  # real tokens trained on, all ranks
                 "data": data_state, "rng": rngs[0], "rng_per_rank": rngs, "world_size": self.world, "tokenizer": "gpt2",
             }, path)
-            if cfg.keep_checkpoints > 0:
-                for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
-                    os.remove(old)
+            for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+                os.remove(old)
             print(f"saved {path}", flush=True)
         if dist.is_initialized():
             dist.barrier()
