@@ -65,6 +65,16 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return sorted(os.path.join(out_dir, n) for n in names if n.startswith("ckpt_") and n.endswith(".pt"))
 
 
+def save_checkpoint(state: dict, out_dir: str, keep: int):
+    """Rank 0: `state` (train.py's: weights, configs, optimizer, schedule, step, tokens_seen, data position, RNG)
+    as out_dir/ckpt_{step:07d}.pt, atomically; only the newest `keep` checkpoints stay (0: all)."""
+    path = checkpoint_path(out_dir, state["step"])
+    atomic_save(state, path)
+    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        os.remove(old)
+    print(f"saved {path}", flush=True)
+
+
 def latest_checkpoint(out_dir: str) -> Optional[str]:
     """The highest-step checkpoint in out_dir, or None."""
     paths = list_checkpoints(out_dir)
@@ -157,9 +167,8 @@ def set_rng_state(s: dict):
 
 
 def restore_rng(ckpt: Optional[dict], seed: int, rank: int, world: int, print0=print):
-    """A resumed run takes this rank's saved RNG state; a fresh one seeds each rank apart (dropout differs across
-    ranks). Resumed on another world size, each rank is seeded from (seed, rank, step): its own stream, and the
-    same resume draws the same."""
+    """A resumed run takes this rank's saved RNG state; a fresh one, or one resumed on another world size (seeded
+    from (seed, rank, step)), gives each rank its own stream."""
     if ckpt is not None and len(ckpt["rng_per_rank"]) == world:
         return set_rng_state(ckpt["rng_per_rank"][rank])
     if ckpt is None:  # a fresh run: dropout differs across ranks
@@ -182,9 +191,8 @@ class Preempted(Exception):
 
 
 class PreemptionFlag:
-    """SIGTERM (what schedulers and torchrun send before a kill) or SIGUSR1 (SLURM's --signal) only sets a flag;
-    the loop reads it after every step through `agreed`, so every rank stops after the same step. The previous
-    handlers come back on exit. Under torchrun the workers have torchrun's 30 s grace to save."""
+    """SIGTERM (schedulers, torchrun) or SIGUSR1 (SLURM's --signal) only sets a flag; the loop reads it after every
+    step through `agreed`, so every rank stops after the same step. The previous handlers come back on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -1,14 +1,7 @@
-"""What the machine can do and what a step costs it: peak FLOP/s (the MFU denominator), memory, the CPU heap.
-
-    resolve_dtype, cpu_bf16_probe     --dtype=auto: bf16 where this device runs bf16 matmuls fast, else float32
-    GPU_PEAK_TFLOPS, datasheet_peak   dense bf16/fp32 peaks from the vendors' data sheets, matched on whole words
-    peak_flops, mfu_reference, mfu    train.py's MFU: against the data sheet on GPUs, a timed matmul on CPUs
-    MatmulPeak                        bench.py's: timed matmul bursts interleaved with the benchmark's rows
-    resident_bytes, high_water        the process's resident set, and a step's memory high-water mark
-    CPU workarounds                   keep_freed_memory, BoundedHeap: glibc keeps freed memory, within a bound
-
-MFU = model FLOPs per second (model.flops_per_token x tokens/s) / one of these peaks, in the run's dtype.
-"""
+"""What the machine can do and what a step costs it: --dtype=auto (resolve_dtype), peak FLOP/s (data sheets on GPUs,
+timed matmuls on CPUs: peak_flops, MatmulPeak), MFU = model FLOPs per second (model.flops_per_token x tokens/s) /
+that peak in the run's dtype, memory (resident_bytes, high_water), and the CPU workarounds (keep_freed_memory,
+BoundedHeap)."""
 
 import contextlib
 import ctypes

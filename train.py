@@ -38,8 +38,7 @@ import fillmask
 import model as modeling
 import perf
 from checkpoint import (PREEMPTED_EXIT, PREEMPTED_MARKER, Preempted, PreemptionFlag, TrainError,  # noqa: F401
-                        atomic_save, checkpoint_path, latest_checkpoint, list_checkpoints, load_for_resume,
-                        prepare_out_dir, restore_rng, rng_state)
+                        latest_checkpoint, load_for_resume, prepare_out_dir, restore_rng, rng_state, save_checkpoint)
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
 # A collective waits this long for the slowest rank (torch's NCCL default, 10 min, is less than a first batch may take)
@@ -580,18 +579,14 @@ class Run:
         data_state = self.stream.state_dict(gather=True)  # a collective for streams: every rank's position
         total_tokens = self.tokens_seen + self.global_count(self.tokens)  # collectives: every rank, before `if master`
         if self.master:
-            path = checkpoint_path(cfg.out_dir, step)
-            atomic_save({
+            save_checkpoint({
                 "model": self.raw_model.state_dict(), "model_config": config_dict(self.mcfg),
                 "train_config": config_dict(cfg), "optimizer": self.optimizer.state_dict(),
                 "schedule": dict(name="linear_warmup_linear_decay", lr=cfg.lr, warmup_frac=cfg.warmup_frac,
                                  final_lr_frac=cfg.final_lr_frac, max_steps=cfg.max_steps, next_lr=lr_at(step, cfg)),
                 "step": step, "tokens_seen": total_tokens,  # real tokens trained on, all ranks
                 "data": data_state, "rng": rngs[0], "rng_per_rank": rngs, "world_size": self.world, "tokenizer": "gpt2",
-            }, path)
-            for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
-                os.remove(old)
-            print(f"saved {path}", flush=True)
+            }, cfg.out_dir, cfg.keep_checkpoints)
         if dist.is_initialized():
             dist.barrier()
         self.t_log += time.perf_counter() - t0
