@@ -285,7 +285,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------
-# The MLM step
+# The MLM step and evaluation
 
 
 def mlm_loss(model, mb: dict):
@@ -343,10 +343,6 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)  # a no-op on the CPU; any other device (tests/test_devices.py's meta) gets the tensor moved
-
-
-# ----------------------------------------------------------------------------------------
-# Evaluation
 
 
 @torch.no_grad()
@@ -497,10 +493,8 @@ class Run:
         self.stats, self.tokens, self.steps, self.context = torch.zeros(3, dtype=torch.float64, device=device), 0, 0, 0
         self.nonfinite = torch.zeros((), device=device)  # > 0 once any loss or grad norm was NaN/inf (no sync per step)
         self.t_log = self.t_start = time.perf_counter()
+        self.amp = lambda: perf.autocast(device, cfg.dtype)  # the run's precision, a context per use
         self.heap = perf.BoundedHeap(cfg.keep_freed_memory and device.type == "cpu")  # a CPU workaround
-
-    def amp(self):
-        return perf.autocast(self.device, self.cfg.dtype)
 
     def record(self, batch: dict, stats: torch.Tensor, grad_norm: torch.Tensor):
         """Add one step to the sums since the last log line (read from the CPU batch: no device sync)."""
