@@ -5,38 +5,29 @@
     python bench.py --quick --json=out/b.json    # (also `--json out/b.json`)
     python bench.py --quick --size=tiny          # tiny presets: the smoke test
 
-Every MLM row times a full training step (train.mlm_step's forward and backward, train.build_optimizer's fused
-AdamW step, zero_grad) on the same batches: real (non-pad) tokens/s, step time, speedup over `bert-base`, MFU, peak
-memory. Grep the names:
-
-    LADDER       bert-base, then one MosaicBERT change at a time: +bf16, +unpad, +alibi (fused attention, no
-                 attention dropout), +geglu, +lowp-layernorm, +sparse-pred, mosaic-bert-base (+ torch.compile).
-                 ABLATIONS (full mode or --ablations): each change alone on bert-base+bf16.
-    hf_rows      the peer: transformers' BertForMaskedLM at the same size and vocabulary, dynamic padding.
-    WORKLOADS    pretrain (data.py's 'truncate' rows, 128 tokens), glue (short sentences, dynamic padding),
-                 demo (`python train.py`'s own step), attention (kernels.attention's backends alone).
-    run          warm-up on every shape first (compile time reported apart), then interleaved rounds; medians.
-    targets      computed from the measured numbers; projection: the paper's recipe on N such devices.
-
+Every MLM row times a full training step (train.mlm_step, train.build_optimizer's fused AdamW, zero_grad) on the
+same batches: real (non-pad) tokens/s, step time, speedup over `bert-base`, MFU, peak memory. Grep the names:
+LADDER (bert-base, then one MosaicBERT change at a time), ABLATIONS (each change alone), hf_rows (the Hugging Face
+peer), WORKLOADS (pretrain, glue, demo, attention), run (warm-up on every shape, then interleaved rounds; medians),
+targets and projection (from the measured numbers). docs/scripts.md says what each row and column means.
 --dtype=auto runs every row in bf16 where this device runs it fast, else float32 (BF16_ONLY rows skipped).
 Outputs: a Markdown table (stdout and --markdown), a JSON file (--json), a PNG chart (--png, with matplotlib).
 """
 
-import json
 import math
 import os
 import platform
 import statistics
 import sys
 import time
-import typing
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+import checkpoint
 import data
 import hf
 import kernels
@@ -59,12 +50,10 @@ class BenchConfig:
     size: str = "base"                  # 'base' | 'tiny' (bert-tiny / mosaic-bert-tiny / tiny HF: smoke tests)
     workloads: str = "pretrain,glue,demo,attention"
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
-    dtype: str = "auto"                 # every row's precision: 'auto' (bf16 where this device runs it fast, else
-                                        # float32, skipping the bf16-only rows with the reason) | bfloat16 | float32
+    dtype: str = "auto"                 # 'auto' (bf16 where it runs fast here, else float32) | bfloat16 | float32
     threads: int = 0                    # torch.set_num_threads; 0 keeps torch's default
     keep_freed_memory: bool = True      # CPU: train.py's default heap (perf.BoundedHeap) for every row, the peer's too
-    compile: bool = True                # the mosaic-bert-base row runs model.compile_model (and the demo row when
-                                        # train.py's default would compile it); false: both eager
+    compile: bool = True                # model.compile_model for mosaic-bert-base (and the demo where train.py would)
     hf: bool = True                     # time the Hugging Face peer
     ablations: Optional[bool] = None    # each change alone on bert-base+bf16 (default: full mode only)
     # None below means "the mode's default" (quick / full), printed once resolved
@@ -102,26 +91,19 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     """Fill the mode's defaults, make --dtype concrete for the device, and check the choices."""
     defaults = QUICK if cfg.quick else FULL
     cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-    if cfg.size not in SIZES:
-        raise ConfigError(f"--size={cfg.size}: choose one of {', '.join(SIZES)}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device={cfg.device}: choose auto, cpu or cuda")
-    if cfg.dtype not in perf.DTYPES:
-        raise ConfigError(f"--dtype={cfg.dtype}: choose one of {', '.join(perf.DTYPES)}")
+    for key, allowed in dict(size=tuple(SIZES), device=("auto", "cpu", "cuda"), dtype=perf.DTYPES).items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
     cfg = replace(cfg, dtype=perf.resolve_dtype(cfg.dtype, bench_device(cfg))[0])
-    for key, allowed in (("workloads", WORKLOADS), ("attn_backends", ("naive", "sdpa", "flex"))):
+    for key, allowed in dict(workloads=WORKLOADS, attn_backends=("naive", "sdpa", "flex")).items():
         bad = set(split_list(getattr(cfg, key))) - set(allowed)
         if bad:
             raise ConfigError(f"--{key}: unknown {sorted(bad)}; choose from {', '.join(allowed)}")
     for key in ("pretrain_batch", "glue_batch", "accum", "n_batches", "repeats", "attn_tokens", "n_devices"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"--{key} must be positive, got {getattr(cfg, key)}")
-    try:
-        lengths = [int(x) for x in split_list(cfg.attn_lengths)]
-    except ValueError:
-        raise ConfigError(f"--attn_lengths={cfg.attn_lengths}: expected comma-separated integers") from None
-    if any(L <= 0 for L in lengths):
-        raise ConfigError("--attn_lengths must be positive")
+    if not all(x.isdigit() and int(x) > 0 for x in split_list(cfg.attn_lengths)):
+        raise ConfigError(f"--attn_lengths={cfg.attn_lengths}: expected comma-separated positive integers")
     return cfg
 
 
@@ -131,33 +113,26 @@ def split_list(text: str) -> list[str]:
 
 def normalize_argv(argv: list[str]) -> list[str]:
     """Accept `--key VALUE` as well as config.py's `--key=VALUE` (the documented interface is `--json PATH`)."""
-    hints = typing.get_type_hints(BenchConfig)
-    out, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        key = a[2:].replace("-", "_")
-        takes_value = a.startswith("--") and "=" not in a and key in hints and hints[key] is not bool
-        if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            out.append(f"{a}={argv[i + 1]}")
-            i += 2
+    takes_value, out = {f.name for f in fields(BenchConfig) if f.type is not bool}, []
+    for a in argv:
+        prev = out[-1] if out else ""
+        if prev.startswith("--") and prev[2:].replace("-", "_") in takes_value and not a.startswith("--"):
+            out[-1] += f"={a}"
         else:
             out.append(a)
-            i += 1
     return out
 
 
 # --- Workload batches (CPU tensors; moved to the device once)
 def pretrain_batches(cfg: BenchConfig) -> list[dict]:
-    """(a) data.py's 'truncate' rows ([CLS] doc [SEP], one document per row, the paper's mode) of the
-    embedded Wikipedia sample, exactly as train.py's stream builds them, 30% masking."""
+    """(a) data.py's 'truncate' rows (the paper's mode) of the embedded Wikipedia sample, as train.py's stream."""
     stream = data.PretrainStream("default", split="train", seq_len=PAPER_SEQ_LEN, mode="truncate",
                                  mask_prob=MASK_PROB, seed=cfg.seed, global_batch_size=cfg.pretrain_batch)
     return [stream.next_batch() for _ in range(cfg.n_batches)]
 
 
 def demo_batches(cfg: BenchConfig) -> list[dict]:
-    """(c) the batches `python train.py` trains on: its default TrainConfig's data, mode, length,
-    masking and global batch (one micro-batch of 32 x 128 today), exactly as its stream builds them."""
+    """(c) the batches `python train.py` trains on: its default TrainConfig's data, mode, length, masking, batch."""
     t = train.TrainConfig()
     stream = data.PretrainStream(t.data, split="train", seq_len=t.seq_len, mode=t.data_mode, mask_prob=t.mask_prob,
                                  seed=t.seed, global_batch_size=cfg.demo_batch or t.micro_batch_size)
@@ -201,57 +176,25 @@ class BatchStats:
                    sum(n_masked) / sum(n_real), f"{batches[0]['attention_mask'].shape[0]} x {S}")
 
 
-# --- Rows: one shared parameter pool, the optimizer, the training step
-class ParamPool:
-    """One set of parameters shared by every row's model, matched by (module path, name, shape): memory stays
-    at about one model and a half, not one per row. Timing is unaffected (a step's work does not depend on the
-    weights' values; zero_grad(set_to_none=True) after each step: a step updates only its own row's)."""
-
-    def __init__(self):
-        self.params: dict = {}
-
-    def adopt(self, m: torch.nn.Module) -> torch.nn.Module:
-        for path, mod in m.named_modules(remove_duplicate=False):
-            for name, p in list(mod._parameters.items()):
-                if p is None:
-                    continue
-                key = (f"{path}.{name}", tuple(p.shape), p.dtype)
-                if key in self.params:
-                    mod._parameters[name] = self.params[key]
-                else:
-                    self.params[key] = p
-        return m
-
-    def unique(self) -> list:
-        return list({id(p): p for p in self.params.values()}.values())
+def to_device_batches(batches: list[dict], device, trim: bool = False) -> list[dict]:
+    """Batches on the device plus host-side counts. trim: cut to the batch's longest row (HF's dynamic padding)."""
+    out = []
+    for b in batches:
+        real = b["attention_mask"] != 0
+        S = int(real.sum(1).max()) if trim else real.shape[1]
+        d = dict(input_ids=b["input_ids"][:, :S], labels=b["labels"][:, :S],
+                 attention_mask=real[:, :S].long() if trim else b["attention_mask"])
+        d = {k: v.to(device) for k, v in d.items()}
+        out.append(dict(d, n_real=int(real.sum()), n_masked=int((b["labels"] != -100).sum()),
+                        shape=tuple(d["input_ids"].shape)))
+    return out
 
 
-def state_bytes(params: list, opt: torch.optim.Optimizer) -> int:
-    """Parameters plus their optimizer state (AdamW moments), counted once each."""
-    unique = {id(p): p for p in params}.values()
-    tensors = [t for p in unique for t in (p, *opt.state.get(p, {}).values()) if torch.is_tensor(t)]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def optimizer(params) -> torch.optim.Optimizer:
-    """The paper's AdamW (lr 5e-4, betas (0.9, 0.98), eps 1e-6, decoupled weight decay 1e-5), as train.py builds it."""
-    return train.build_optimizer(params, lr=PAPER_LR, weight_decay=PAPER_WD, betas=PAPER_BETAS, eps=PAPER_EPS)
-
-
-def train_step(model, opt, micro: list[dict], device, bf16: bool, loss_fn=train.mlm_loss) -> int:
-    """One optimizer step: train.mlm_step over the micro-batches (one autocast context), AdamW, zero_grad.
-    Returns the real tokens processed."""
-    train.mlm_step(model, micro, amp=lambda: perf.autocast(device, "bfloat16" if bf16 else "float32"),
-                   loss_fn=loss_fn)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return sum(b["n_real"] for b in micro)
-
-
+# --- Rows: what one timed step is, and the ladder, demo, peer and attention rows
 @dataclass
 class Row:
     name: str
-    workload: str                       # pretrain | glue | attention
+    workload: str                       # pretrain | glue | demo | attention
     step: Callable[[int], int]          # runs step i (cycling its batches); returns real tokens
     warm: list                          # step indices run untimed first: every shape
     flops_per_token: float              # model training FLOPs per real token (model.flops_per_token)
@@ -273,77 +216,19 @@ def skipped_row(name, workload, reason) -> Row:
                skipped=reason)
 
 
-# Rows that measure bf16 itself: run only where the rows run in bf16 (--dtype resolved to bfloat16).
-BF16_ONLY = ("+bf16", "+lowp-layernorm", "bf16+lowp-layernorm")
+def optimizer(params) -> torch.optim.Optimizer:
+    """The paper's AdamW (lr 5e-4, betas (0.9, 0.98), eps 1e-6, decoupled weight decay 1e-5), as train.py builds it."""
+    return train.build_optimizer(params, lr=PAPER_LR, weight_decay=PAPER_WD, betas=PAPER_BETAS, eps=PAPER_EPS)
 
 
-def ladder(cfg: BenchConfig) -> list[tuple]:
-    """(row name, ModelConfig, bf16, compile, note) from bert-base to mosaic-bert-base, one change at a time.
-    In float32 (--dtype resolved so) every row after bert-base runs in float32, and BF16_ONLY rows are skipped."""
-    size, low = SIZES[cfg.size], cfg.dtype == "bfloat16"
-    c = modeling.ModelConfig.preset(size["bert"])
-    rows = [("bert-base", c, False, False, "padded, learned positions, GELU, dense head, fp32")]
-    rows.append(("+bf16", c, low, False, "bf16 autocast, fp32 LayerNorm"))
-    steps = [("+unpad", dict(unpad=True), "real tokens only"),
-             ("+alibi", dict(position="alibi", attn_backend="auto", attn_dropout=0.0),
-              "ALiBi, fused attention (no attention dropout)"),
-             ("+geglu", dict(ffn="geglu"), "GeGLU MLP"),
-             ("+lowp-layernorm", dict(low_precision_layernorm=True), "bf16 LayerNorm"),
-             ("+sparse-pred", dict(sparse_prediction=True), "head on masked tokens only (= mosaic-bert-base eager)")]
-    for name, change, note in steps:
-        c = replace(c, **change)
-        rows.append((name, c, low, False, note))
-    # pooling is the classifier's choice (the small presets mean-pool for the demo); MLM steps never use it
-    mosaic = replace(modeling.ModelConfig.preset(size["mosaic"]), pooling=c.pooling)
-    assert c == mosaic, f"the ladder must end at the {size['mosaic']} preset:\n{c}\n!=\n{mosaic}"
-    rows.append(("mosaic-bert-base", mosaic, low, cfg.compile,
-                 "+ torch.compile: the full model" if cfg.compile else "eager (--compile=false)"))
-    return rows
-
-
-def ablations(cfg: BenchConfig) -> list[tuple]:
-    """Each change alone on top of bert-base + bf16 (unpad alone is the ladder's +unpad row)."""
-    base, low = modeling.ModelConfig.preset(SIZES[cfg.size]["bert"]), cfg.dtype == "bfloat16"
-    p = "bf16" if low else "fp32"
-    rows = [(f"{p}+alibi", replace(base, position="alibi", attn_backend="auto", attn_dropout=0.0), False),
-            (f"{p}+geglu", replace(base, ffn="geglu"), False),
-            ("bf16+lowp-layernorm", replace(base, low_precision_layernorm=True), False),
-            (f"{p}+sparse-pred", replace(base, sparse_prediction=True), False)]
-    if cfg.compile:
-        rows.append((f"{p}+compile", base, True))
-    return [(n, c, low, comp, f"one change alone on bert-base+{p}") for n, c, comp in rows]
-
-
-def hf_model(cfg: BenchConfig, vocab: int):
-    """transformers' BertForMaskedLM at our size and padded vocabulary, SDPA attention. None if not installed."""
-    transformers = hf.import_transformers()  # bench/test-only dependency; a clash with our kernels.py raises
-    if transformers is None:
-        return None
-    BertConfig, BertForMaskedLM = transformers.BertConfig, transformers.BertForMaskedLM
-    s = SIZES[cfg.size]
-    hcfg = BertConfig(vocab_size=vocab, hidden_size=s["d"], num_hidden_layers=s["layers"],
-                      num_attention_heads=s["heads"], intermediate_size=s["d_ff"], max_position_embeddings=512,
-                      type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                      layer_norm_eps=1e-12, attn_implementation="sdpa")
-    m = BertForMaskedLM(hcfg)
-    if getattr(m.config, "_attn_implementation", "sdpa") != "sdpa":
-        raise RuntimeError(f"transformers chose attention {m.config._attn_implementation!r}, not sdpa")
+def share_parameters(m: torch.nn.Module, pool: dict) -> torch.nn.Module:
+    """Give m the pool's parameter wherever (module path, name, shape, dtype) match: every row's model shares one
+    set, so memory stays at about one model and a half (a step's time does not depend on the weights' values)."""
+    for path, mod in m.named_modules(remove_duplicate=False):
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = pool.setdefault((f"{path}.{name}", tuple(p.shape), p.dtype), p)
     return m
-
-
-def to_device_batches(batches: list[dict], device, trim: bool = False) -> list[dict]:
-    """Batches on the device plus host-side counts. trim: cut to the batch's longest row (HF's dynamic padding)."""
-    out = []
-    for b in batches:
-        real = b["attention_mask"] != 0
-        S = int(real.sum(1).max()) if trim else real.shape[1]
-        d = {"input_ids": b["input_ids"][:, :S], "labels": b["labels"][:, :S],
-             "attention_mask": (real[:, :S].long() if trim else b["attention_mask"])}
-        d = {k: v.to(device) for k, v in d.items()}
-        d["n_real"], d["n_masked"] = int(real.sum()), int((b["labels"] != -100).sum())
-        d["shape"] = tuple(d["input_ids"].shape)
-        out.append(d)
-    return out
 
 
 def warm_indices(batches: list[dict], accum: int, every: bool) -> list[int]:
@@ -363,16 +248,64 @@ def warm_indices(batches: list[dict], accum: int, every: bool) -> list[int]:
 
 def mlm_row(name: str, workload: str, model, opt, bs: list[dict], accum: int, device, bf16: bool, fpt: float,
             note: str, info: dict, compiled: bool = False, loss_fn=train.mlm_loss, before=None) -> Row:
-    """A row whose step i is one train_step of `model` over accum micro-batches of bs (cycled)."""
+    """A row whose step i is train.mlm_step over accum micro-batches of bs (cycled), AdamW, zero_grad."""
     own = list(model.parameters())
+    dtype = "bfloat16" if bf16 else "float32"
 
     def step(i):
         if before:
             before()
-        return train_step(model, opt, [bs[(i * accum + j) % len(bs)] for j in range(accum)], device, bf16, loss_fn)
+        micro = [bs[(i * accum + j) % len(bs)] for j in range(accum)]
+        train.mlm_step(model, micro, amp=lambda: perf.autocast(device, dtype), loss_fn=loss_fn)
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # each step updates only its own row's parameters
+        return sum(b["n_real"] for b in micro)
 
-    return Row(name, workload, step, warm_indices(bs, accum, every=compiled), fpt, "bfloat16" if bf16 else "float32",
-               lambda: state_bytes(own, opt), note=note, compiled=compiled, info=info)
+    def state():  # parameters plus their AdamW moments, counted once each
+        ts = [t for p in own for t in (p, *opt.state.get(p, {}).values()) if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    return Row(name, workload, step, warm_indices(bs, accum, every=compiled), fpt, dtype, state, note=note,
+               compiled=compiled, info=info)
+
+
+# Rows that measure bf16 itself: run only where the rows run in bf16 (--dtype resolved to bfloat16).
+BF16_ONLY = ("+bf16", "+lowp-layernorm", "bf16+lowp-layernorm")
+LADDER = [  # after bert-base and +bf16: (row name, the change to the config, note), cumulative
+    ("+unpad", dict(unpad=True), "real tokens only"),
+    ("+alibi", dict(position="alibi", attn_backend="auto", attn_dropout=0.0),
+     "ALiBi, fused attention (no attention dropout)"),
+    ("+geglu", dict(ffn="geglu"), "GeGLU MLP"),
+    ("+lowp-layernorm", dict(low_precision_layernorm=True), "bf16 LayerNorm"),
+    ("+sparse-pred", dict(sparse_prediction=True), "head on masked tokens only (= mosaic-bert-base eager)")]
+
+
+def ladder(cfg: BenchConfig) -> list[tuple]:
+    """(row name, ModelConfig, bf16, compile, note) from bert-base to mosaic-bert-base, one change at a time.
+    In float32 (--dtype resolved so) every row after bert-base runs in float32, and BF16_ONLY rows are skipped."""
+    size, low = SIZES[cfg.size], cfg.dtype == "bfloat16"
+    c = modeling.ModelConfig.preset(size["bert"])
+    rows = [("bert-base", c, False, False, "padded, learned positions, GELU, dense head, fp32"),
+            ("+bf16", c, low, False, "bf16 autocast, fp32 LayerNorm")]
+    for name, change, note in LADDER:
+        c = replace(c, **change)
+        rows.append((name, c, low, False, note))
+    # pooling is the classifier's choice (the small presets mean-pool for the demo); MLM steps never use it
+    mosaic = replace(modeling.ModelConfig.preset(size["mosaic"]), pooling=c.pooling)
+    assert c == mosaic, f"the ladder must end at the {size['mosaic']} preset:\n{c}\n!=\n{mosaic}"
+    rows.append(("mosaic-bert-base", mosaic, low, cfg.compile,
+                 "+ torch.compile: the full model" if cfg.compile else "eager (--compile=false)"))
+    return rows
+
+
+def ablations(cfg: BenchConfig) -> list[tuple]:
+    """ABLATIONS: each change alone on top of bert-base + bf16 (unpad alone is the ladder's +unpad row)."""
+    base, low = modeling.ModelConfig.preset(SIZES[cfg.size]["bert"]), cfg.dtype == "bfloat16"
+    p = "bf16" if low else "fp32"
+    rows = [(("bf16" if name in BF16_ONLY else p) + name, replace(base, **change), False)
+            for name, change, _ in LADDER[1:]]
+    rows += [(f"{p}+compile", base, True)] if cfg.compile else []
+    return [(n, c, low, comp, f"one change alone on bert-base+{p}") for n, c, comp in rows]
 
 
 def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[Row]:
@@ -380,16 +313,15 @@ def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list
     if not dev_batches:
         return []
     specs = ladder(cfg) + (ablations(cfg) if cfg.ablations else [])
-    pool, models = ParamPool(), {}
+    pool, models = {}, {}
     for _, mcfg, _, comp, _ in specs:
-        key = (json.dumps(asdict(mcfg), sort_keys=True), comp)
-        if key not in models:
-            m = pool.adopt(modeling.build(mcfg).to(device).train())
+        if (repr(mcfg), comp) not in models:
+            m = models[repr(mcfg), comp] = share_parameters(modeling.build(mcfg).to(device).train(), pool)
             if comp:
                 modeling.compile_model(m)
-            models[key] = m
-    opt = optimizer(pool.unique())
+    opt = optimizer(list({id(p): p for p in pool.values()}.values()))
     quick_glue = {"bert-base", "+bf16", "+unpad", "mosaic-bert-base"}  # enough for the glue targets
+    switches = ("unpad", "position", "ffn", "low_precision_layernorm", "sparse_prediction", "attn_dropout")
     rows = []
     for workload, bs in dev_batches.items():
         st = stats[workload]
@@ -397,16 +329,13 @@ def model_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list
             if workload == "glue" and cfg.quick and name not in quick_glue:
                 continue
             if name in BF16_ONLY and cfg.dtype != "bfloat16":
-                why = "measures bf16; the rows run in float32 (the dtype line says why)"
-                rows.append(skipped_row(name, workload, why))
+                rows.append(skipped_row(name, workload, "measures bf16; the rows run in float32 "
+                                                        "(the dtype line says why)"))
                 continue
-            m = models[(json.dumps(asdict(mcfg), sort_keys=True), comp)]
-            switches = ("unpad", "position", "ffn", "low_precision_layernorm", "sparse_prediction", "attn_dropout")
-            rows.append(mlm_row(name, workload, m, opt, bs, cfg.accum, device, bf16,
-                                modeling.flops_per_token(mcfg, st.context, st.mask_frac), note,
-                                dict(bf16=bf16, compile=comp, **{k: getattr(mcfg, k) for k in switches},
-                                     attn_backend=kernels.resolve_backend(mcfg.attn_backend, device,
-                                                                          mcfg.attn_dropout)), comp))
+            info = dict(bf16=bf16, compile=comp, **{k: getattr(mcfg, k) for k in switches},
+                        attn_backend=kernels.resolve_backend(mcfg.attn_backend, device, mcfg.attn_dropout))
+            rows.append(mlm_row(name, workload, models[repr(mcfg), comp], opt, bs, cfg.accum, device, bf16,
+                                modeling.flops_per_token(mcfg, st.context, st.mask_frac), note, info, comp))
     return rows
 
 
@@ -430,6 +359,21 @@ def demo_rows(cfg: BenchConfig, device, dev_batches: dict, stats: dict) -> list[
                     comp)]
 
 
+def hf_model(cfg: BenchConfig, vocab: int):
+    """transformers' BertForMaskedLM at our size and padded vocabulary, SDPA attention. None if not installed."""
+    transformers = hf.import_transformers()  # bench/test-only dependency; a clash with our kernels.py raises
+    if transformers is None:
+        return None
+    s = SIZES[cfg.size]
+    m = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=vocab, hidden_size=s["d"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        intermediate_size=s["d_ff"], max_position_embeddings=512, type_vocab_size=2, hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, attn_implementation="sdpa"))
+    if getattr(m.config, "_attn_implementation", "sdpa") != "sdpa":
+        raise RuntimeError(f"transformers chose attention {m.config._attn_implementation!r}, not sdpa")
+    return m
+
+
 def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Row]:
     """The peer on every MLM workload, dynamically padded, in the rows' precision: SDPA attention (transformers'
     default), its eager attention (faster on some CPUs) and, in full mode, fp32. Targets take the fastest."""
@@ -446,8 +390,7 @@ def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Ro
     m = m.to(device).train()
     opt, rows = optimizer(m.parameters()), []
     for workload, cpu in cpu_batches.items():
-        bs = to_device_batches(cpu, device, trim=True)  # each batch cut to its longest row
-        st = stats[workload]
+        bs, st = to_device_batches(cpu, device, trim=True), stats[workload]  # each batch cut to its longest row
         for name, bf16, impl in variants:
             def attn(impl=impl):
                 if m.config._attn_implementation != impl:
@@ -461,23 +404,17 @@ def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Ro
     return rows
 
 
-def tensor_bytes(*objs) -> int:
-    """Bytes of the tensors in objs and, one level down, in their attributes (an AttentionPlan, a BlockMask)."""
-    total, seen = 0, set()
-
-    def add(t):  # storage bytes, each storage once (an expanded mask costs its storage, not its view)
-        nonlocal total
-        if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.untyped_storage().nbytes()
-
-    for o in objs:
-        add(o)
-        for v in (vars(o).values() if hasattr(o, "__dict__") else ()):
-            add(v)
-            for w in (vars(v).values() if hasattr(v, "__dict__") and not torch.is_tensor(v) else ()):
-                add(w)
-    return total
+def tensor_bytes(*objs, depth: int = 2) -> int:
+    """Storage bytes of the tensors in objs and, `depth` levels down, in their attributes (a plan, a BlockMask);
+    each storage once (an expanded mask costs its storage, not its view)."""
+    def tensors(o, d):
+        if torch.is_tensor(o):
+            yield o
+        elif d and hasattr(o, "__dict__"):
+            for v in vars(o).values():
+                yield from tensors(v, d - 1)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for o in objs for t in tensors(o, depth)}
+    return sum(storages.values())
 
 
 def attention_rows(cfg: BenchConfig, device) -> list[Row]:
@@ -487,7 +424,7 @@ def attention_rows(cfg: BenchConfig, device) -> list[Row]:
     s = SIZES[cfg.size]
     H, D = s["heads"], s["d"] // s["heads"]
     slopes = kernels.alibi_slopes(H).to(device)
-    passes = [("fwd", False)] if device.type == "cpu" else []
+    passes = ([("fwd", False)] if device.type == "cpu" else []) + [("fwd+bwd", True)]
     dt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     rows = []
     for L in [int(x) for x in split_list(cfg.attn_lengths)]:
@@ -497,7 +434,7 @@ def attention_rows(cfg: BenchConfig, device) -> list[Row]:
         qkv0 = torch.randn(n * L, 3, H, D, generator=g, device=device).to(dt)  # (nnz, 3, H, D)
         dout = torch.randn(n * L, H, D, generator=g, device=device).to(dt)  # (nnz, H, D)
         for backend in split_list(cfg.attn_backends):
-            for label, backward in passes + [("fwd+bwd", True)]:
+            for label, backward in passes:
                 if backward and backend == "flex" and device.type == "cpu":
                     continue
                 plan = kernels.plan_attention(cu, L, slopes, backend, (H, D), dt)
@@ -517,8 +454,8 @@ def attention_rows(cfg: BenchConfig, device) -> list[Row]:
                 warm = [0, 0] if backend == "flex" else [0]  # flex compiles on its first call
                 rows.append(Row(f"{backend}-{label}@{L}", "attention", step, warm, fpt, cfg.dtype,
                                 lambda nbytes=nbytes: nbytes, note=f"{n} x {L} tokens, H={H} D={D}, ALiBi, {cfg.dtype}",
-                                compiled=backend == "flex",
-                                info=dict(backend=backend, seq_len=L, n_seqs=n, backward=backward)))
+                                compiled=backend == "flex", info=dict(backend=backend, seq_len=L, n_seqs=n,
+                                                                      backward=backward)))
     return rows
 
 
@@ -539,30 +476,33 @@ def timed_step(r: Row, i: int, device) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def warm_up(r: Row, device, heap: perf.BoundedHeap):
+    """Every shape (every batch for compiled rows); memory on the last warm-up step: the persistent state before
+    the step + the step's high-water mark above its start."""
+    def timed(i):
+        r.warm_times.append(timed_step(r, i, device)[0])
+        heap.after_step()
+
+    for i in r.warm[:-1]:
+        timed(i)
+    if r.warm:
+        before, delta = r.state(), perf.high_water(lambda: timed(r.warm[-1]), device)
+        r.peak_mem, r.step_mem_measured = before + (delta or 0), delta is not None
+
+
 def run(rows: list[Row], repeats: int, device, peak: perf.MatmulPeak, log, keep_freed: bool = False) -> dict:
     live = [r for r in rows if not r.skipped]
     t_start = time.perf_counter()
     # train.py's CPU heap: freed memory kept for the next step; its bound is set after every row's warm-up
     heap = perf.BoundedHeap(keep_freed and device.type == "cpu", warmup=sum(len(r.warm) for r in live))
-    for r in live:  # warm-up: every shape (every batch for compiled rows); memory on the last warm-up step
-        for k, i in enumerate(r.warm):
-            def timed(i=i):
-                r.warm_times.append(timed_step(r, i, device)[0])
-                heap.after_step()
-            if k < len(r.warm) - 1:
-                timed()
-            else:  # persistent state before the step + the step's high-water mark above its start
-                before = r.state()
-                delta = perf.high_water(timed, device)
-                r.peak_mem = before + (delta or 0)
-                r.step_mem_measured = delta is not None
+    for r in live:
+        warm_up(r, device, heap)
         log(f"  warm-up {r.workload:9s} {r.name:22s} {sum(r.warm_times):7.1f} s")
     graphs = dynamo_graphs()
     peak.burst()
     for k in range(repeats):
         t0 = time.perf_counter()
-        order = live[k % len(live):] + live[:k % len(live)]  # rotate: no row always first or last
-        for r in order:
+        for r in live[k % len(live):] + live[:k % len(live)]:  # rotate: no row always first or last
             t, n = timed_step(r, k, device)  # round k: every row on the same batch
             r.times.append(t)
             r.tokens.append(n)
@@ -573,7 +513,7 @@ def run(rows: list[Row], repeats: int, device, peak: perf.MatmulPeak, log, keep_
     return dict(total_s=time.perf_counter() - t_start, recompiled_during_timing=recompiled, heap_trims=heap.trims)
 
 
-# --- Results: metrics, targets, projection, outputs
+# --- Results: metrics, targets, projection
 def row_result(r: Row, peak: perf.MatmulPeak, sheet: Optional[dict]) -> dict:
     base = dict(name=r.name, workload=r.workload, note=r.note)
     if r.skipped:
@@ -601,29 +541,25 @@ def add_speedups(results: list[dict]):
 
 def targets(results: list[dict], stats: dict) -> list[dict]:
     """The speed targets, computed from this run's numbers (never hard-coded)."""
-    def get(w, name):
-        x = next((x for x in results if x["workload"] == w and x["name"] == name), None)
-        return x if x and x["tokens_per_s"] else None
-
-    def peer(w):
-        hf = [x for x in results if x["workload"] == w and x["name"].startswith("hf-bert-base") and x["tokens_per_s"]]
-        return max(hf, key=lambda x: x["tokens_per_s"]) if hf else None
-
+    ran = [x for x in results if x["tokens_per_s"]]
     out = []
 
-    def target(what, value, threshold, unit=""):
+    def get(w, name=None):
+        return next((x for x in ran if x["workload"] == w and name in (None, x["name"])), None)
+
+    def target(what, value, threshold, unit):
         out.append(dict(target=what, value=value, threshold=threshold,
                         met=None if value is None else bool(value >= threshold), unit=unit))
 
     for w, ratio in (("pretrain", 1.6), ("glue", 3.0)):
-        m, p = get(w, "mosaic-bert-base"), peer(w)
-        target(f"{w}: mosaic-bert-base tokens/s >= {ratio:g}x the HF peer"
-               + (f" ({p['name']})" if p else ""), m["tokens_per_s"] / p["tokens_per_s"] if m and p else None,
-               ratio, "x")
-    m = get("pretrain", "mosaic-bert-base")
+        m = get(w, "mosaic-bert-base")
+        p = max((x for x in ran if x["workload"] == w and x["name"].startswith("hf-bert-base")),
+                key=lambda x: x["tokens_per_s"], default=None)  # the fastest peer
+        target(f"{w}: mosaic-bert-base tokens/s >= {ratio:g}x the HF peer" + (f" ({p['name']})" if p else ""),
+               m["tokens_per_s"] / p["tokens_per_s"] if m and p else None, ratio, "x")
+    m, d = get("pretrain", "mosaic-bert-base"), get("demo")
     target(f"pretrain: mosaic-bert-base MFU >= 75% of the measured {m['dtype'] if m else ''} matmul rate",
            m["mfu"] if m else None, 0.75, "mfu")
-    d = next((x for x in results if x["workload"] == "demo" and x["tokens_per_s"]), None)
     if "demo" in stats:
         target(f"demo: python train.py's step MFU >= 40% of the measured {d['dtype'] if d else ''} matmul rate",
                d["mfu"] if d else None, 0.40, "mfu")
@@ -649,56 +585,53 @@ def projection(results: list[dict], stats: dict, n_devices: int) -> dict:
                 real_tokens=real, hours=rows)
 
 
-def fmt_mem(b):
-    return "-" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
+# --- Outputs: Markdown tables, the chart, JSON
+def fmt(x, spec: str) -> str:
+    """A table cell: '-' where there is no number; spec 'mem' for bytes."""
+    if x is None:
+        return "-"
+    return (f"{x / 2**30:.2f} GiB" if x >= 2**28 else f"{x / 2**20:.1f} MiB") if spec == "mem" else format(x, spec)
 
 
-def fmt_num(x, spec):
-    return "-" if x is None else format(x, spec)
+def vs_target(v, unit: str, pct: str) -> str:
+    return "-" if v is None else format(v, pct) if unit == "mfu" else f"{v:.2f}x"
+
+
+MLM_COLS = [("real tok/s", "tokens_per_s", ",.0f"), ("step ms", "step_ms", ",.0f"), ("speedup", "speedup", ".2f"),
+            ("MFU", "mfu", ".1%"), ("MFU (datasheet)", "mfu_datasheet", ".1%"), ("peak mem", "peak_mem_bytes", "mem"),
+            ("compile s", "compile_s", ".1f")]  # (header, result key, format)
+ATTENTION_COLS = [("seq len", "seq_len", "d"), ("tok/s", "tokens_per_s", ",.0f"), ("ms", "step_ms", ",.1f"),
+                  ("MFU", "mfu", ".1%"), ("peak mem", "peak_mem_bytes", "mem"), ("compile s", "compile_s", ".1f")]
+SECTIONS = (("pretrain", "(a) pretraining, seq_len 128"), ("glue", "(b) GLUE-like short sentences"),
+            ("demo", "(c) the demo: `python train.py`'s step"))
+
+
+def md_table(title: str, head: list[str], align: str, rows: list[list[str]]) -> list[str]:
+    """A Markdown section (none without rows): align is 'l' (text) or 'r' (numbers) per column."""
+    line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
+    return [f"### {title}", "", line(head).replace("|  |", "| |"), "|" + "".join("---:|" if a == "r" else "---|" for a in align),
+            *map(line, rows), ""] if rows else []
 
 
 def markdown(results: list[dict], tgts: list[dict], proj: dict, header: list[str], sheet) -> str:
-    lines = header + [""]
-    for w, title in (("pretrain", "(a) pretraining, seq_len 128"), ("glue", "(b) GLUE-like short sentences"),
-                     ("demo", "(c) the demo: `python train.py`'s step")):
-        sel = [x for x in results if x["workload"] == w]
-        if not sel:
-            continue
-        lines += [f"### {title}", "",
-                  "| row | real tok/s | step ms | speedup | MFU | " + ("MFU (datasheet) | " if sheet else "")
-                  + "peak mem | compile s | note |",
-                  "|---|---:|---:|---:|---:|" + ("---:|" if sheet else "") + "---:|---:|---|"]
-        for x in sel:
-            lines.append(f"| {x['name']} | {fmt_num(x['tokens_per_s'], ',.0f')} | {fmt_num(x['step_ms'], ',.0f')} | "
-                         f"{fmt_num(x['speedup'], '.2f')} | {fmt_num(x['mfu'], '.1%')} | "
-                         + (f"{fmt_num(x.get('mfu_datasheet'), '.1%')} | " if sheet else "")
-                         + f"{fmt_mem(x['peak_mem_bytes'])} | {fmt_num(x.get('compile_s'), '.1f')} | {x['note']} |")
-        lines.append("")
-    sel = [x for x in results if x["workload"] == "attention"]
-    if sel:
-        lines += ["### (d) attention alone (ALiBi, bf16)", "",
-                  "| backend | pass | seq len | tok/s | ms | MFU | peak mem | compile s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
-        for x in sorted(sel, key=lambda x: (x["backend"], not x["backward"], x["seq_len"])):
-            lines.append(f"| {x['backend']} | {'fwd+bwd' if x['backward'] else 'fwd'} | {x['seq_len']} | "
-                         f"{fmt_num(x['tokens_per_s'], ',.0f')} | {fmt_num(x['step_ms'], ',.1f')} | "
-                         f"{fmt_num(x['mfu'], '.1%')} | {fmt_mem(x['peak_mem_bytes'])} | "
-                         f"{fmt_num(x.get('compile_s'), '.1f')} |")
-        lines.append("")
-    if tgts:
-        lines += ["### Targets", "", "| target | measured | needed | |", "|---|---:|---:|---|"]
-        for t in tgts:
-            v = None if t["value"] is None else (f"{t['value']:.1%}" if t["unit"] == "mfu" else f"{t['value']:.2f}x")
-            need = f"{t['threshold']:.0%}" if t["unit"] == "mfu" else f"{t['threshold']:.2f}x"
-            verdict = "not evaluated" if t["met"] is None else "met" if t["met"] else "NOT MET"
-            lines.append(f"| {t['target']} | {v or '-'} | {need} | {verdict} |")
-        lines.append("")
+    lines, mlm = header + [""], [c for c in MLM_COLS if sheet or c[1] != "mfu_datasheet"]
+    cells = lambda x, cols: [fmt(x.get(key), spec) for _, key, spec in cols]  # noqa: E731
+    for w, title in SECTIONS:
+        rows = [[x["name"], *cells(x, mlm), x["note"]] for x in results if x["workload"] == w]
+        lines += md_table(title, ["row", *(h for h, _, _ in mlm), "note"], "l" + "r" * len(mlm) + "l", rows)
+    attention = sorted((x for x in results if x["workload"] == "attention"),
+                       key=lambda x: (x["backend"], not x["backward"], x["seq_len"]))
+    rows = [[x["backend"], "fwd+bwd" if x["backward"] else "fwd", *cells(x, ATTENTION_COLS)] for x in attention]
+    lines += md_table("(d) attention alone (ALiBi, bf16)", ["backend", "pass", *(h for h, _, _ in ATTENTION_COLS)],
+                      "llrrrrrr", rows)
+    rows = [[t["target"], vs_target(t["value"], t["unit"], ".1%"), vs_target(t["threshold"], t["unit"], ".0%"),
+             "not evaluated" if t["met"] is None else "met" if t["met"] else "NOT MET"] for t in tgts]
+    lines += md_table("Targets", ["target", "measured", "needed", ""], "lrrl", rows)
     if proj:
         lines += [f"### Projection: the paper's recipe ({proj['steps']:,} steps x {proj['global_batch']:,} x "
                   f"{proj['seq_len']}, {proj['real_tokens'] / 1e9:.1f}B real tokens) on {proj['n_devices']} "
                   "such devices, perfect scaling", ""]
-        lines += [f"- {name}: {h:,.1f} h ({h / 24:,.1f} days)" for name, h in proj["hours"].items()]
-        lines.append("")
+        lines += [f"- {name}: {h:,.1f} h ({h / 24:,.1f} days)" for name, h in proj["hours"].items()] + [""]
     return "\n".join(lines)
 
 
@@ -710,18 +643,16 @@ def chart(results: list[dict], path: str) -> str:
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
         return "chart skipped: matplotlib not installed"
-    panels = [w for w in ("pretrain", "glue", "demo", "attention") if any(x["workload"] == w and x["tokens_per_s"]
-                                                                    for x in results)]
+    panels = {w: [x for x in results if x["workload"] == w and x["tokens_per_s"]] for w in WORKLOADS}
+    panels = {w: sel for w, sel in panels.items() if sel}
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
-    for ax, w in zip(axes[0], panels):
-        sel = [x for x in results if x["workload"] == w and x["tokens_per_s"]]
+    for ax, (w, sel) in zip(axes[0], panels.items()):
         if w == "attention":
             for key in sorted({(x["backend"], x["backward"]) for x in sel}):
                 pts = sorted((x["seq_len"], x["tokens_per_s"]) for x in sel if (x["backend"], x["backward"]) == key)
                 ax.plot(*zip(*pts), marker="o", label=f"{key[0]} {'fwd+bwd' if key[1] else 'fwd'}")
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length")
+            ax.set(yscale="log", xlabel="sequence length")
             ax.legend()
         else:
             ax.barh([x["name"] for x in sel][::-1], [x["tokens_per_s"] for x in sel][::-1])
@@ -749,7 +680,7 @@ def peak_lines(peak: perf.MatmulPeak, sheet: Optional[dict], device, status: dic
 def write_outputs(cfg: BenchConfig, out: dict, md: str, results: list[dict]):
     path = Path(cfg.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    checkpoint.atomic_write_json(out, path)
     md_path = Path(cfg.markdown) if cfg.markdown else path.with_suffix(".md")
     md_path.write_text(md + "\n")
     png = chart(results, str(Path(cfg.png) if cfg.png else path.with_suffix(".png")))
@@ -759,12 +690,9 @@ def write_outputs(cfg: BenchConfig, out: dict, md: str, results: list[dict]):
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
+    info = Path("/proc/cpuinfo").read_text().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")),
+                platform.processor() or platform.machine())
     return f"cpu: {name} ({os.cpu_count()} logical cores)"
 
 
@@ -786,12 +714,10 @@ def workload_batches(cfg: BenchConfig, device, header: list) -> tuple[dict, dict
 
 def all_rows(cfg: BenchConfig, device, cpu: dict, dev: dict, stats: dict) -> list[Row]:
     t0 = time.perf_counter()
-    rows = model_rows(cfg, device, {w: b for w, b in dev.items() if w != "demo"}, stats)
-    rows += demo_rows(cfg, device, dev, stats)
-    if cfg.hf:
-        rows += hf_rows(cfg, device, {w: b for w, b in cpu.items() if w != "demo"}, stats)
-    if "attention" in split_list(cfg.workloads):
-        rows += attention_rows(cfg, device)
+    mlm = lambda batches: {w: b for w, b in batches.items() if w != "demo"}  # noqa: E731
+    rows = model_rows(cfg, device, mlm(dev), stats) + demo_rows(cfg, device, dev, stats)
+    rows += hf_rows(cfg, device, mlm(cpu), stats) if cfg.hf else []
+    rows += attention_rows(cfg, device) if "attention" in split_list(cfg.workloads) else []
     print(f"built {len(rows)} rows in {time.perf_counter() - t0:.1f} s; measuring "
           f"({cfg.repeats} interleaved rounds after warm-up)", flush=True)
     return rows
@@ -824,13 +750,10 @@ def bench(cfg: BenchConfig) -> dict:
     results = [row_result(r, peak, sheet) for r in rows]
     add_speedups(results)
     tgts, proj = targets(results, stats), projection(results, stats, cfg.n_devices)
-    header += peak_lines(peak, sheet, device, status)
-    md = markdown(results, tgts, proj, header, sheet)
-    print()
-    print(md)
+    md = markdown(results, tgts, proj, header + peak_lines(peak, sheet, device, status), sheet)
+    print(f"\n{md}")
     out = dict(device=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
-               matmul_peak_flops=peak.peak(dtype),
-               matmul_peak_flops_by_dtype={k: peak.peak(k) for k in peak.rates},
+               matmul_peak_flops=peak.peak(dtype), matmul_peak_flops_by_dtype={k: peak.peak(k) for k in peak.rates},
                datasheet_peak_flops=sheet, config=config_dict(cfg),
                workloads={w: asdict(s) for w, s in stats.items()}, rows=results, targets=tgts, projection=proj,
                recompiled_during_timing=status["recompiled_during_timing"], heap_trims=status["heap_trims"],
@@ -842,9 +765,7 @@ def bench(cfg: BenchConfig) -> dict:
 
 
 def main(argv: Optional[list[str]] = None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(BenchConfig, normalize_argv(argv))
-    bench(cfg)
+    bench(parse_config(BenchConfig, normalize_argv(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":
