@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -41,6 +42,8 @@ from config import ConfigError, config_dict, main_guard, parse_config, print_con
 PAPER_STEPS, PAPER_BATCH, PAPER_SEQ_LEN = 70_000, 4096, 128
 PAPER_LR, PAPER_BETAS, PAPER_EPS, PAPER_WD = 5e-4, (0.9, 0.98), 1e-6, 1e-5
 MASK_PROB = 0.3  # MosaicBERT's masking rate, used for every row's batches (dense heads do not care)
+# the paper's AdamW, as train.py builds it
+optimizer = partial(train.build_optimizer, lr=PAPER_LR, weight_decay=PAPER_WD, betas=PAPER_BETAS, eps=PAPER_EPS)
 
 
 # --- Config
@@ -214,11 +217,6 @@ class Row:
 def skipped_row(name, workload, reason) -> Row:
     return Row(name, workload, lambda i: 0, [], 0.0, "float32", lambda: 0, note=f"skipped: {reason}",
                skipped=reason)
-
-
-def optimizer(params) -> torch.optim.Optimizer:
-    """The paper's AdamW (lr 5e-4, betas (0.9, 0.98), eps 1e-6, decoupled weight decay 1e-5), as train.py builds it."""
-    return train.build_optimizer(params, lr=PAPER_LR, weight_decay=PAPER_WD, betas=PAPER_BETAS, eps=PAPER_EPS)
 
 
 def share_parameters(m: torch.nn.Module, pool: dict) -> torch.nn.Module:
@@ -476,27 +474,22 @@ def timed_step(r: Row, i: int, device) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def warm_up(r: Row, device, heap: perf.BoundedHeap):
-    """Every shape (every batch for compiled rows); memory on the last warm-up step: the persistent state before
-    the step + the step's high-water mark above its start."""
-    def timed(i):
-        r.warm_times.append(timed_step(r, i, device)[0])
-        heap.after_step()
-
-    for i in r.warm[:-1]:
-        timed(i)
-    if r.warm:
-        before, delta = r.state(), perf.high_water(lambda: timed(r.warm[-1]), device)
-        r.peak_mem, r.step_mem_measured = before + (delta or 0), delta is not None
-
-
 def run(rows: list[Row], repeats: int, device, peak: perf.MatmulPeak, log, keep_freed: bool = False) -> dict:
     live = [r for r in rows if not r.skipped]
     t_start = time.perf_counter()
     # train.py's CPU heap: freed memory kept for the next step; its bound is set after every row's warm-up
     heap = perf.BoundedHeap(keep_freed and device.type == "cpu", warmup=sum(len(r.warm) for r in live))
-    for r in live:
-        warm_up(r, device, heap)
+
+    def timed(r, i):
+        r.warm_times.append(timed_step(r, i, device)[0])
+        heap.after_step()
+
+    for r in live:  # warm-up: every shape (every batch for compiled rows); memory on the last warm-up step
+        for i in r.warm[:-1]:
+            timed(r, i)
+        if r.warm:  # the persistent state before the step + the step's high-water mark above its start
+            before, delta = r.state(), perf.high_water(lambda: timed(r, r.warm[-1]), device)
+            r.peak_mem, r.step_mem_measured = before + (delta or 0), delta is not None
         log(f"  warm-up {r.workload:9s} {r.name:22s} {sum(r.warm_times):7.1f} s")
     graphs = dynamo_graphs()
     peak.burst()
@@ -609,8 +602,8 @@ SECTIONS = (("pretrain", "(a) pretraining, seq_len 128"), ("glue", "(b) GLUE-lik
 def md_table(title: str, head: list[str], align: str, rows: list[list[str]]) -> list[str]:
     """A Markdown section (none without rows): align is 'l' (text) or 'r' (numbers) per column."""
     line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
-    return [f"### {title}", "", line(head).replace("|  |", "| |"), "|" + "".join("---:|" if a == "r" else "---|" for a in align),
-            *map(line, rows), ""] if rows else []
+    bar = "|" + "".join("---:|" if a == "r" else "---|" for a in align)
+    return [f"### {title}", "", line(head).replace("|  |", "| |"), bar, *map(line, rows), ""] if rows else []
 
 
 def markdown(results: list[dict], tgts: list[dict], proj: dict, header: list[str], sheet) -> str:
@@ -675,16 +668,6 @@ def peak_lines(peak: perf.MatmulPeak, sheet: Optional[dict], device, status: dic
     if status["recompiled_during_timing"]:
         lines.append("WARNING: torch.compile recompiled during the timed rounds (TORCH_LOGS=recompiles shows why)")
     return lines
-
-
-def write_outputs(cfg: BenchConfig, out: dict, md: str, results: list[dict]):
-    path = Path(cfg.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_json(out, path)
-    md_path = Path(cfg.markdown) if cfg.markdown else path.with_suffix(".md")
-    md_path.write_text(md + "\n")
-    png = chart(results, str(Path(cfg.png) if cfg.png else path.with_suffix(".png")))
-    print(f"wrote {path} and {md_path}; {png}")
 
 
 def device_name(device: torch.device) -> str:
@@ -758,8 +741,14 @@ def bench(cfg: BenchConfig) -> dict:
                workloads={w: asdict(s) for w, s in stats.items()}, rows=results, targets=tgts, projection=proj,
                recompiled_during_timing=status["recompiled_during_timing"], heap_trims=status["heap_trims"],
                wall_s=time.perf_counter() - t_all)
-    if cfg.json:
-        write_outputs(cfg, out, md, results)
+    if cfg.json:  # the Markdown and the chart beside it unless --markdown / --png say where
+        path = Path(cfg.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_json(out, path)
+        md_path = Path(cfg.markdown) if cfg.markdown else path.with_suffix(".md")
+        md_path.write_text(md + "\n")
+        png = chart(results, str(Path(cfg.png) if cfg.png else path.with_suffix(".png")))
+        print(f"wrote {path} and {md_path}; {png}")
     print(f"total {time.perf_counter() - t_all:.0f} s")
     return out
 
