@@ -20,8 +20,8 @@ import platform
 import statistics
 import sys
 import time
-from functools import partial
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -245,14 +245,12 @@ def warm_indices(batches: list[dict], accum: int, every: bool) -> list[int]:
 
 
 def mlm_row(name: str, workload: str, model, opt, bs: list[dict], accum: int, device, bf16: bool, fpt: float,
-            note: str, info: dict, compiled: bool = False, loss_fn=train.mlm_loss, before=None) -> Row:
+            note: str, info: dict, compiled: bool = False, loss_fn=train.mlm_loss) -> Row:
     """A row whose step i is train.mlm_step over accum micro-batches of bs (cycled), AdamW, zero_grad."""
     own = list(model.parameters())
     dtype = "bfloat16" if bf16 else "float32"
 
     def step(i):
-        if before:
-            before()
         micro = [bs[(i * accum + j) % len(bs)] for j in range(accum)]
         train.mlm_step(model, micro, amp=lambda: perf.autocast(device, dtype), loss_fn=loss_fn)
         opt.step()
@@ -390,15 +388,16 @@ def hf_rows(cfg: BenchConfig, device, cpu_batches: dict, stats: dict) -> list[Ro
     for workload, cpu in cpu_batches.items():
         bs, st = to_device_batches(cpu, device, trim=True), stats[workload]  # each batch cut to its longest row
         for name, bf16, impl in variants:
-            def attn(impl=impl):
-                if m.config._attn_implementation != impl:
-                    m.set_attn_implementation(impl)
+            def loss_fn(model, mb, impl=impl):  # this row's attention, then transformers' loss
+                if model.config._attn_implementation != impl:
+                    model.set_attn_implementation(impl)
+                return train.hf_mlm_loss(model, mb)
 
             note = (f"transformers {transformers.__version__}, {impl} attention, "
                     f"{'bf16 autocast' if bf16 else 'fp32'}, dynamic padding")
             rows.append(mlm_row(name, workload, m, opt, bs, cfg.accum, device, bf16,
                                 modeling.flops_per_token(mcfg, st.context, st.mask_frac), note,
-                                dict(bf16=bf16, attn_implementation=impl), loss_fn=train.hf_mlm_loss, before=attn))
+                                dict(bf16=bf16, attn_implementation=impl), loss_fn=loss_fn))
     return rows
 
 
