@@ -33,13 +33,21 @@ class Bf16Probe(NamedTuple):
     forced: str = ""        # set from CPU_BF16_ENV: 'native' or 'absent' stands in for the flags
 
 
-def _cpu_flags() -> Optional[set]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux x86), or None where they cannot be read."""
+def _cpuinfo(key: str) -> Optional[str]:
+    """The value of /proc/cpuinfo's first `key` line (Linux), or None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), None)
     except OSError:
         return None
+
+
+def device_name(device: torch.device) -> str:
+    """'cuda: <GPU name>' or 'cpu: <model name> (<n> logical cores)': the machine a result was measured on."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = _cpuinfo("model name") or platform.processor() or platform.machine()
+    return f"cpu: {name} ({os.cpu_count()} logical cores)"
 
 
 def _matmul_rate(dtype: torch.dtype, n: int, reps: int, window: float = 0.0) -> float:
@@ -68,8 +76,8 @@ def cpu_bf16_probe() -> Bf16Probe:
     """Whether bf16 matmuls are fast on this CPU: the feature flags decide where they can be read (without
     AVX-512-BF16 or AMX oneDNN has no bf16 kernel); timed 256^3 products, best of interleaved rounds, give the
     ratio. Once per process, well under a second."""
-    flags, forced = _cpu_flags(), os.environ.get(CPU_BF16_ENV, "")
-    native = None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16"})
+    flags, forced = _cpuinfo("flags"), os.environ.get(CPU_BF16_ENV, "")
+    native = None if flags is None else bool(set(flags.split()) & {"avx512_bf16", "amx_bf16"})
     if forced in ("native", "absent"):
         native = forced == "native"
     rates = [(_matmul_rate(torch.bfloat16, 256, 2), _matmul_rate(torch.float32, 256, 2)) for _ in range(4)]
