@@ -2,26 +2,20 @@
 
 The stream splits into world_size * max(1, num_workers) disjoint shards (whole files when their count divides, else
 every n-th record); each worker yields whole per-rank batches with its position (epoch, file * FILE_STRIDE + record,
-token offset), and a resume opens that file directly. `python stream.py` benchmarks the pipeline (see PipelineBench).
+token offset), and a resume opens that file directly.
 """
 
 import collections
-import dataclasses
 import itertools
-import json
-import math
-import os
 import signal
 import sys
-import tempfile
-import time
 
 import numpy as np
 import torch
 
-from data import (_TRAIN_TAG, DEFAULT_CORPUS, MODES, DataError, PretrainStream, _build_rows, _builder_for,
-                  _check_identity, _encode_docs, _is_validation, _key_hash, _load_dataset, _plan_rows, _read_file,
-                  _records, _to_batch, _warn_skipped, get_tokenizer, hash64, mlm_mask, resolve_files)
+from data import (_TRAIN_TAG, DataError, _build_rows, _builder_for, _check_identity, _encode_docs, _is_validation,
+                  _key_hash, _load_dataset, _plan_rows, _records, _to_batch, _warn_skipped, hash64, mlm_mask,
+                  resolve_files)
 
 
 def open_stream(source: str, split: str):
@@ -232,69 +226,3 @@ def eval_rows(source: str, mode: str, seq_len: int, n: int) -> tuple[np.ndarray,
     if not got:
         raise DataError(f"--data={source}: the validation split is empty")
     return np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
-
-
-# --- The pipeline benchmark: tokens/s of one DataLoader worker per mode, and the workers a step time needs
-@dataclasses.dataclass
-class PipelineBench:
-    source: str = "default"        # local source to read; the per-worker test streams the same text
-    seq_len: int = 128
-    seconds: float = 3.0           # time spent per measurement
-    global_batch_size: int = 4096  # the paper's batch: 4096 x 128 tokens per step
-    gpus: int = 8
-    steps: int = 70_000            # a schedule to derive a step time from: `steps` in `hours`
-    hours: float = 1.13
-    doc_chars: int = 2200          # document length of the streamed test corpus (C4 en averages roughly this)
-    params: float = 137e6          # model parameters, only for the 6*N*tokens FLOP sanity line (A100 peak: 312)
-
-
-def _rate(next_batch, seconds: float) -> tuple[float, float]:   # (tokens/s, non-pad fraction) over `seconds`
-    t, n, real = time.perf_counter(), 0, 0
-    while time.perf_counter() - t < seconds:
-        b = next_batch()
-        n, real = n + b["input_ids"].numel(), real + int((b["attention_mask"] > 0).sum())
-    return n / (time.perf_counter() - t), real / max(1, n)
-
-
-def pipeline_bench(cfg: PipelineBench):
-    local = cfg.source.removeprefix("stream:")
-    files = [str(DEFAULT_CORPUS)] if local == "default" else resolve_files(local)
-    texts = [text for f in files for text, _ in _read_file(f, collections.Counter()) if text]
-    for threads in (1, 8):
-        t = time.perf_counter()
-        n_tok, t = sum(map(len, get_tokenizer().encode_batch(texts, threads))), time.perf_counter() - t
-        print(f"tokenize  {len(texts)} docs: {n_tok / t / 1e6:6.2f}M tokens/s ({threads} threads)")
-    tmp, rate, doc = tempfile.TemporaryDirectory(), {}, ""
-    path = os.path.join(tmp.name, "c4_like.jsonl")
-    with open(path, "w") as f:             # the same paragraphs regrouped into ~doc_chars documents (C4-like)
-        for para in (p for t in texts for p in t.split("\n") if p.strip()):
-            doc = f"{doc}\n{para}" if doc else para
-            if len(doc) >= cfg.doc_chars:
-                f.write(json.dumps({"text": doc}) + "\n")
-                doc = ""
-    for mode in MODES:                # one worker: read + tokenize (1 thread) + rows + mask + tensors
-        s = StreamedStream("stream:" + path, "train", cfg.seq_len, mode, 0.3, 0, 256, 0, 1, num_workers=0)
-        s.threads = 1
-        s.next_batch()
-        rate[mode], real = _rate(s.next_batch, cfg.seconds)
-        local_rate = _rate(PretrainStream(local, "train", cfg.seq_len, mode, 0.3, 0, 512).next_batch,
-                           cfg.seconds / 2)[0]
-        print(f"{mode:8s} worker {rate[mode] / 1e6:6.2f}M tokens/s ({real:.0%} non-pad), in-process local "
-              f"(pre-tokenized: gather + mask) {local_rate / 1e6:6.2f}M")
-    tmp.cleanup()
-    per_step, step_time = cfg.global_batch_size * cfg.seq_len, cfg.hours * 3600 / cfg.steps
-    tflops = 6 * cfg.params * per_step / step_time / cfg.gpus / 1e12   # the 6 * N * tokens sanity line
-    print(f"{cfg.steps:,} steps of {per_step:,} tokens in {cfg.hours} h: {step_time * 1e3:.0f} ms/step, "
-          f"{tflops:,.0f} TFLOP/s per GPU at 6 x {cfg.params:.3g} params")
-    print("DataLoader workers needed per GPU / in all:\n  step time    " + "".join(f"{m:>14s}" for m in MODES))
-    for st in sorted({step_time, 0.1, 0.25, 0.5, 1.0}):
-        need = [math.ceil(per_step / st / cfg.gpus / rate[m]) for m in MODES]
-        print(f"  {st * 1e3:7.0f} ms  " + "".join(f"{k:>7d} / {k * cfg.gpus:<4d}" for k in need))
-
-
-if __name__ == "__main__":
-    import config
-    try:
-        config.main_guard(lambda: pipeline_bench(config.parse_config(PipelineBench, sys.argv[1:])))
-    except DataError as e:
-        sys.exit(f"error: {e}")
