@@ -26,10 +26,7 @@ class TrainError(RuntimeError):
     """A run that cannot go on (non-finite loss, missing checkpoint...). Printed on stderr, exit 1."""
 
 
-# ----------------------------------------------------------------------------------------
-# Atomic files and the checkpoint list
-
-
+# --- Atomic files and the checkpoint list
 def _atomic_write(path, write: Callable, mode: str):
     """write(f) into path.tmp in the same directory, fsync, then os.replace: never half a file."""
     path = os.fspath(path)
@@ -81,9 +78,7 @@ def latest_checkpoint(out_dir: str) -> Optional[str]:
     return paths[-1] if paths else None
 
 
-# ----------------------------------------------------------------------------------------
-# Autoresume: the same config continues, another config is refused (checkpoints are never deleted implicitly)
-
+# --- Autoresume: the same config continues, another config is refused (checkpoints are never deleted implicitly)
 # TrainConfig fields that change how a run is carried out or logged, not what it computes: autoresume ignores them.
 HOW_NOT_WHAT = ("resume", "stop_at_step", "out_dir", "device", "compile", "keep_freed_memory", "num_workers",
                 "log_every", "eval_every", "eval_batches", "eval_batch_size", "save_every", "keep_checkpoints")
@@ -146,10 +141,7 @@ def prepare_out_dir(out_dir: str, step: Optional[int]) -> str:
     return metrics_path
 
 
-# ----------------------------------------------------------------------------------------
-# RNG state
-
-
+# --- RNG state
 def rng_state() -> dict:
     """This process's RNG states as weights_only-safe values (numpy's ndarray becomes a list of ints)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -182,10 +174,7 @@ def restore_rng(ckpt: Optional[dict], seed: int, rank: int, world: int, print0=p
     np.random.seed(s % 2**32)
 
 
-# ----------------------------------------------------------------------------------------
-# Preemption
-
-
+# --- Preemption
 class Preempted(Exception):
     """Raised on every rank after a preemption checkpoint was saved; train.cli exits with PREEMPTED_EXIT."""
 

@@ -3,10 +3,11 @@
     python fillmask.py --ckpt=out/demo "The capital of France is [MASK]." "He played the [MASK] in a band."
     python fillmask.py --hf=path/to/folder "Paris is the [MASK] of France."   # an export, MosaicBERT or HF BERT
 
-`top_k` also gives train.py's before/after samples and checks the Hugging Face export. The tokenizer is any object
+`top_k` also gives train.py's before/after samples (print_samples) and checks the Hugging Face export. The tokenizer is any object
 with encode, decode, cls_id, sep_id and mask_id (data.Tokenizer, hf.WordPiece).
 """
 
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Optional
 
 import torch
 
+import data
+import model as modeling
 from config import HELP_FLAGS, ConfigError, main_guard, parse_config, print_config
 
 MASK = "[MASK]"
@@ -22,19 +25,13 @@ MASK = "[MASK]"
 def encode_masked(tok, text: str) -> list[int]:
     """[CLS] text [SEP] as ids, each "[MASK]" as tok.mask_id (ValueError without one). With GPT-2's byte-level BPE
     the space before a word belongs to the word (" Paris"), so the space before each [MASK] goes to the mask."""
-    pieces = text.split(MASK)
+    pieces = re.split(r" ?\[MASK\]", text)
     if len(pieces) < 2:
         raise ValueError(f"no {MASK} in {text!r}: write the word to predict as {MASK}")
     ids = [tok.cls_id]
     for i, piece in enumerate(pieces):
-        if i > 0:
-            ids.append(tok.mask_id)
-        if i < len(pieces) - 1 and piece.endswith(" "):
-            piece = piece[:-1]  # the masked token carries its own leading space (byte-level BPE)
-        if piece:
-            ids.extend(tok.encode(piece))
-    ids.append(tok.sep_id)
-    return ids
+        ids += ([tok.mask_id] if i else []) + (tok.encode(piece) if piece else [])
+    return ids + [tok.sep_id]
 
 
 @torch.no_grad()
@@ -67,6 +64,22 @@ def format_predictions(text: str, preds: list[list[tuple[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+# Held-out sentences (in neither corpus) for train.py's samples: noise at step 0, fitting the context after the demo.
+SAMPLE_TEXTS = (
+    "The city is the [MASK] of the province and its largest city.",
+    "It is one of the [MASK] films of the year.",
+    "The acting is fine, but the [MASK] is a mess.",
+)
+
+
+def print_samples(model, when: str):
+    """train.py's top-5 predictions for SAMPLE_TEXTS (before and after training), eager and in eval mode."""
+    print(f"fill-mask samples {when}:", flush=True)
+    with torch.compiler.set_stance("force_eager"):
+        for text in SAMPLE_TEXTS:
+            print(format_predictions(text, top_k(model, data.get_tokenizer(), text, k=5)), flush=True)
+
+
 # --- command line
 
 @dataclass
@@ -77,9 +90,6 @@ class FillMaskConfig:
 
 
 def main(argv: Optional[list[str]] = None):
-    import data
-    import model as modeling
-
     argv = sys.argv[1:] if argv is None else argv
     flags = [a for a in argv if a.startswith("--") or a in HELP_FLAGS]
     texts = [a for a in argv if a not in flags]

@@ -21,9 +21,7 @@ except ImportError:
     resource = None
 
 
-# ----------------------------------------------------------------------------------------
-# Precision: bf16 where the machine runs it fast (--dtype=auto)
-
+# --- Precision: bf16 where the machine runs it fast (--dtype=auto)
 DTYPES = ("auto", "bfloat16", "float32")
 
 
@@ -115,9 +113,7 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
 
-# ----------------------------------------------------------------------------------------
-# Peak FLOP/s: the data sheet on GPUs, timed matmuls on CPUs
-
+# --- Peak FLOP/s: the data sheet on GPUs, timed matmuls on CPUs
 # Dense (no sparsity) peaks in TFLOP/s from the vendors' data sheets: (bf16 tensor core, fp32). fp32 is the
 # plain rate of torch's default float32 matmul precision ("highest"); with TF32 allowed float32 matmuls get
 # half the bf16 peak. Names match as whole words, longest first: "L40" never matches "L4", "GB200" never "B200".
@@ -233,10 +229,7 @@ class MatmulPeak:
         return statistics.median(self.rates[dtype])
 
 
-# ----------------------------------------------------------------------------------------
-# Memory: resident set and a step's high-water mark
-
-
+# --- Memory: resident set and a step's high-water mark
 def resident_bytes() -> Optional[int]:
     """This process's resident set (Linux /proc/self/statm), or None where it cannot be read."""
     try:
@@ -284,10 +277,7 @@ def high_water(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     return None if start is None or peak is None else max(0, peak - start)
 
 
-# ----------------------------------------------------------------------------------------
-# CPU workarounds: the glibc heap (train.py holds the other one, the CPU compile threshold)
-
-
+# --- CPU workarounds: the glibc heap (train.py holds the other one, the CPU compile threshold)
 def malloc_trim():
     """Give every free page of the heap back to the kernel (glibc; a no-op elsewhere)."""
     try:

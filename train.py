@@ -45,10 +45,7 @@ from config import ConfigError, config_dict, main_guard, parse_config, print_con
 DIST_TIMEOUT = datetime.timedelta(hours=1)
 
 
-# ----------------------------------------------------------------------------------------
-# Config
-
-
+# --- Config
 @dataclass
 class TrainConfig:
     preset: str = "demo"               # which TRAIN_PRESETS entry was applied (set by --preset)
@@ -119,23 +116,6 @@ TRAIN_PRESETS = {
 }
 
 
-# Held-out sentences (in neither corpus) for fill-mask samples: noise at step 0, fitting the context after the demo.
-SAMPLE_TEXTS = (
-    "The city is the [MASK] of the province and its largest city.",
-    "It is one of the [MASK] films of the year.",
-    "The acting is fine, but the [MASK] is a mess.",
-)
-
-
-def print_samples(model, when: str):
-    """Top-5 fill-mask predictions for SAMPLE_TEXTS (fillmask.top_k), eager and in eval mode."""
-    tok = data.get_tokenizer()
-    print(f"fill-mask samples {when}:", flush=True)
-    with torch.compiler.set_stance("force_eager"):
-        for text in SAMPLE_TEXTS:
-            print(fillmask.format_predictions(text, fillmask.top_k(model, tok, text, k=5)), flush=True)
-
-
 def check_config(cfg: TrainConfig, world_size: int) -> int:
     """Validate choices and the batch arithmetic. Returns the gradient accumulation steps."""
     for key, allowed in dict(device=("auto", "cpu", "cuda"), dtype=perf.DTYPES,
@@ -201,10 +181,7 @@ def model_config(cfg: TrainConfig) -> modeling.ModelConfig:
         raise ConfigError(str(e)) from None
 
 
-# ----------------------------------------------------------------------------------------
-# Distributed
-
-
+# --- Distributed
 def init_distributed(device_flag: str, keep_freed: bool = False):
     """Read torchrun's env vars; without them this is one process. Returns (rank, world, device).
     keep_freed: on the CPU, apply perf.keep_freed_memory (a CPU workaround)."""
@@ -255,10 +232,7 @@ def all_gather(obj) -> list:
     return out
 
 
-# ----------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
+# --- Optimizer and schedule
 def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.98), eps=1e-6) -> torch.optim.AdamW:
     """AdamW with MosaicML's *decoupled* weight decay (DecoupledAdamW: p -= wd * (lr_t / peak_lr) * p), which is
     torch's AdamW (p -= lr_t * weight_decay * p) with weight_decay = wd / peak_lr. Tensors with fewer than 2 dims
@@ -284,10 +258,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * lr_factor(step, cfg.max_steps, round(cfg.warmup_frac * cfg.max_steps), cfg.final_lr_frac)
 
 
-# ----------------------------------------------------------------------------------------
-# The MLM step and evaluation
-
-
+# --- The MLM step and evaluation
 def mlm_loss(model, mb: dict):
     """model.BertForMaskedLM's loss_fn: (summed CE over the masked tokens, correct top-1 count, masked count)."""
     out = model(mb["input_ids"], mb["attention_mask"], mb["labels"], counts=mb.get("counts"))  # (B, S)
@@ -362,10 +333,7 @@ def evaluate(model, batches, device, amp, rank, world):
     return loss_sum / max(n_masked, 1), n_correct / max(n_masked, 1)
 
 
-# ----------------------------------------------------------------------------------------
-# Training
-
-
+# --- Training
 def main(argv: Optional[list[str]] = None):
     cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, presets=TRAIN_PRESETS)
     rank, world, device = init_distributed(cfg.device, cfg.keep_freed_memory)
@@ -400,7 +368,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     elif rank == 0 and cfg.samples:
-        print_samples(raw_model, "before training")
+        fillmask.print_samples(raw_model, "before training")
     use_compile = compile_model(raw_model, cfg, device)
     model = wrap_ddp(raw_model, device) if world > 1 else raw_model
     if ckpt is not None:
@@ -587,7 +555,7 @@ class Run:
 
     def finish(self, step: int):
         if self.master and self.cfg.samples and step == self.cfg.max_steps:
-            print_samples(self.raw_model, f"after {step} steps")
+            fillmask.print_samples(self.raw_model, f"after {step} steps")
         if self.end < self.cfg.max_steps:
             print0(f"stopped after step {step} (--stop_at_step); continue with --resume")
         print0(f"done: {step} steps, {fmt_time(time.perf_counter() - self.t_start)} wall time")

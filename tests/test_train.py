@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import checkpoint  # noqa: E402
+import fillmask  # noqa: E402
 import train  # noqa: E402
 
 ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -521,7 +522,7 @@ def test_short_run_lowers_mlm_loss(tmp_path):
     # fill-mask samples before and after training: every held-out sentence, top-5 for its [MASK]
     before, after = p.stdout.split("fill-mask samples before training:")[1].split("fill-mask samples after 20 steps:")
     for part in (before, after):
-        assert all(t in part for t in train.SAMPLE_TEXTS) and part.count("[MASK] #1:") == len(train.SAMPLE_TEXTS)
+        assert all(t in part for t in fillmask.SAMPLE_TEXTS) and part.count("[MASK] #1:") == len(fillmask.SAMPLE_TEXTS)
     r = rows(tmp_path)
     tr = [x for x in r if "loss" in x]
     ev = [x for x in r if "eval_loss" in x]
