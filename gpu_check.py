@@ -4,29 +4,24 @@
     python gpu_check.py --steps=tests        # one step (or a comma list): each fits a 10-minute command
     python gpu_check.py --dry_run            # anywhere: print the commands it would run
 
-Needs CUDA torch 2.11+, numpy, tiktoken, pytest, hypothesis (transformers for bench.py's HF row); no `datasets`:
-every step runs on the embedded data. Steps, each a subprocess with its own time limit, run in order:
-
-    tests     pytest -v -m cuda: compiled flex vs naive forward and backward (bf16, fp32, block-boundary nnz), graphs
-              per region over varying nnz, one host sync per forward, a short mosaic-bert-base run whose loss
-              falls, and DDP over NCCL equal to one process when there are 2+ GPUs
+Needs CUDA torch 2.11+, numpy, tiktoken, pytest, hypothesis (transformers for bench.py's HF row); no `datasets`.
+The steps, in order, each a subprocess stopped (with all it started) at its own time limit:
+    tests     pytest -v -m cuda: the CUDA tests (flex vs naive, graphs per region, host syncs, DDP over NCCL)
     bench     bench.py --quick: each MosaicBERT change, MFU against the measured matmul rate and the data sheet
     train     train.py --preset=mosaic-bert-base, 50 steps on the embedded sample (compiled, the CUDA default)
-
-The report (stdout and out/gpu_check/report.md): device, torch and CUDA versions, each step's status and wall
-time, the training run's last log line and MFU against the data-sheet peak, and bench.py's tables. A step past
-its limit is stopped (with all it started); the report shows the end of its output. Exit 0 only if all passed.
+The report (stdout and out/gpu_check/report.md): versions, each step's status, wall time and result, the training
+run's MFU, bench.py's tables. Exit 0 only if all passed.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -41,8 +36,7 @@ class GpuCheckConfig:
     out_dir: str = "out/gpu_check"
     dry_run: bool = False        # print the steps' commands and exit
     steps: str = "tests,bench,train"  # which steps, in this order (one per command where commands are limited)
-    # seconds per step, each under 10 minutes (most of it compiling)
-    tests_timeout: int = 540
+    tests_timeout: int = 540     # seconds per step, each under 10 minutes (most of it compiling)
     bench_timeout: int = 480
     train_timeout: int = 420
     train_steps: int = 50
@@ -73,8 +67,7 @@ def steps(cfg: GpuCheckConfig) -> list[Step]:
     ]
     by_name = {s.name: s for s in every}
     names = [n.strip() for n in cfg.steps.split(",") if n.strip()]
-    unknown = [n for n in names if n not in by_name]
-    if unknown or not names:
+    if not names or any(n not in by_name for n in names):
         raise ConfigError(f"--steps={cfg.steps}: choose from {', '.join(by_name)} (a comma list)")
     return [by_name[n] for n in names]
 
@@ -101,9 +94,8 @@ def run_step(step: Step, env: dict, log_dir: Path) -> Step:
     return step
 
 
-def last_line(text: str, prefix: str) -> Optional[str]:
-    lines = [line for line in text.splitlines() if line.startswith(prefix)]
-    return lines[-1] if lines else None
+def last_line(text: str, prefix: str) -> str | None:
+    return next((line for line in reversed(text.splitlines()) if line.startswith(prefix)), None)
 
 
 def last_lines(text: str, n: int = 30) -> list[str]:
@@ -112,9 +104,8 @@ def last_lines(text: str, n: int = 30) -> list[str]:
 
 def pytest_summary(text: str) -> str:
     """pytest -q's closing line ("12 passed, 3 skipped in 80.1s")."""
-    lines = [line.strip("= ") for line in text.splitlines() if " in " in line and ("passed" in line or "failed" in line
-                                                                                   or "error" in line)]
-    return lines[-1] if lines else "no summary (see the output above)"
+    return next((line.strip("= ") for line in reversed(text.splitlines())
+                 if " in " in line and re.search("passed|failed|error", line)), "no summary (see the output above)")
 
 
 def environment() -> list[str]:
@@ -125,21 +116,16 @@ def environment() -> list[str]:
             f"- data-sheet dense bf16 peak: {f'{peak / 1e12:,.0f} TFLOP/s' if peak else 'not in perf.GPU_PEAK_TFLOPS'}"]
 
 
-def report(done: list[Step], env_lines: list[str], bench_md: Optional[str], date: str) -> str:
+def report(done: list[Step], env_lines: list[str], bench_md: str | None, date: str) -> str:
     """The pasteable markdown report."""
     lines = [f"### GPU check ({date})", "", *env_lines, "", "| step | status | wall s | result |", "|---|---|---:|---|"]
     for s in done:
-        if s.name == "tests":
-            result = pytest_summary(s.output)
-        elif s.name == "train":
-            result = last_line(s.output, "step ") or "no step line"
-        else:
-            result = "tables below" if bench_md else "no bench report"
+        result = {"tests": pytest_summary(s.output), "train": last_line(s.output, "step ") or "no step line"}.get(
+            s.name, "tables below" if bench_md else "no bench report")
         if s.status.startswith("TIMED OUT") and result.startswith("no "):
             result = (last_lines(s.output, 1) or ["no output"])[0].strip()[:160]  # where it was when stopped
         lines.append(f"| {s.name} | {s.status} | {s.wall_s:,.0f} | `{result}` |")
-    train = next((s for s in done if s.name == "train"), None)
-    if train is not None:
+    if train := next((s for s in done if s.name == "train"), None):
         ref = last_line(train.output, "MFU reference") or last_line(train.output, "MFU:")
         comp = last_line(train.output, "compile:")
         lines += ["", f"mosaic-bert-base training: {comp or 'compile: ?'}; {ref or 'no MFU reference line'}"]
@@ -156,8 +142,7 @@ def main(argv=None):
     cfg = parse_config(GpuCheckConfig, sys.argv[1:] if argv is None else argv)
     todo = steps(cfg)
     if cfg.dry_run:
-        for s in todo:
-            print(f"{s.name} (limit {s.timeout} s): {' '.join(map(str, s.cmd))}")
+        print("\n".join(f"{s.name} (limit {s.timeout} s): {' '.join(map(str, s.cmd))}" for s in todo))
         return 0
     if not torch.cuda.is_available():
         print("error: gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False); on a CPU machine run "
