@@ -12,10 +12,10 @@ budget fractions and fine-tuned (glue.run) at t = 0 and `downstream_at`. Outputs
 """
 
 import dataclasses
-import platform
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -31,13 +31,14 @@ from checkpoint import atomic_save, atomic_write_json
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
 
 ARMS = ("mosaic", "bert")
+COUNTS = ("train_s", "tokens", "steps", "points")  # an arm's progress, saved in state.pt
 
 
 # --- config
 
 @dataclass
 class ParetoConfig:
-    quick: bool = False            # CPU mode: small size, short budget, a cheap fine-tuning recipe (< 25 min on 2 cores)
+    quick: bool = False            # CPU mode: small size, short budget, cheap fine-tuning (< 25 min on 2 cores)
     size: str = ""                 # tiny | small | base | large; empty: small with --quick, else base
     budget_s: float = 0.0          # pretraining seconds per arm; 0: 240 with --quick, else 3600
     n_points: int = 8              # evaluations at budget fractions 1/n .. n/n (plus t = 0)
@@ -66,7 +67,7 @@ class ParetoConfig:
     # system
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "auto"            # auto (bf16 where this device runs it fast, else float32) | bfloat16 | float32
-    compile: str = "auto"          # auto | on | off (auto: on for CUDA, off on the CPU; see compile_choice)
+    compile: str = "auto"          # auto | on | off (auto: CUDA only; a quick CPU run cannot spare the compile)
     seed: int = 0
     out_dir: str = "out/pareto"
     resume: bool = False           # continue from out_dir/state.pt (the run's config must match)
@@ -82,14 +83,12 @@ def resolve(cfg: ParetoConfig) -> ParetoConfig:
     if f"mosaic-bert-{cfg.size}" not in modeling.PRESETS:
         sizes = [p.removeprefix("mosaic-bert-") for p in modeling.PRESETS if p.startswith("mosaic-bert-")]
         raise ConfigError(f"--size={cfg.size}: choose one of {', '.join(sizes)}")
-    if cfg.dtype not in perf.DTYPES:
-        raise ConfigError(f"--dtype={cfg.dtype}: choose one of {', '.join(perf.DTYPES)}")
-    if cfg.compile not in ("auto", "on", "off"):
-        raise ConfigError(f"--compile={cfg.compile}: choose auto, on or off")
+    for key, allowed in (("dtype", perf.DTYPES), ("compile", ("auto", "on", "off"))):
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
     if cfg.n_points < 1 or cfg.slices_per_point < 1 or cfg.seeds < 1 or cfg.budget_s <= 0:
         raise ConfigError("--n_points, --slices_per_point, --seeds and --budget_s must be positive")
-    bad = [k for k in downstream_points(cfg) if not 1 <= k <= cfg.n_points]
-    if bad:
+    if any(not 1 <= k <= cfg.n_points for k in downstream_points(cfg)):
         raise ConfigError(f"--downstream_at={cfg.downstream_at}: points are 1..{cfg.n_points} (t = 0 is always done)")
     return cfg
 
@@ -99,14 +98,9 @@ def downstream_points(cfg: ParetoConfig) -> list[int]:
 
 
 def arm_model_config(size: str, arm: str) -> modeling.ModelConfig:
-    """`mosaic`: the mosaic-bert-{size} preset. `bert`: the same shape with every MosaicBERT switch off (model._BERT)."""
+    """`mosaic`: the mosaic-bert-{size} preset; `bert`: its shape with every MosaicBERT switch off (model._BERT)."""
     base = modeling.ModelConfig.preset(f"mosaic-bert-{size}")
     return base if arm == "mosaic" else dataclasses.replace(base, **modeling._BERT)
-
-
-def compile_choice(cfg: ParetoConfig, device: torch.device) -> bool:
-    """auto: compile on CUDA, where it pays; eager on the CPU, where a quick run cannot spare the compile time."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
 def lr_at(t: float, cfg: ParetoConfig, ticks: int = 10_000) -> float:
@@ -129,23 +123,13 @@ class Arm:
         torch.manual_seed(cfg.seed)  # the same initial-weight draw for both arms (their shapes differ)
         self.model = modeling.build(self.mcfg).to(device)
         self.optimizer = train.build_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        self.compiled = compile_choice(cfg, device)
-        self.train_s, self.tokens, self.steps, self.warmup_s = 0.0, 0, 0, 0.0
-        self.points: list[dict] = []
+        self.compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+        self.train_s, self.tokens, self.steps, self.points, self.warmup_s = 0.0, 0, 0, [], 0.0
         self.rng = torch.Generator().manual_seed(cfg.seed + 1)  # dropout stream, saved and restored with the arm
-
-    def amp(self):
-        return perf.autocast(self.device, self.cfg.dtype)
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.amp = partial(perf.autocast, device, cfg.dtype)
 
     def _forward_backward(self, batch: dict):
-        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with self.amp():
-            out = self.model(b["input_ids"], b["attention_mask"], b["labels"])
-        (out.loss_sum / out.n_masked.clamp(min=1)).backward()
+        train.mlm_step(self.model, [{k: v.to(self.device, non_blocking=True) for k, v in batch.items()}], amp=self.amp)
 
     def warm_up(self):
         """Compile (if on) and touch every buffer with one forward/backward on another stream's batch (not counted)."""
@@ -155,7 +139,7 @@ class Arm:
                                     self.cfg.seed + 12345, self.cfg.batch_size)
         t0 = time.perf_counter()
         self._forward_backward(other.next_batch())
-        self._sync()
+        perf.sync(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         self.warmup_s += time.perf_counter() - t0
 
@@ -173,11 +157,10 @@ class Arm:
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr_at(self.train_s, self.cfg)
                 self._forward_backward(batch)
-                if self.cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                train.clip_gradients(self.model, self.cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                self._sync()
+                perf.sync(self.device)
                 self.train_s += time.perf_counter() - t0
                 self.tokens += int((batch["attention_mask"] != 0).sum())
                 self.steps += 1
@@ -187,21 +170,14 @@ class Arm:
         return train.evaluate(self.model, batches, self.device, self.amp, 0, 1)
 
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "stream": self.stream.state_dict(), "train_s": self.train_s, "tokens": self.tokens,
-                "steps": self.steps, "rng": self.rng.get_state(), "points": self.points}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
+                "stream": self.stream.state_dict(), **{k: getattr(self, k) for k in COUNTS}}
 
     def load(self, s: dict):
-        self.model.load_state_dict(s["model"])
-        self.optimizer.load_state_dict(s["optimizer"])
-        self.stream.load_state_dict(s["stream"])
-        self.train_s, self.tokens, self.steps, self.points = s["train_s"], s["tokens"], s["steps"], s["points"]
+        for k in ("model", "optimizer", "stream"):
+            getattr(self, k).load_state_dict(s[k])
+        self.train_s, self.tokens, self.steps, self.points = (s[k] for k in COUNTS)
         self.rng.set_state(s["rng"])
-
-    def save_checkpoint(self, path: Path):
-        """A train.py-style checkpoint of the current weights (what glue.py fine-tunes)."""
-        atomic_save({"model": self.model.state_dict(), "model_config": config_dict(self.mcfg),
-                     "step": self.steps, "tokenizer": "gpt2"}, str(path))
 
 
 # --- the interleaved run
@@ -214,9 +190,7 @@ def run_pretraining(cfg: ParetoConfig, device: torch.device, out: Path) -> tuple
     excluded = load_state(cfg, arms, out) or {"warmup_s": {}, "eval_s": 0.0, "checkpoint_s": 0.0}
     (out / "ckpt").mkdir(parents=True, exist_ok=True)
     done = all(len(a.points) == cfg.n_points + 1 for a in arms.values())
-    for a in arms.values():
-        if done:  # a finished run resumed for its fine-tuning: nothing to train, nothing to warm up
-            continue
+    for a in [] if done else arms.values():  # a finished run resumed for its fine-tuning: no warm-up
         a.warm_up()
         excluded["warmup_s"][a.name] = excluded["warmup_s"].get(a.name, 0.0) + a.warmup_s
         print(f"{a.name:6s} {modeling.n_params(a.model) / 1e6:.1f}M parameters | mask {a.mask_prob:.0%} | "
@@ -256,7 +230,7 @@ def load_state(cfg: ParetoConfig, arms: dict, out: Path) -> Optional[dict]:
 
 
 def record(cfg: ParetoConfig, a: Arm, k: int, evals, out: Path, excluded: dict):
-    """Point k of arm a: evaluate, and save a checkpoint when the point is fine-tuned later."""
+    """Point k of arm a: evaluate, and save a train.py-style checkpoint when the point is fine-tuned later."""
     t0 = time.perf_counter()
     loss, acc = a.evaluate(evals)
     excluded["eval_s"] += time.perf_counter() - t0
@@ -266,7 +240,8 @@ def record(cfg: ParetoConfig, a: Arm, k: int, evals, out: Path, excluded: dict):
           f"{a.tokens:,} tokens | eval_loss {loss:.4f} | eval_mlm_acc {acc:.4f}", flush=True)
     if k == 0 or k in downstream_points(cfg):
         t0 = time.perf_counter()
-        a.save_checkpoint(out / "ckpt" / f"{a.name}_{k}.pt")
+        atomic_save({"model": a.model.state_dict(), "model_config": config_dict(a.mcfg), "step": a.steps,
+                     "tokenizer": "gpt2"}, str(out / "ckpt" / f"{a.name}_{k}.pt"))
         excluded["checkpoint_s"] += time.perf_counter() - t0
 
 
@@ -279,10 +254,9 @@ def save_state(cfg: ParetoConfig, arms: dict, out: Path, excluded: dict):
 
 def pretrain_identity(cfg: ParetoConfig) -> dict:
     """The fields a resumed run must share with the original (the fine-tuning ones may change)."""
-    keep = ("size", "budget_s", "n_points", "slices_per_point", "downstream_at", "data", "data_mode", "seq_len",
-            "batch_size", "lr", "weight_decay", "warmup_frac", "final_lr_frac", "grad_clip", "mosaic_mask",
-            "bert_mask", "eval_batches", "eval_batch_size", "compile", "seed")
-    return {k: getattr(cfg, k) for k in keep}
+    free = ("quick", "num_workers", "seeds", "ft_examples", "ft_epochs", "ft_lr", "device", "dtype", "out_dir",
+            "resume")
+    return {k: v for k, v in config_dict(cfg).items() if k not in free}
 
 
 # --- downstream: glue.py's sentiment task from the saved checkpoints
@@ -302,10 +276,9 @@ def downstream(cfg: ParetoConfig, arms: dict, out: Path, excluded: dict, write_o
             print(f"--- fine-tuning {a.name} point {k} (pretrained {p['wall_s']:.0f} s), {cfg.seeds} seeds", flush=True)
             t0 = time.perf_counter()
             res = glue.run(gcfg, init="ckpt", dist=dist)
-            accs = [s["accuracy"] for s in res["tasks"]["sentiment"]["seeds"].values()]
-            p["downstream_acc"] = float(np.median(accs))
-            p["downstream_accs"] = accs
-            p["majority"] = res["tasks"]["sentiment"]["majority"]["accuracy"]
+            tr = res["tasks"]["sentiment"]
+            accs = [s["accuracy"] for s in tr["seeds"].values()]
+            p.update(downstream_acc=float(np.median(accs)), downstream_accs=accs, majority=tr["majority"]["accuracy"])
             excluded["downstream_s"] += time.perf_counter() - t0
             write_outputs()
 
@@ -314,24 +287,20 @@ def downstream(cfg: ParetoConfig, arms: dict, out: Path, excluded: dict, write_o
 
 def time_to_reach(points: list[dict], target: float) -> Optional[float]:
     """First wall-clock at which eval_mlm_acc reaches target, linearly interpolated between points; None if never."""
-    prev = None
-    for p in points:
+    for prev, p in zip([None] + points, points):
         if p["eval_mlm_acc"] >= target:
             if prev is None:
                 return p["wall_s"]
             f = (target - prev["eval_mlm_acc"]) / max(p["eval_mlm_acc"] - prev["eval_mlm_acc"], 1e-12)
             return prev["wall_s"] + f * (p["wall_s"] - prev["wall_s"])
-        prev = p
     return None
 
 
 def headline(arms: dict, budget_s: float) -> dict:
     """The paper's "a third of the time": when each arm reaches the other's final eval MLM accuracy."""
-    pm, pb = arms["mosaic"], arms["bert"]
-    fm, fb = pm[-1]["eval_mlm_acc"], pb[-1]["eval_mlm_acc"]
-    tm, tb = time_to_reach(pm, fb), time_to_reach(pb, fm)
-    h = {"mosaic_final_acc": fm, "bert_final_acc": fb,
-         "mosaic_s_to_bert_final": tm, "bert_s_to_mosaic_final": tb,
+    fm, fb = arms["mosaic"][-1]["eval_mlm_acc"], arms["bert"][-1]["eval_mlm_acc"]
+    tm, tb = time_to_reach(arms["mosaic"], fb), time_to_reach(arms["bert"], fm)
+    h = {"mosaic_final_acc": fm, "bert_final_acc": fb, "mosaic_s_to_bert_final": tm, "bert_s_to_mosaic_final": tb,
          "mosaic_fraction_to_bert_final": None if tm is None else tm / budget_s,
          "bert_fraction_to_mosaic_final": None if tb is None else tb / budget_s}
     if tm is not None and fm >= fb:
@@ -361,32 +330,28 @@ def markdown(res: dict) -> str:
         ds = "" if p["downstream_acc"] is None else f"{p['downstream_acc'] * 100:.1f}"
         lines.append(f"| {a} | {p['wall_s']:.0f} | {p.get('steps', '')} | {p['tokens']:,} | {p['eval_loss']:.3f} | "
                      f"{p['eval_mlm_acc']:.3f} | {ds} | {'*' if f else ''} |")
-    h = res["headline"]
-    lines += ["", f"**Headline:** {h['summary']}.", "",
-              "Not counted: warm-up (compile) " + ", ".join(f"{a} {t:.0f} s" for a, t in res["excluded"]["warmup_s"].items())
-              + f", evaluation {res['excluded']['eval_s']:.0f} s, "
-              f"checkpoints {res['excluded']['checkpoint_s']:.0f} s, fine-tuning {res['excluded']['downstream_s']:.0f} s."]
+    ex = res["excluded"]
+    lines += ["", f"**Headline:** {res['headline']['summary']}.", "",
+              "Not counted: warm-up (compile) " + ", ".join(f"{a} {t:.0f} s" for a, t in ex["warmup_s"].items())
+              + f", evaluation {ex['eval_s']:.0f} s, checkpoints {ex['checkpoint_s']:.0f} s, "
+              f"fine-tuning {ex['downstream_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
 def plot(res: dict, path: Path) -> bool:
     """Two panels: eval MLM accuracy vs wall-clock, downstream accuracy vs pretraining wall-clock; frontier marked."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no pareto.png (pip install matplotlib)")
         return False
+    plt.switch_backend("Agg")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"mosaic": "tab:blue", "bert": "tab:orange"}
     for ax, key, title in ((axes[0], "eval_mlm_acc", "eval MLM accuracy (15% masking)"),
                            (axes[1], "downstream_acc", "sentiment dev accuracy (median of seeds)")):
         pts = [(a, p["wall_s"], p[key]) for a in ARMS for p in res["arms"][a] if p[key] is not None]
-        for a in ARMS:
-            xs = [x for b, x, _ in pts if b == a]
-            ys = [y for b, _, y in pts if b == a]
-            ax.plot(xs, ys, "o-", color=colors[a], label="MosaicBERT" if a == "mosaic" else "BERT")
+        for a, color, label in (("mosaic", "tab:blue", "MosaicBERT"), ("bert", "tab:orange", "BERT")):
+            ax.plot([x for b, x, _ in pts if b == a], [y for b, _, y in pts if b == a], "o-", color=color, label=label)
         front = sorted((x, y) for (_, x, y), f in zip(pts, pareto_front([(x, y) for _, x, y in pts])) if f)
         if front:
             ax.step([x for x, _ in front], [y for _, y in front], "k--", where="post", lw=1, label="Pareto frontier")
@@ -403,26 +368,11 @@ def plot(res: dict, path: Path) -> bool:
     return True
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
-
-
 def main(argv=None):
     cfg = resolve(parse_config(ParetoConfig, sys.argv[1:] if argv is None else argv))
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          cfg.device if cfg.device != "auto" else "cpu")
-    dtype, why, warning = perf.resolve_dtype(cfg.dtype, device)  # both arms run in it
-    cfg = dataclasses.replace(cfg, dtype=dtype)
+    dist = glue.setup_distributed(cfg.device)
+    cfg, device = glue.resolve_dtype(cfg, dist, say=True), dist.device  # both arms run in cfg.dtype
     print_config(cfg)
-    print(f"dtype: {dtype} ({why})" + (f"\nwarning: {warning}" if warning else ""), flush=True)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -431,15 +381,15 @@ def main(argv=None):
 
     def write_outputs() -> str:
         """pareto.json, .md, .png from what is done so far (downstream_acc null where not fine-tuned yet)."""
-        res = {"device": device_name(device), "torch": torch.__version__, "size": cfg.size, "budget_s": cfg.budget_s,
-               "config": config_dict(cfg), "arms": {n: a.points for n, a in arms.items()},
+        res = {"device": perf.device_name(device), "torch": torch.__version__, "size": cfg.size,
+               "budget_s": cfg.budget_s, "config": config_dict(cfg), "arms": {n: a.points for n, a in arms.items()},
                "headline": headline({n: a.points for n, a in arms.items()}, cfg.budget_s),
                "excluded": excluded, "total_s": time.perf_counter() - t_all}
         atomic_write_json(res, out / "pareto.json")
         table = markdown(res)
         (out / "pareto.md").write_text(table)
-        png = plot(res, out / "pareto.png")
-        return table + f"\nwrote {out / 'pareto.json'}, {out / 'pareto.md'}{', ' + str(out / 'pareto.png') if png else ''}"
+        png = f", {out / 'pareto.png'}" if plot(res, out / "pareto.png") else ""
+        return table + f"\nwrote {out / 'pareto.json'}, {out / 'pareto.md'}{png}"
 
     write_outputs()  # the pretraining results, before the (slower) fine-tuning
     downstream(cfg, arms, out, excluded, write_outputs)
