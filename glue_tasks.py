@@ -40,9 +40,8 @@ class Task:
     recipe: Recipe
     folder: str                          # GLUE TSV layout: the task's folder,
     files: dict                          # split -> file name (eval splits: every key but 'train'),
-    header: bool                         # whether there is a header row,
     cols: tuple[int, Optional[int], int] # the columns of a, b, label (-1: last),
-    n_cols: int = 0                      # the column count of header-less files
+    n_cols: int = 0                      # the column count of header-less files (0: a header row gives it)
     hub: tuple[str, Optional[str]] = ("sentence", None)  # hub layout: column names of a and b, split names
     hub_splits: Optional[dict] = None
 
@@ -54,28 +53,27 @@ class Task:
 BIN = ("0", "1")
 TASKS = {t.name: t for t in [
     Task("mnli", ("accuracy",), ("entailment", "neutral", "contradiction"), Recipe(5e-5, 5e-6, 3, 48, 1),
-         "MNLI", {"train": "train.tsv", "m": "dev_matched.tsv", "mm": "dev_mismatched.tsv"}, True, (8, 9, -1),
+         "MNLI", {"train": "train.tsv", "m": "dev_matched.tsv", "mm": "dev_mismatched.tsv"}, (8, 9, -1),
          hub=("premise", "hypothesis"),
          hub_splits={"train": "train", "m": "validation_matched", "mm": "validation_mismatched"}),
     Task("qqp", ("accuracy", "f1"), BIN, Recipe(3e-5, 3e-6, 5, 16, 1),
-         "QQP", {"train": "train.tsv", "dev": "dev.tsv"}, True, (3, 4, 5), hub=("question1", "question2")),
+         "QQP", {"train": "train.tsv", "dev": "dev.tsv"}, (3, 4, 5), hub=("question1", "question2")),
     Task("qnli", ("accuracy",), ("entailment", "not_entailment"), Recipe(1e-5, 1e-6, 10, 16, 1),
-         "QNLI", {"train": "train.tsv", "dev": "dev.tsv"}, True, (1, 2, 3), hub=("question", "sentence")),
+         "QNLI", {"train": "train.tsv", "dev": "dev.tsv"}, (1, 2, 3), hub=("question", "sentence")),
     Task("sst2", ("accuracy",), BIN, Recipe(3e-5, 3e-6, 3, 16, 3),
-         "SST-2", {"train": "train.tsv", "dev": "dev.tsv"}, True, (0, None, 1)),
+         "SST-2", {"train": "train.tsv", "dev": "dev.tsv"}, (0, None, 1)),
     Task("cola", ("mcc",), BIN, Recipe(5e-5, 5e-6, 10, 32, 4),
-         "CoLA", {"train": "train.tsv", "dev": "dev.tsv"}, False, (3, None, 1), n_cols=4),
+         "CoLA", {"train": "train.tsv", "dev": "dev.tsv"}, (3, None, 1), n_cols=4),
     Task("stsb", ("pearson", "spearman"), None, Recipe(3e-5, 3e-6, 10, 32, 5),
-         "STS-B", {"train": "train.tsv", "dev": "dev.tsv"}, True, (7, 8, -1), hub=("sentence1", "sentence2")),
+         "STS-B", {"train": "train.tsv", "dev": "dev.tsv"}, (7, 8, -1), hub=("sentence1", "sentence2")),
     Task("mrpc", ("accuracy", "f1"), BIN, Recipe(8e-5, 8e-6, 10, 32, 5),
-         "MRPC", {"train": "train.tsv", "dev": "dev.tsv"}, True, (3, 4, 0), hub=("sentence1", "sentence2")),
+         "MRPC", {"train": "train.tsv", "dev": "dev.tsv"}, (3, 4, 0), hub=("sentence1", "sentence2")),
     Task("rte", ("accuracy",), ("entailment", "not_entailment"), Recipe(1e-5, 1e-5, 3, 16, 5),
-         "RTE", {"train": "train.tsv", "dev": "dev.tsv"}, True, (1, 2, 3), hub=("sentence1", "sentence2")),
-    # Not GLUE: the offline demo, Rotten Tomatoes in SST-2's layout (assets/). A label budget of 1,000 sentences
-    # (of 11,752): pretraining matters most when labels are few.
+         "RTE", {"train": "train.tsv", "dev": "dev.tsv"}, (1, 2, 3), hub=("sentence1", "sentence2")),
+    # Not GLUE: the offline demo, Rotten Tomatoes (assets/); 1,000 of its 11,752 labels: few, where pretraining counts
     Task("sentiment", ("accuracy",), BIN, Recipe(2e-4, 2e-6, 5, 32, 3, train_examples=1000),
          str(Path(__file__).resolve().parent / "assets"),
-         {"train": "rotten_tomatoes_train.tsv.gz", "dev": "rotten_tomatoes_dev.tsv.gz"}, True, (0, None, 1)),
+         {"train": "rotten_tomatoes_train.tsv.gz", "dev": "rotten_tomatoes_dev.tsv.gz"}, (0, None, 1)),
 ]}
 
 
@@ -85,8 +83,7 @@ def eval_splits(task: Task) -> list[str]:
 
 def metric_names(task: Task) -> list[str]:
     """Names in results.json: MNLI's accuracy is reported per dev set (accuracy_m, accuracy_mm)."""
-    splits = eval_splits(task)
-    return list(task.metrics) if len(splits) == 1 else [f"{m}_{s}" for s in splits for m in task.metrics]
+    return list(task.metrics) if len(task.files) == 2 else [f"{m}_{s}" for s in eval_splits(task) for m in task.metrics]
 
 
 # --- metrics (numpy)
@@ -97,8 +94,7 @@ def accuracy(pred, label) -> float:
 
 def f1_binary(pred, label) -> float:
     """F1 of the positive class (1). 0.0 when there are no positive predictions and no positive labels."""
-    tp = int(np.sum((pred == 1) & (label == 1)))
-    fp = int(np.sum((pred == 1) & (label != 1)))
+    tp, fp = int(np.sum((pred == 1) & (label == 1))), int(np.sum((pred == 1) & (label != 1)))
     fn = int(np.sum((pred != 1) & (label == 1)))
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
@@ -107,33 +103,27 @@ def matthews_corr(pred, label) -> float:
     """Matthews correlation (multi-class form of Gorodkin 2004; the binary phi coefficient for two classes).
     A constant predictor (or constant labels) makes the denominator 0: we return 0.0, the GLUE/sklearn convention."""
     classes = np.union1d(pred, label)
-    p = np.searchsorted(classes, pred)
-    t = np.searchsorted(classes, label)
-    k = len(classes)
+    p, t, k = np.searchsorted(classes, pred), np.searchsorted(classes, label), len(classes)
     conf = np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.float64)  # [true, pred]
-    s, c = conf.sum(), np.trace(conf)
-    t_sum, p_sum = conf.sum(1), conf.sum(0)
+    s, c, t_sum, p_sum = conf.sum(), np.trace(conf), conf.sum(1), conf.sum(0)
     den = math.sqrt((s * s - p_sum @ p_sum) * (s * s - t_sum @ t_sum))
     return float((c * s - t_sum @ p_sum) / den) if den > 0 else 0.0
 
 
 def pearson_corr(x, y) -> float:
     """Pearson correlation. 0.0 when either side is constant (the correlation is undefined there)."""
-    x = np.asarray(x, np.float64) - np.mean(x)
-    y = np.asarray(y, np.float64) - np.mean(y)
+    x, y = (np.asarray(v, np.float64) - np.mean(v) for v in (x, y))
     den = math.sqrt(float(x @ x) * float(y @ y))
     return float(x @ y / den) if den > 0 else 0.0
 
 
 def rankdata(x) -> np.ndarray:
     """Ranks 1..n, ties get their average rank (scipy.stats.rankdata's 'average')."""
-    x = np.asarray(x)
-    n = len(x)
     order = np.argsort(x, kind="mergesort")
-    xs = x[order]
+    xs = np.asarray(x)[order]
     starts = np.r_[0, np.flatnonzero(xs[1:] != xs[:-1]) + 1]
-    ends = np.r_[starts[1:], n]
-    ranks = np.empty(n, np.float64)
+    ends = np.r_[starts[1:], len(xs)]
+    ranks = np.empty(len(xs), np.float64)
     ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
     return ranks
 
@@ -149,15 +139,11 @@ METRICS = {"accuracy": accuracy, "f1": f1_binary, "mcc": matthews_corr, "pearson
 
 def compute_metrics(task: str, predictions, labels) -> dict:
     """The task's GLUE metrics as fractions: {'accuracy'}, {'accuracy', 'f1'}, {'mcc'} or {'pearson', 'spearman'}.
-    predictions: class ids [N], or logits [N, C] (argmax taken); for stsb, scores [N] or [N, 1].
-    Degenerate cases return 0.0 rather than NaN: MCC of a constant predictor, correlation with a constant side,
-    F1 with no positives anywhere. NaN or inf predictions raise ValueError (training diverged).
-    """
+    predictions: class ids [N], or logits [N, C] (argmax taken); for stsb, scores [N] or [N, 1]. Degenerate cases
+    (a constant side, no positives) give 0.0, not NaN; NaN or inf predictions raise ValueError (training diverged)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    t = TASKS[task]
-    pred = np.asarray(predictions)
-    label = np.asarray(labels)
+    t, pred, label = TASKS[task], np.asarray(predictions), np.asarray(labels)
     if t.classes is None:
         pred = pred.reshape(len(pred), -1)[:, 0].astype(np.float64) if pred.ndim > 1 else pred.astype(np.float64)
         label = label.astype(np.float64)
@@ -185,7 +171,7 @@ def _parse_label(task: Task, raw: str, where: str):
         try:
             score = float(raw)
         except ValueError:
-            score = float("nan")
+            score = math.nan
         if not math.isfinite(score):
             raise GlueError(f"{where}: the {task.name} score {raw!r} is not a number. Fix the line (STS-B scores are "
                             f"numbers from 0 to 5 in the last column) or re-download the data.")
@@ -197,46 +183,36 @@ def _parse_label(task: Task, raw: str, where: str):
 
 
 def read_tsv(task: Task, path: Path, skip_bad_rows: bool = False) -> Examples:
-    """One split of a task from its GLUE TSV. Read with csv.QUOTE_NONE: the sentences contain `"`, and a
-    quoting reader merges lines silently. Every row must have the header's column count (or n_cols)."""
+    """One split from its GLUE TSV, read with csv.QUOTE_NONE: sentences contain `"`, which merge lines otherwise."""
     if not path.is_file():
-        raise GlueError(f"{path} not found. --glue_dir must hold GLUE in download_glue_data.py's layout "
-                        f"({task.folder}/{', '.join(task.files.values())}); download it with that script, "
-                        f"or leave --glue_dir empty to read the hub (nyu-mll/glue).")
-    opener = gzip.open if path.suffix == ".gz" else open
+        raise GlueError(f"{path} not found. --glue_dir must hold GLUE in download_glue_data.py's layout ({task.folder}/"
+                        f"{', '.join(task.files.values())}), or leave it empty to read the hub (nyu-mll/glue).")
     ia, ib, il = task.cols
-    a, b, labels, skipped = [], [] if ib is not None else None, [], 0
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+    pairs, labels, skipped = [], [], 0
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        n_cols = task.n_cols
-        if task.header:
-            header = next(reader, None)
-            if header is None:
-                raise GlueError(f"{path}: the file is empty; it should start with {task.name}'s header row.")
-            n_cols = len(header)
-            if max(ia, ib or 0, il) >= n_cols:
-                raise GlueError(f"{path}, line 1: the header has {n_cols} columns, {task.name} needs at least "
-                                f"{max(ia, ib or 0, il) + 1}. Is this {task.name}'s file?")
-        for row in reader:
+        n_cols = task.n_cols or len(next(reader, []))
+        if max(ia, ib or 0, il) >= n_cols:  # a header-less task's n_cols always fits
+            raise GlueError(f"{path}, line 1: the header has {n_cols} columns (0: the file is empty), {task.name} "
+                            f"needs at least {max(ia, ib or 0, il) + 1}. Is this {task.name}'s file?")
+        for row in filter(None, reader):  # blank lines skipped
             where = f"{path}, line {reader.line_num}"
-            if not row:
-                continue
             if len(row) != n_cols:
                 if skip_bad_rows:
                     skipped += 1
                     continue
                 raise GlueError(f"{where}: expected {n_cols} tab-separated columns"
-                                f"{' (as in the header)' if task.header else ''}, found {len(row)}. Fix or delete "
+                                f"{'' if task.n_cols else ' (as in the header)'}, found {len(row)}. Fix or delete "
                                 f"the line (a stray tab or newline in a sentence), or pass --skip_bad_rows.")
-            a.append(row[ia])
-            if ib is not None:
-                b.append(row[ib])
+            pairs.append((row[ia], None if ib is None else row[ib]))
             labels.append(_parse_label(task, row[il], where))
     if skipped:
         print(f"warning: {path}: skipped {skipped} rows with a column count other than {n_cols} (--skip_bad_rows)")
-    if not a:
+    if not pairs:
         raise GlueError(f"{path}: no examples. Check that it is {task.name}'s file in GLUE's layout.")
-    return Examples(a, b, np.asarray(labels, np.float32 if task.classes is None else np.int64), str(path))
+    a, b = map(list, zip(*pairs))
+    labels = np.asarray(labels, np.float32 if task.classes is None else np.int64)
+    return Examples(a, b if ib is not None else None, labels, str(path))
 
 
 def read_hub(task: Task, split: str) -> Examples:
@@ -264,7 +240,7 @@ def load_task(task: Task, glue_dir: str, skip_bad_rows: bool = False) -> dict:
 
 def label_subset(ex: Examples, budget: int) -> Examples:
     """A label budget: a fixed random subset of `budget` rows (the same for every seed, run and start; kept in file
-    order), or all rows when budget <= 0 or the split is smaller. probe.py fits its probes on the same subset."""
+    order), or all rows when budget <= 0 or the split is smaller. The linear probes in docs/log.md used it too."""
     if budget <= 0 or len(ex.a) <= budget:
         return ex
     keep = np.sort(np.random.default_rng(0).permutation(len(ex.a))[:budget])
@@ -276,13 +252,8 @@ def label_subset(ex: Examples, budget: int) -> Examples:
 def truncate_pair(a: list, b: list, budget: int) -> tuple[list, list]:
     """Longest-first truncation to len(a) + len(b) <= budget, as HF's fast tokenizers (what the paper used): the
     shorter segment keeps min(its length, budget // 2) tokens, the longer one the rest; on a tie a is the shorter."""
-    if len(a) + len(b) <= budget:
-        return a, b
-    if len(a) <= len(b):
-        na = min(len(a), budget // 2)
-        return a[:na], b[:budget - na]
-    nb = min(len(b), budget // 2)
-    return a[:budget - nb], b[:nb]
+    na = min(len(a), budget // 2) if len(a) <= len(b) else budget - min(len(b), budget // 2)
+    return a[:na], b[:budget - na]
 
 
 @dataclass
@@ -310,16 +281,14 @@ def encode_examples(ex: Examples, tok, max_len: int) -> Encoded:
 
 def collate(data: Encoded, idx, pad_id: int) -> dict:
     """Pad the rows idx to their longest (the model unpads): input_ids, attention_mask, token_type_ids [B, S]."""
-    lens = [len(data.ids[i]) for i in idx]
-    B, S = len(idx), max(lens)
-    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
-    mask, types = torch.zeros((B, S), dtype=torch.long), torch.zeros((B, S), dtype=torch.long)
-    for r, (i, n) in enumerate(zip(idx, lens)):
-        input_ids[r, :n] = torch.from_numpy(data.ids[i].astype(np.int64))
-        mask[r, :n] = 1
-        types[r, data.n_first[i]:n] = 1
-    labels = torch.from_numpy(data.labels[np.asarray(idx, dtype=np.int64)])
-    return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
+    idx = np.asarray(idx, dtype=np.int64)
+    rows = [torch.from_numpy(data.ids[i].astype(np.int64)) for i in idx]
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)  # [B, S]
+    pos = torch.arange(input_ids.shape[1])[None, :]  # [1, S]
+    mask = (pos < torch.tensor([len(r) for r in rows])[:, None]).long()
+    types = (pos >= torch.from_numpy(data.n_first[idx])[:, None]).long() * mask  # 1 from b on, 0 on padding
+    return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types,
+            "labels": torch.from_numpy(data.labels[idx])}
 
 
 # --- scoring a sweep: task scores, the GLUE average, the results table
@@ -330,10 +299,9 @@ def summarize(res: dict) -> dict:
     scores = {}
     for name, tr in res["tasks"].items():
         names = metric_names(TASKS[name])
-        seeds = [s for s in tr["seeds"].values()]
-        if not seeds:
+        if not tr["seeds"]:
             continue
-        tr["mean"] = {m: float(np.mean([s[m] for s in seeds])) for m in names}
+        tr["mean"] = {m: float(np.mean([s[m] for s in tr["seeds"].values()])) for m in names}
         tr["score"] = float(np.mean([tr["mean"][m] for m in names]))
         if name in GLUE_TASKS:
             scores[name] = tr["score"]
@@ -357,15 +325,14 @@ def markdown_table(res: dict) -> str:
     for name, tr in res["tasks"].items():
         names = metric_names(TASKS[name])
         fmt = lambda d: ", ".join(f"{m} {d[m] * 100:.2f}" for m in names)
+        score = lambda d: np.mean([d[m] for m in names]) * 100
         for seed, s in tr["seeds"].items():
-            lines.append(f"| {name} | {tr.get('start', '')} | {seed} | {fmt(s)} | "
-                         f"{np.mean([s[m] for m in names]) * 100:.2f} |")
+            lines.append(f"| {name} | {tr.get('start', '')} | {seed} | {fmt(s)} | {score(s):.2f} |")
         if "mean" in tr:
             lines.append(f"| **{name}** | | mean of {len(tr['seeds'])} | {fmt(tr['mean'])} | "
                          f"**{tr['score'] * 100:.2f}** |")
         if tr.get("majority"):
-            lines.append(f"| {name} | majority class | | {fmt(tr['majority'])} | "
-                         f"{np.mean([tr['majority'][m] for m in names]) * 100:.2f} |")
+            lines.append(f"| {name} | majority class | | {fmt(tr['majority'])} | {score(tr['majority']):.2f} |")
     if res.get("glue_average") is not None:
         n = len(res["glue_tasks"])
         lines += ["", f"**GLUE average: {res['glue_average'] * 100:.2f}**" + (
