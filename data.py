@@ -74,8 +74,7 @@ class Tokenizer:
         from tiktoken.load import load_tiktoken_bpe
         ranks = load_tiktoken_bpe(str(GPT2_FILE), expected_hash=GPT2_SHA256)
         specials = {"<|endoftext|>": EOT_ID, "[CLS]": CLS_ID, "[SEP]": SEP_ID, "[PAD]": PAD_ID, "[MASK]": MASK_ID}
-        self.enc = tiktoken.Encoding("gpt2-bert", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                     special_tokens=specials)
+        self.enc = tiktoken.Encoding("gpt2-bert", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
@@ -133,9 +132,7 @@ _SOURCES_HELP = ("--data takes 'default' (the embedded Wikipedia sample), 'senti
 
 def _split_ext(path: str) -> tuple[str, str]:   # ('.jsonl', '.gz') for 'x.jsonl.gz'; ('.txt', '') for 'x.txt'
     stem, ext = os.path.splitext(path.lower())
-    if ext in _OPENERS:
-        return os.path.splitext(stem)[1], ext
-    return ext, ""
+    return (os.path.splitext(stem)[1], ext) if ext in _OPENERS else (ext, "")
 
 
 def _builder_for(path: str) -> str:
@@ -220,8 +217,7 @@ def _read_file(path: str, skipped: collections.Counter):
     if os.path.abspath(path) == os.path.abspath(DEFAULT_CORPUS):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        yield from _records({"text": [r.get("text") for r in rows], "title": [r.get("title") for r in rows]},
-                            path, False, skipped)
+        yield from _records({k: [r.get(k) for r in rows] for k in ("text", "title")}, path, False, skipped)
         return
     builder = _builder_for(path)
     if builder in ("json", "text") and not path.lower().endswith(".json"):
@@ -377,17 +373,14 @@ _CORPORA: dict = {}
 
 
 def _tokenize_all(texts: list[str]) -> _Corpus:
-    parts = []
-    for i in range(0, len(texts), 4096):   # bounded Python-int lists; int32 arrays kept
-        parts += _encode_docs(texts[i:i + 4096])
+    parts = [a for i in range(0, len(texts), 4096) for a in _encode_docs(texts[i:i + 4096])]  # bounded int lists
     lengths = np.array([len(p) for p in parts], np.int64)
     tokens = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     return _Corpus(tokens, np.concatenate([[0], np.cumsum(lengths)]))
 
 
 def _sentiment_text():
-    """(text, key) of each training sentence of the sentiment sample, unlabelled: in-domain pretraining text
-    ("don't stop pretraining", Gururangan et al. 2020). The dev file is never read."""
+    """(text, key) of each sentiment training sentence, unlabelled (in-domain pretraining); never the dev file."""
     with gzip.open(SENTIMENT_TRAIN, "rt", encoding="utf-8") as f:
         next(f)  # header: sentence<TAB>label
         for line in f:
@@ -430,9 +423,8 @@ class _LocalRows:
 
     def __init__(self, corpus: _Corpus, mode: str, seq_len: int):
         self.corpus, self.seq_len = corpus, seq_len
-        lengths = np.diff(corpus.starts)
         seg, ptr = [], [0]
-        for segments, _ in _plan_rows(enumerate(lengths.tolist()), mode, seq_len):
+        for segments, _ in _plan_rows(enumerate(np.diff(corpus.starts).tolist()), mode, seq_len):
             seg += segments
             ptr.append(len(seg))
         self.seg, self.ptr = np.array(seg, np.int64).reshape(-1, 3), np.array(ptr, np.int64)
@@ -453,8 +445,7 @@ class _LocalStream:
             source, split, seq_len, mode, mask_prob, seed
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.rows = _LocalRows(_local_corpus(source, split), mode, seq_len)
-        self.position = 0
-        self._perms = {}
+        self.position, self._perms = 0, {}
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -492,8 +483,7 @@ class _LocalStream:
 
 
 def _check_identity(mine: dict, state: dict):
-    diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-    if diff:
+    if diff := {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}:
         what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise DataError(f"the data position in the checkpoint does not fit this data ({what}). Resume with the "
                         "same --data, mode, seq_len, seed (and, for streams, world size and num_workers).")
@@ -513,8 +503,7 @@ class PretrainStream:
                  mask_prob: float = 0.3, seed: int = 0, global_batch_size: int = 4096, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0):
         _check_args(source, split, seq_len, mode, mask_prob, seed)
-        if world_size < 1 or not 0 <= rank < world_size or global_batch_size < world_size \
-                or global_batch_size % world_size:
+        if not 0 <= rank < world_size or global_batch_size < world_size or global_batch_size % world_size:
             raise DataError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                             f"world_size={world_size} (and 0 <= rank={rank} < world_size).")
         if num_workers < 0:
@@ -540,25 +529,16 @@ class PretrainStream:
     def describe(self) -> str:   # one line for the log: documents, rows, tokens, epoch length
         return self._impl.describe()
 
-    @property
-    def epoch(self) -> float | None:   # epochs done (fractional) for local sources; None for streams
-        impl = self._impl
-        return impl.position / impl.rows.n if isinstance(impl, _LocalStream) else None
-
 
 def _check_args(source, split, seq_len, mode, mask_prob, seed):
-    if not isinstance(source, str) or not source:
-        raise DataError(f"empty --data. {_SOURCES_HELP}.")
-    if split not in ("train", "validation"):
-        raise DataError(f"split={split!r}: use 'train' or 'validation'")
-    if mode not in MODES:
-        raise DataError(f"mode={mode!r}: use one of {', '.join(MODES)}")
-    if seq_len < 3:
-        raise DataError(f"seq_len={seq_len}: needs room for [CLS], one token and [SEP] (>= 3)")
-    if not 0 <= mask_prob < 1:
-        raise DataError(f"mask_prob={mask_prob}: must be in [0, 1)")
-    if seed < 0:
-        raise DataError(f"seed={seed}: must be >= 0")
+    checks = ((not isinstance(source, str) or not source, f"empty --data. {_SOURCES_HELP}."),
+              (split not in ("train", "validation"), f"split={split!r}: use 'train' or 'validation'"),
+              (mode not in MODES, f"mode={mode!r}: use one of {', '.join(MODES)}"),
+              (seq_len < 3, f"seq_len={seq_len}: needs room for [CLS], one token and [SEP] (>= 3)"),
+              (not 0 <= mask_prob < 1, f"mask_prob={mask_prob}: must be in [0, 1)"),
+              (seed < 0, f"seed={seed}: must be >= 0"))
+    if msg := next((msg for bad, msg in checks if bad), None):
+        raise DataError(msg)
 
 
 def eval_batches(source: str = "default", seq_len: int = 128, mode: str = "chunk", batch_size: int = 32,
