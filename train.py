@@ -9,14 +9,9 @@ vars); build_optimizer (MosaicML's decoupled weight decay); lr_factor (warmup, l
 sum(CE) / masked tokens of the global batch; gradients sync once per step); compile_model (torch.compile in one
 place); Run (log line with MFU, evaluation, checkpoints); checkpoint.py (autoresume, preemption).
 
-    stats = mlm_step(model, micro, world=1, amp=nullcontext, loss_fn=mlm_loss)  # float64 [loss, n_correct, n_masked]
+    stats = mlm_step(model, micro_batches(batch, mb), world=1, amp=nullcontext, loss_fn=mlm_loss)
 
-micro: dicts of input_ids, attention_mask, labels (B, S), optionally counts (model.LayoutCounts), from
-micro_batches(batch, mb); loss_fn(model, mb) -> (summed CE, correct top-1, masked count); hf_mlm_loss adapts a
-transformers model (it returns a mean). amp: a callable returning a context. The caller steps the optimizer.
-
-Shape legend: B sequences per micro-batch, S = seq_len. Recompiles: TORCH_LOGS=recompiles shows each and its reason;
-nnz and the masked count are marked dynamic (model.compile_model), so a run compiles once per region.
+Shape legend: B sequences per micro-batch, S = seq_len. TORCH_LOGS=recompiles shows each recompile and its reason.
 """
 
 import datetime
@@ -40,10 +35,6 @@ import perf
 from checkpoint import (PREEMPTED_EXIT, PREEMPTED_MARKER, Preempted, PreemptionFlag, TrainError,  # noqa: F401
                         latest_checkpoint, load_for_resume, prepare_out_dir, restore_rng, rng_state, save_checkpoint)
 from config import ConfigError, config_dict, main_guard, parse_config, print_config
-
-# A collective waits this long for the slowest rank (torch's NCCL default, 10 min, is less than a first batch may take)
-DIST_TIMEOUT = datetime.timedelta(hours=1)
-
 
 # --- Config
 @dataclass
@@ -96,9 +87,8 @@ class TrainConfig:
 # version the paper pins): 286,720,000 samples = 70,000 steps of 4096, bf16, eval at 15% masking every 2000 steps.
 _PAPER = dict(
     model_overrides="", dropout=None, data="c4", data_mode="truncate", seq_len=128, num_workers=4,
-    global_batch_size=4096, micro_batch_size=128, max_steps=70_000, lr=5e-4, beta1=0.9, beta2=0.98,
-    eps=1e-6, weight_decay=1e-5, warmup_frac=0.06, final_lr_frac=0.02, grad_clip=0.0, dtype="auto",
-    seed=17, log_every=10, eval_every=2000, eval_batches=40, eval_batch_size=128, save_every=3500)
+    global_batch_size=4096, micro_batch_size=128, max_steps=70_000, lr=5e-4, grad_clip=0.0, seed=17,
+    eval_every=2000, eval_batches=40, eval_batch_size=128, save_every=3500)  # the other fields: TrainConfig's defaults
 # Tiny recipes for CPU tests and quick checks.
 _TINY = dict(
     model_overrides="", dropout=None, data="default", data_mode="chunk", seq_len=128, samples=False,
@@ -155,7 +145,8 @@ def resolve_compile(flag: Optional[bool], device: torch.device, planned_tokens: 
         return True, "default on CUDA; --compile=false to run eagerly"
     if planned_tokens >= CPU_COMPILE_MIN_TOKENS:
         return True, (f"default on the CPU for runs of >= {CPU_COMPILE_MIN_TOKENS / 1e6:g}M planned tokens, this one "
-                      f"{planned_tokens / 1e6:.1f}M, where it pays back its compile time; --compile=false to run eagerly")
+                      f"{planned_tokens / 1e6:.1f}M, where it pays back its compile time; "
+                      "--compile=false to run eagerly")
     return False, (f"default on the CPU for runs under {CPU_COMPILE_MIN_TOKENS / 1e6:g}M planned tokens, this one "
                    f"{planned_tokens / 1e6:.2f}M; --compile=true to compile")
 
@@ -183,8 +174,7 @@ def model_config(cfg: TrainConfig) -> modeling.ModelConfig:
 
 # --- Distributed
 def init_distributed(device_flag: str, keep_freed: bool = False):
-    """Read torchrun's env vars; without them this is one process. Returns (rank, world, device).
-    keep_freed: on the CPU, apply perf.keep_freed_memory (a CPU workaround)."""
+    """(rank, world, device) from torchrun's env vars, one process without them; keep_freed: perf.keep_freed_memory."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_flag == "cuda" and not torch.cuda.is_available():
@@ -196,8 +186,9 @@ def init_distributed(device_flag: str, keep_freed: bool = False):
     elif keep_freed:
         perf.keep_freed_memory()
     if world > 1:
+        # a collective waits an hour for the slowest rank (NCCL's 10 min is less than a first batch may take);
         # device_id on CUDA binds the group to this rank's GPU (NCCL then connects eagerly, no guessing)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=DIST_TIMEOUT,
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=1),
                                 **({"device_id": device} if use_cuda else {}))
     return rank, world, device
 
@@ -225,10 +216,9 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 def all_gather(obj) -> list:
     """Every rank's `obj` (small picklable things: RNG states, data positions)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [obj] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -266,18 +256,17 @@ def mlm_loss(model, mb: dict):
 
 
 def hf_mlm_loss(model, mb: dict):
-    """A transformers BertForMaskedLM's loss_fn: it returns the mean CE over the micro-batch's masked tokens,
-    turned back into a sum. It reports no accuracy (n_correct 0)."""
+    """A transformers BertForMaskedLM's loss_fn: its mean CE over the masked tokens as a sum; n_correct 0."""
     out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"])
     n = (mb["labels"] != -100).sum()
     return out.loss * n, torch.zeros((), device=n.device), n
 
 
 def mlm_step(model, micro: list[dict], world: int = 1, amp=nullcontext, loss_fn: Callable = mlm_loss) -> torch.Tensor:
-    """Forward and backward of one step's micro-batches on this rank; returns float64 [loss_sum, n_correct, n_masked].
-    Global masked count: .grad is the gradient of sum(CE over the global batch's masked tokens) / their number,
-    whatever their split over micro-batches and ranks (`model` is DDP-wrapped when world > 1)."""
-    # global masked count: the whole global batch's masked tokens, known before the forward pass
+    """Forward and backward of one step's micro-batches (micro_batches) on this rank; the caller steps the optimizer.
+    loss_fn(model, mb) -> (summed CE, correct top-1, masked count); amp() -> a context. .grad is the gradient of
+    sum(CE) / the global batch's masked count, whatever the split over micro-batches and ranks (`model` is
+    DDP-wrapped when world > 1). Returns float64 [loss_sum, n_correct, n_masked]."""
     n_masked = all_reduce(sum((mb["labels"] != -100).sum() for mb in micro).float())
     loss_scale = world / n_masked.clamp(min=1)  # DDP averages grads over ranks; `world` undoes that
     stats = torch.zeros(3, dtype=torch.float64, device=micro[0]["labels"].device)
@@ -297,8 +286,9 @@ def micro_batches(batch: dict, mb: int, model=None, device=None) -> list[dict]:
     slices = [slice(i, i + mb) for i in range(0, batch["input_ids"].shape[0], mb)]
     counts = [model.layout_counts(batch["attention_mask"][sl], batch["labels"][sl]) if model is not None else None
               for sl in slices]
-    if device is not None:
-        batch = {k: to_device(v, device) for k, v in batch.items()}
+    if device is not None:  # pinned memory lets the copy to a GPU overlap with compute
+        batch = {k: (v.pin_memory() if device.type == "cuda" else v).to(device, non_blocking=True)
+                 for k, v in batch.items()}
     return [dict({k: v[sl] for k, v in batch.items()}, counts=c) for sl, c in zip(slices, counts)]
 
 
@@ -310,24 +300,15 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
     return grad_norm
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)  # a no-op on the CPU; any other device (tests/test_devices.py's meta) gets the tensor moved
-
-
 @torch.no_grad()
 def evaluate(model, batches, device, amp, rank, world):
     """MLM loss and accuracy on the held-out batches (15% masking, fixed masks); ranks split the batches."""
     model.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, n_correct, n_masked
     for b in batches[rank::world]:
-        counts = model.layout_counts(b["attention_mask"], b["labels"])  # from the CPU batch: no device sync
-        b = {k: to_device(v, device) for k, v in b.items()}
-        # never under set_stance("force_eager"): eager flex builds the whole (1, H, nnz, nnz) score matrix
-        with amp():
-            out = model(b["input_ids"], b["attention_mask"], b["labels"], counts=counts)
-        tot += torch.stack([out.loss_sum.float(), out.n_correct.float(), out.n_masked.float()]).double()
+        (mb,) = micro_batches(b, len(b["input_ids"]), model, device)  # counts from the CPU batch: no device sync
+        with amp():  # never under set_stance("force_eager"): eager flex builds the whole (1, H, nnz, nnz) scores
+            tot += torch.stack([t.float() for t in mlm_loss(model, mb)]).double()
     model.train()
     loss_sum, n_correct, n_masked = all_reduce(tot).tolist()
     return loss_sum / max(n_masked, 1), n_correct / max(n_masked, 1)
@@ -388,7 +369,6 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
         grad_norm = clip_gradients(raw_model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        run.heap.after_step()
         step += 1
         run.record(batch, stats, grad_norm)
         if step % cfg.log_every == 0 or step == end or step == run.first_step + 1:
@@ -448,9 +428,9 @@ class Run:
     """The loop's state: sums since the last log line (on the device: read only at log time), metrics, checkpoints."""
 
     def __init__(self, cfg, mcfg, rank, world, device, raw_model, optimizer, stream, ckpt, use_compile, end):
-        self.cfg, self.mcfg, self.rank, self.world, self.device, self.master = cfg, mcfg, rank, world, device, rank == 0
+        self.cfg, self.mcfg, self.rank, self.world, self.device, self.end = cfg, mcfg, rank, world, device, end
         self.raw_model, self.optimizer, self.stream, self.use_compile = raw_model, optimizer, stream, use_compile
-        self.end = end
+        self.master = rank == 0
         self.first_step, self.tokens_seen = (0, 0) if ckpt is None else (ckpt["step"], ckpt.get("tokens_seen", 0))
         if self.master:
             self.metrics_path = prepare_out_dir(cfg.out_dir, None if ckpt is None else self.first_step)
@@ -466,6 +446,7 @@ class Run:
 
     def record(self, batch: dict, stats: torch.Tensor, grad_norm: torch.Tensor):
         """Add one step to the sums since the last log line (read from the CPU batch: no device sync)."""
+        self.heap.after_step()
         n_real, context_sq = data.attention_context(batch["attention_mask"])
         self.stats += stats
         self.grad_norm = grad_norm
@@ -478,31 +459,28 @@ class Run:
 
     def log(self, step: int, lr: float):
         """The log line and metrics row (the only place a loss is read on the host)."""
-        cfg = self.cfg
         tok = self.global_count(self.tokens)
         self.tokens_seen += tok
         loss_sum, n_correct, n_masked_sum = all_reduce(self.stats.clone()).tolist()
-        gn = self.grad_norm.item()
         dt = time.perf_counter() - self.t_log
         loss, acc = loss_sum / max(n_masked_sum, 1), n_correct / max(n_masked_sum, 1)
         ms, tok_s = 1000 * dt / self.steps, tok / dt
         # MFU's attention term counts the mean context a token actually attended to (its window)
         context = self.context / max(self.tokens, 1)
-        flops_per_s = modeling.flops_per_token(self.mcfg, context, cfg.mask_prob) * tok_s / self.world
+        flops_per_s = modeling.flops_per_token(self.mcfg, context, self.cfg.mask_prob) * tok_s / self.world
         mfu = perf.mfu(flops_per_s, self.peak)
         if self.peak and mfu is None and not self.peak_beaten:
             self.peak_beaten = True
             print0(f"mfu n/a: this step runs {perf.fmt_flops(flops_per_s)} per rank, above the measured "
                    f"peak of {perf.fmt_flops(self.peak)} (measured on a busy machine?)")
-        eta = (self.end - step) * dt / self.steps
-        print0(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | mlm_acc {acc:.3f} | "
-               f"lr {f'{lr:.1e}'.replace('e-0', 'e-')} | {ms:,.0f} ms | {tok_s:,.0f} tok/s | "
-               f"mfu {f'{mfu:.0%}' if mfu is not None else 'n/a'} | eta {fmt_time(eta)}")
+        print0(f"step {step}/{self.cfg.max_steps} | loss {loss:.4f} | mlm_acc {acc:.3f} | "
+               f"lr {f'{lr:.1e}'.replace('e-0', 'e-')} | {ms:,.0f} ms | {tok_s:,.0f} tok/s | mfu "
+               f"{f'{mfu:.0%}' if mfu is not None else 'n/a'} | eta {fmt_time((self.end - step) * dt / self.steps)}")
         if step == self.first_step + 1:
             print0(f"(the first step includes warm-up{' and torch.compile' if self.use_compile else ''}: {dt:.1f} s)")
         self.check_finite(step)
-        self.write_metrics(dict(step=step, loss=loss, mlm_acc=acc, lr=lr, tokens_per_s=tok_s, ms_per_step=ms,
-                                mfu=mfu, grad_norm=gn, elapsed_s=time.perf_counter() - self.t_start,
+        self.write_metrics(dict(step=step, loss=loss, mlm_acc=acc, lr=lr, tokens_per_s=tok_s, ms_per_step=ms, mfu=mfu,
+                                grad_norm=self.grad_norm.item(), elapsed_s=time.perf_counter() - self.t_start,
                                 rss_gb=(perf.resident_bytes() or 0) / 2**30,
                                 peak_rss_gb=perf.peak_resident_bytes() / 2**30, heap_trims=self.heap.trims))
         self.stats.zero_()
