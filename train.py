@@ -4,10 +4,9 @@
     python train.py --preset=mosaic-bert-tiny --max_steps=20
     torchrun --nproc_per_node=8 train.py --preset=mosaic-bert-base --data=c4   # the paper's recipe
 
-The recipe, top to bottom (grep the names): TrainConfig and TRAIN_PRESETS; init_distributed (torchrun's env
-vars); build_optimizer (MosaicML's decoupled weight decay); lr_factor (warmup, linear decay); mlm_step (the loss is
-sum(CE) / masked tokens of the global batch; gradients sync once per step); compile_model (torch.compile in one
-place); Run (log line with MFU, evaluation, checkpoints); checkpoint.py (autoresume, preemption).
+The recipe, top to bottom: TrainConfig, TRAIN_PRESETS; init_distributed; build_optimizer (MosaicML's decoupled
+weight decay); lr_factor (warmup, linear decay); mlm_step (sum(CE) / masked tokens of the global batch, one gradient
+sync a step); compile_model; Run (log line with MFU, evaluation, checkpoints); checkpoint.py (autoresume, preemption).
 
     stats = mlm_step(model, micro_batches(batch, mb), world=1, amp=nullcontext, loss_fn=mlm_loss)
 
@@ -15,7 +14,6 @@ Shape legend: B sequences per micro-batch, S = seq_len. TORCH_LOGS=recompiles sh
 """
 
 import datetime
-import inspect
 import json
 import os
 import sys
@@ -45,8 +43,7 @@ class TrainConfig:
     model_overrides: str = ""          # "n_layers=4,d_model=256": ModelConfig fields on top of the preset
     dropout: Optional[float] = 0.0     # sets hidden_dropout and attn_dropout (0: every dropout off; none: the preset's)
     # data
-    data: str = "default+sentiment"    # 'default' (embedded Wikipedia sample), 'sentiment' (the sentiment sample's
-                                       # training sentences, unlabelled), joined with '+', 'c4', or a local path/glob
+    data: str = "default+sentiment"    # 'default' (Wikipedia sample) + 'sentiment' (unlabelled); 'c4'; a path/glob
     data_mode: str = "pack"            # 'truncate' (paper) | 'chunk' | 'pack' (the demo: windows back to back)
     seq_len: int = 128
     mask_prob: float = 0.3             # MosaicBERT: 30% masking. Evaluation always masks 15%.
@@ -200,12 +197,10 @@ def print0(*args):
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
-    """DDP without buffer broadcasts (the only buffers are the constant ALiBi slopes; newer torch renames the
-    flag) and with the .grad tensors as views into the all-reduce buckets (no copy, one gradient's memory less)."""
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                      else {"broadcast_buffers": False})
+    """DDP without buffer broadcasts (the only buffers are the constant ALiBi slopes), the .grad tensors as views
+    into the all-reduce buckets (no copy: one gradient's memory less)."""
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-               **no_buffer_sync)
+               forward_sync_buffers=False)
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -230,8 +225,7 @@ def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.98), e
     params = [p for p in (params.parameters() if isinstance(params, torch.nn.Module) else params) if p.requires_grad]
     groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=weight_decay / lr),
               dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-    # one kernel over all params (on the CPU ~5x faster than foreach)
-    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)  # one kernel: ~5x foreach on CPU
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
@@ -348,12 +342,11 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, preempt
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        stream.load_state_dict(ckpt["data"])  # raises DataError if it does not fit this data
     elif rank == 0 and cfg.samples:
         fillmask.print_samples(raw_model, "before training")
     use_compile = compile_model(raw_model, cfg, device)
     model = wrap_ddp(raw_model, device) if world > 1 else raw_model
-    if ckpt is not None:
-        stream.load_state_dict(ckpt["data"])  # raises DataError if it does not fit this data
     restore_rng(ckpt, cfg.seed, rank, world, print0)
     run = Run(cfg, mcfg, rank, world, device, raw_model, optimizer, stream, ckpt, use_compile, end)
 
@@ -406,9 +399,7 @@ def resolve_config(cfg: TrainConfig, world: int, device: torch.device) -> tuple[
         print_config(mcfg)
     print0(f"batch: global {cfg.global_batch_size} = micro {cfg.micro_batch_size} x {accum} accumulation "
            f"steps x {world} rank{'s' if world > 1 else ''} | device {device}")
-    print0(f"dtype: {cfg.dtype} ({why})")
-    if warning:
-        print0(f"warning: {warning}")
+    print0(f"dtype: {cfg.dtype} ({why})" + (f"\nwarning: {warning}" if warning else ""))
     return cfg, mcfg
 
 
@@ -503,10 +494,9 @@ class Run:
     def check_finite(self, step: int):
         """Stop before a NaN can be logged as progress or saved. One sync; all ranks agree."""
         if all_reduce(self.nonfinite.clone(), dist.ReduceOp.MAX).item() > 0:
-            clip = "" if self.cfg.grad_clip > 0 else ", set --grad_clip=1.0"
             raise TrainError(f"non-finite (NaN/inf) loss or gradient at or before step {step}; stopping without "
                              f"saving. Last good checkpoint: {latest_checkpoint(self.cfg.out_dir) or 'none'}. "
-                             f"Lower --lr{clip}, or check the data.")
+                             f"Lower --lr{', set --grad_clip=1.0' * (self.cfg.grad_clip <= 0)}, or check the data.")
 
     def save(self, step: int):
         """An atomic, weights_only-loadable checkpoint (rank 0 writes; every rank joins the collectives)."""
@@ -551,8 +541,7 @@ class Run:
 
 
 def fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
+    h, rem = divmod(int(max(0, seconds)), 3600)
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
 
 
