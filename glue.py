@@ -8,9 +8,8 @@
     torchrun --nproc_per_node=8 glue.py --glue_dir=glue_data --tasks=mnli
 
 Tasks, recipes, readers and metrics: glue_tasks.py. Here: the starting points; one run per (task, seed) with train.py's
-AdamW and schedule (6% warmup, linear decay to 0); the sweep (RTE, MRPC, STS-B start from the MNLI-fine-tuned
-encoder, as in the paper; results.json is rewritten after each run, so a sweep resumes; under torchrun the ranks
-share out the runs); the demo (out/demo's checkpoint vs a random-init control, demo.json); the collapse detector.
+AdamW and schedule (6% warmup, linear decay to 0); the sweep (RTE, MRPC, STS-B start from the MNLI-fine-tuned encoder,
+as in the paper; results.json is rewritten after each run, so a sweep resumes); the demo vs a random-init control.
 """
 
 import dataclasses
@@ -100,11 +99,6 @@ class Start:
     label: str                 # for humans
 
 
-def _resolve_ckpt(path: str) -> Optional[str]:
-    p = Path(path)
-    return latest_checkpoint(str(p)) if p.is_dir() else (str(p) if p.is_file() else None)
-
-
 def load_start(cfg: GlueConfig, init: str) -> Start:
     if init in ("hf", "mosaicml"):
         what = "a HF BERT folder" if init == "hf" else "a MosaicBERT folder from MosaicML"
@@ -120,22 +114,19 @@ def load_start(cfg: GlueConfig, init: str) -> Start:
                             f"vocab_size={mlm.config.vocab_size}: use the vocab.txt saved with these weights.")
         return Start(mlm.config, encoder_weights(mlm), tok, {"init": init, "path": str(Path(cfg.hf).resolve())},
                      f"{'HF BERT' if init == 'hf' else 'MosaicBERT'} {cfg.hf}")
-
     if init == "scratch" and cfg.hf:  # the control of a HF run: its architecture and vocabulary, random weights
         start = load_start(cfg, "mosaicml" if hf.is_mosaicml(cfg.hf) else "hf")
-        start.source = {"init": "scratch", "model_config": config_dict(start.model_config), "vocab": start.source}
-        start.weights, start.label = None, f"random init (architecture of {cfg.hf})"
-        return start
+        source = {"init": "scratch", "model_config": config_dict(start.model_config), "vocab": start.source}
+        return dataclasses.replace(start, weights=None, source=source, label=f"random init (architecture of {cfg.hf})")
     tok = data.get_tokenizer()
-    path = _resolve_ckpt(cfg.ckpt) if cfg.ckpt else None
+    where = Path(cfg.ckpt)  # a train.py checkpoint, or its out_dir (the latest checkpoint there)
+    path = None if not cfg.ckpt else latest_checkpoint(str(where)) if where.is_dir() else (
+        str(where) if where.is_file() else None)
     if init == "scratch":  # the control: the checkpoint's architecture (else --model's), random weights
         mcfg = _load_ckpt(path, tok)[0].config if path is not None else model.ModelConfig.preset(cfg.model)
         return Start(mcfg, None, tok, {"init": "scratch", "model_config": config_dict(mcfg)},
                      f"random init ({f'architecture of {path}' if path is not None else cfg.model})")
-    if init != "ckpt":
-        raise ConfigError(f"--init={init}: choose ckpt, scratch, hf or mosaicml")
     if path is None:
-        where = Path(cfg.ckpt)
         how = "python train.py" if cfg.ckpt == GlueConfig.ckpt else f"python train.py --out_dir={cfg.ckpt}"
         raise GlueError(f"no pretrained checkpoint at {where}{' (no ckpt_*.pt inside)' if where.is_dir() else ''}: "
                         f"run `{how}` first (a few minutes on a CPU), or pass --ckpt=PATH to a train.py "
@@ -177,15 +168,13 @@ def token_cosine(start: Start, n_sentences: int = 32) -> float:
     b = collate(enc, list(range(len(enc))), start.tokenizer.pad_id)
     h, lay = bert(b["input_ids"], b["attention_mask"], b["token_type_ids"])
     h = h.reshape(-1, h.shape[-1]).float()  # [T, d]
-    h = h if lay.unpadded else h[lay.real_indices]  # [nnz, d]
-    h = torch.nn.functional.normalize(h, dim=-1)
+    h = torch.nn.functional.normalize(h if lay.unpadded else h[lay.real_indices], dim=-1)  # [nnz, d]
     return float((h @ h.T).mean())
 
 
 def warn_if_collapsed(start: Start):
     """The collapse detector: an encoder that maps every token to nearly the same vector cannot be fine-tuned."""
-    cos = token_cosine(start)
-    if cos > 0.99:
+    if (cos := token_cosine(start)) > 0.99:
         print(f"warning: {start.label}: its encoder maps every token to nearly the same vector (mean cosine "
               f"{cos:.4f} between tokens of different sentences; about 0.5 at random init). Its pretraining "
               f"collapsed or never got going, and fine-tuning from it will likely not beat the majority class. "
@@ -194,18 +183,6 @@ def warn_if_collapsed(start: Start):
 
 def mnli_encoder_path(out_dir) -> Path:
     return Path(out_dir) / "mnli_encoder.pt"
-
-
-def load_mnli_encoder(out_dir, start: Start) -> Optional[dict]:
-    """The MNLI-fine-tuned encoder saved by this out_dir's MNLI run, if it started from the same place."""
-    p = mnli_encoder_path(out_dir)
-    if not p.is_file():
-        return None
-    ck = torch.load(p, map_location="cpu", weights_only=True)
-    if ck.get("source") != start.source or ck.get("model_config") != config_dict(start.model_config):
-        print(f"note: {p} was fine-tuned from another starting point ({ck.get('source')}); not using it")
-        return None
-    return ck["weights"]
 
 
 # --- fine-tuning one (task, seed)
@@ -226,12 +203,10 @@ def predict(clf, data: Encoded, cfg: GlueConfig, pad_id: int, dist: Dist, regres
     mine = mine[np.argsort([len(data.ids[i]) for i in mine], kind="stable")]  # similar lengths together
     out = []
     for s in range(0, len(mine), cfg.eval_batch_size):
-        b = collate(data, mine[s:s + cfg.eval_batch_size], pad_id)
+        b = {k: v.to(dist.device) for k, v in collate(data, mine[s:s + cfg.eval_batch_size], pad_id).items()}
         with perf.autocast(dist.device, cfg.dtype):
-            logits, _ = clf(b["input_ids"].to(dist.device), b["attention_mask"].to(dist.device),
-                            b["token_type_ids"].to(dist.device))
-        logits = logits.float()  # [B, num_labels]
-        out.append(logits[:, 0] if regression else logits.argmax(-1))
+            logits, _ = clf(b["input_ids"], b["attention_mask"], b["token_type_ids"])  # [B, num_labels]
+        out.append(logits[:, 0].float() if regression else logits.argmax(-1))
     pred = torch.cat(out).cpu().numpy() if out else np.zeros(0)
     pairs = list(zip(mine.tolist(), pred.tolist()))
     pairs = [p for g in all_gather(pairs) for p in g] if dist.world > 1 else pairs
@@ -343,11 +318,8 @@ def train_steps(cfg: GlueConfig, ddp, opt, sched, batches: list, train_set: Enco
 
 def score(task: Task, evals: dict, predict_split) -> dict:
     """The metrics of predict_split(data) on every eval split, named as in results.json (MNLI: accuracy_m, _mm)."""
-    out = {}
-    for split, d in evals.items():
-        for m, v in compute_metrics(task.name, predict_split(d), d.labels).items():
-            out[m if len(evals) == 1 else f"{m}_{split}"] = v
-    return out
+    return {m if len(evals) == 1 else f"{m}_{split}": v for split, d in evals.items()
+            for m, v in compute_metrics(task.name, predict_split(d), d.labels).items()}
 
 
 def majority_baseline(task: Task, train: Examples, evals: dict) -> Optional[dict]:
@@ -383,19 +355,16 @@ def check_config(cfg: GlueConfig):
     for key in ("seeds", "max_steps", "batch_size"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key} must be >= 0 (0: the recipe's / no limit)")
-    if cfg.max_train_examples < -1:
-        raise ConfigError("--max_train_examples must be -1 (all), 0 (the recipe's label budget) or a count")
-    if cfg.epochs < 0 or cfg.lr < 0 or not 0 <= cfg.warmup < 1 or cfg.max_len < 8 or cfg.eval_batch_size < 1:
-        raise ConfigError("--epochs and --lr must be >= 0 (0: the recipe's), --warmup in [0, 1), --max_len >= 8, "
-                          "--eval_batch_size >= 1")
+    if (cfg.max_train_examples < -1 or cfg.epochs < 0 or cfg.lr < 0 or not 0 <= cfg.warmup < 1 or cfg.max_len < 8
+            or cfg.eval_batch_size < 1):
+        raise ConfigError("--max_train_examples must be -1 (all), 0 (the recipe's label budget) or a count; --epochs "
+                          "and --lr >= 0 (0: the recipe's); --warmup in [0, 1); --max_len >= 8; --eval_batch_size >= 1")
 
 
 def parse_tasks(cfg: GlueConfig) -> list[str]:
     text = cfg.tasks or ("all" if cfg.glue_dir else "sentiment")
-    names = []
-    for t in text.split(","):
-        t = t.strip().lower().replace("-", "")
-        names += list(GLUE_TASKS) if t == "all" else [t]
+    raw = [t.strip().lower().replace("-", "") for t in text.split(",")]
+    names = [n for t in raw for n in (GLUE_TASKS if t == "all" else [t])]
     bad = [t for t in names if t not in TASKS]
     if bad:
         raise ConfigError(f"--tasks: unknown task {', '.join(bad)}. Choose from {', '.join(TASKS)} or all")
@@ -409,12 +378,6 @@ def resolve_dtype(cfg: GlueConfig, dist: Dist, say: bool = False) -> GlueConfig:
     if say:
         print(f"dtype: {dtype} ({why})" + (f"\nwarning: {warning}" if warning else ""), flush=True)
     return dataclasses.replace(cfg, dtype=dtype)
-
-
-def save_mnli_encoder(out: dict, start: Start, seed: int, out_dir: Path):
-    """The MNLI-fine-tuned encoder RTE, MRPC and STS-B start from (the classifier: for hf.export only)."""
-    atomic_save({"weights": out["weights"], "model_config": config_dict(start.model_config),
-                 "source": start.source, "seed": seed, "classifier": out["classifier"]}, mnli_encoder_path(out_dir))
 
 
 def run(cfg: GlueConfig, init: Optional[str] = None, dist: Optional[Dist] = None) -> dict:
@@ -473,31 +436,47 @@ def run_task(cfg: GlueConfig, task: Task, start: Start, res: dict, dist: Dist):
     splits, train_set, evals = load_encoded(cfg, task, start, rec["max_train_examples"], dist)
     tr = res["tasks"].setdefault(name, {"recipe": rec, "start": start_name, "seeds": {}})
     tr["majority"] = majority_baseline(task, splits["train"], {s: splits[s] for s in evals})
-    if dist.world > 1 and cfg.parallel == "runs":
-        finetune_seeds_across_ranks(cfg, task, start, weights, seeds, todo, train_set, evals, dist, res)
-        return
-    for seed in todo:
-        out = finetune(cfg, task, start, weights, seed, train_set, evals, dist)
-        if dist.master:
-            if name == "mnli" and seed == seeds[0]:  # the encoder RTE, MRPC, STS-B start from
-                save_mnli_encoder(out, start, seed, out_dir)
-            tr["seeds"][str(seed)] = out["metrics"]
-            atomic_write_json(summarize(res), out_dir / "results.json")
-        if dist.world > 1:
-            torch.distributed.barrier()  # the MNLI encoder is on disk before any rank looks for it
+    # --parallel=runs under torchrun: rank r fine-tunes todo[r::world] alone on its device (no DDP, no gradient
+    # all-reduce), exactly as a 1-process run would; rank 0 gathers the metrics. Else every rank runs every seed.
+    solo = dist.world > 1 and cfg.parallel == "runs"
+    mine = {}
+    for seed in todo[dist.rank::dist.world] if solo else todo:
+        out = finetune(cfg, task, start, weights, seed, train_set, evals, Dist(0, 1, dist.device) if solo else dist)
+        if (solo or dist.master) and name == "mnli" and seed == seeds[0]:  # the encoder RTE, MRPC, STS-B start from
+            atomic_save({"weights": out["weights"], "model_config": config_dict(start.model_config), "seed": seed,
+                         "source": start.source, "classifier": out["classifier"]},  # the classifier: for hf.export
+                        mnli_encoder_path(out_dir))
+        mine[str(seed)] = out["metrics"]
+        if not solo:
+            record_seeds(res, name, mine, out_dir, dist)  # after every seed: an interrupted sweep resumes there
+    if solo:
+        record_seeds(res, name, {k: v for g in all_gather(mine) for k, v in g.items()}, out_dir, dist)
+
+
+def record_seeds(res: dict, name: str, done: dict, out_dir: Path, dist: Dist):
+    """Rank 0 adds these seeds' metrics to results.json; every rank waits until it and the MNLI encoder are on disk."""
+    if dist.master:
+        res["tasks"][name]["seeds"].update(sorted(done.items(), key=lambda kv: int(kv[0])))  # in seed order
+        atomic_write_json(summarize(res), out_dir / "results.json")
+    if dist.world > 1:
+        torch.distributed.barrier()
 
 
 def task_start(cfg: GlueConfig, name: str, start: Start, dist: Dist) -> tuple[Optional[dict], str]:
-    """Where the task starts: the MNLI-fine-tuned encoder for RTE, MRPC, STS-B when there is one (the paper)."""
-    weights, start_name = start.weights, ("pretrained" if start.weights is not None else "scratch")
-    if name in FROM_MNLI and cfg.from_mnli:
-        mnli = load_mnli_encoder(cfg.out_dir, start)
-        if mnli is not None:
-            return mnli, "mnli"
-        if dist.master:
-            print(f"note: {name} starts from the {start_name} model: no MNLI-fine-tuned encoder in {Path(cfg.out_dir)} "
-                  f"(run --tasks=mnli first, or include mnli in --tasks, to follow the paper)")
-    return weights, start_name
+    """Where the task starts: for RTE, MRPC, STS-B the encoder this out_dir's MNLI run fine-tuned from the same
+    starting point, when there is one (the paper); else the starting point's weights."""
+    start_name, p = ("pretrained" if start.weights is not None else "scratch"), mnli_encoder_path(cfg.out_dir)
+    if name not in FROM_MNLI or not cfg.from_mnli:
+        return start.weights, start_name
+    if p.is_file():
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+        if ck.get("source") == start.source and ck.get("model_config") == config_dict(start.model_config):
+            return ck["weights"], "mnli"
+        print(f"note: {p} was fine-tuned from another starting point ({ck.get('source')}); not using it")
+    if dist.master:
+        print(f"note: {name} starts from the {start_name} model: no MNLI-fine-tuned encoder in {Path(cfg.out_dir)} "
+              f"(run --tasks=mnli first, or include mnli in --tasks, to follow the paper)")
+    return start.weights, start_name
 
 
 def load_encoded(cfg: GlueConfig, task: Task, start: Start, budget: int, dist: Dist) -> tuple[dict, Encoded, dict]:
@@ -513,27 +492,9 @@ def load_encoded(cfg: GlueConfig, task: Task, start: Start, budget: int, dist: D
     return splits, train_set, evals
 
 
-def finetune_seeds_across_ranks(cfg: GlueConfig, task: Task, start: Start, weights: Optional[dict], seeds: list,
-                                todo: list, train_set: Encoded, evals: dict, dist: Dist, res: dict):
-    """--parallel=runs under torchrun: rank r fine-tunes todo[r::world], each run alone on its own device (no DDP,
-    no gradient all-reduce), exactly as a 1-process run would. Rank 0 gathers the metrics into results.json."""
-    out_dir, solo, mine = Path(cfg.out_dir), Dist(0, 1, dist.device), {}
-    for seed in todo[dist.rank::dist.world]:
-        out = finetune(cfg, task, start, weights, seed, train_set, evals, solo)
-        if task.name == "mnli" and seed == seeds[0]:  # whichever rank ran it writes it
-            save_mnli_encoder(out, start, seed, out_dir)
-        mine[str(seed)] = out["metrics"]
-    gathered = all_gather(mine)
-    if dist.master:
-        done = {k: v for g in gathered for k, v in g.items()}
-        res["tasks"][task.name]["seeds"].update({str(s): done[str(s)] for s in todo})  # in seed order
-        atomic_write_json(summarize(res), out_dir / "results.json")
-    torch.distributed.barrier()  # the results and the MNLI encoder are on disk before the next task
-
-
 # --- the sentiment demo and the command line
 
-def demo_summary(main: dict, control: Optional[dict], main_label: str, out_dir: Optional[Path] = None):
+def demo_summary(main: dict, control: Optional[dict], main_label: str, out_dir: Path):
     """The demo's table: pretrained vs from-scratch control vs majority class (median over seeds, spread); with a
     control, out_dir/demo.json gets {"pretrained": [per seed], "scratch": [per seed], "majority": rate}."""
     tr = main["tasks"].get("sentiment")
@@ -557,9 +518,8 @@ def demo_summary(main: dict, control: Optional[dict], main_label: str, out_dir: 
         gap = (np.median(rows[0][1]) - np.median(rows[1][1])) * 100
         print(f"\npretraining buys {gap:+.1f} points (median over {len(rows[0][1])} fine-tuning seeds of one "
               f"pretraining run; the pretraining seed, train.py --seed, moves it as well)")
-        if out_dir is not None:
-            atomic_write_json({"pretrained": rows[0][1], "scratch": rows[1][1], "majority": majority},
-                              out_dir / "demo.json")
+        atomic_write_json({"pretrained": rows[0][1], "scratch": rows[1][1], "majority": majority},
+                          out_dir / "demo.json")
     if np.median(rows[0][1]) <= majority + 0.01:
         print("\nThe pretrained model does not beat the majority class: its pretraining was too short or collapsed "
               "(see the warning at the top, if any). Fine-tuning itself works: compare the control.")
