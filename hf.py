@@ -5,15 +5,11 @@
     python glue.py --init=hf --hf=path/to/bert-base-uncased           # fine-tune a HF BERT folder here
     python glue.py --init=mosaicml --hf=path/to/mosaic-bert-base      # ... or MosaicML's published MosaicBERT
 
-Top to bottom:
-    from_hf_bert         a HF BERT folder (BertModel / BertForMaskedLM / BertForPreTraining) -> our BertForMaskedLM
-    from_mosaicml        a folder of MosaicML's bert_layers.BertForMaskedLM (MosaicBERT) -> ours; every key mapped
-    WordPiece            BERT's tokenizer for those folders' vocab.txt (the `tokenizers` library)
-    gpt2_tokenizer_json  our pretraining tokenizer as a tokenizer.json that gives data.Tokenizer's ids
-    export               a train.py checkpoint (or glue.py's MNLI classifier) -> a folder transformers loads offline:
-                         plain BERT for BERT-shaped configs, else hf_modeling.py + copies of model.py and kernels.py
-    load_folder          any of those folders back as our model, with its tokenizer (fillmask.py --hf=FOLDER)
-transformers is needed only to load an export (and by the tests), never to import one.
+Top to bottom: from_hf_bert (a HF BERT folder -> our BertForMaskedLM), from_mosaicml (MosaicML's MosaicBERT ->
+ours), WordPiece (BERT's tokenizer for their vocab.txt), gpt2_tokenizer_json (data.Tokenizer as a tokenizer.json),
+export (a checkpoint -> a folder transformers loads offline: plain BERT for BERT-shaped configs, else hf_modeling.py
++ copies of model.py and kernels.py), load_folder (any of those folders back, fillmask.py --hf). transformers is
+needed only to load an export (and by the tests), never to import one.
 """
 
 import functools
@@ -25,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+import data
 import model
+from config import main_guard, parse_config, print_config
 from model import BertForMaskedLM, ModelConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -151,6 +149,12 @@ def from_hf_bert(folder: str) -> BertForMaskedLM:
 # MosaicML's published MosaicBERT import
 
 
+def is_mosaicml(folder) -> bool:
+    """True for a folder saved by MosaicML's bert_layers (its config has alibi_starting_size or maps to bert_layers)."""
+    c = json.loads(p.read_text()) if (p := Path(folder) / "config.json").is_file() else {}
+    return "alibi_starting_size" in c or any("bert_layers" in str(v) for v in c.get("auto_map", {}).values())
+
+
 def _mosaicml_to_ours(name: str) -> str | None:
     """Map one key of MosaicML's bert_layers.BertForMaskedLM to ours (None: not mapped). Their layer is ours:
     LN(h + dense(attention)), LN(h + wo(GELU(gate) * value)), q/k/v fused in one Wqkv (t h d order, as ours)."""
@@ -219,7 +223,7 @@ def from_mosaicml(folder) -> BertForMaskedLM:
 
 
 # ----------------------------------------------------------------------------------------
-# WordPiece for HF checkpoints (the `tokenizers` library)
+# Tokenizers (the `tokenizers` library): WordPiece for HF checkpoints; our GPT-2 BPE as a tokenizer.json
 
 
 class WordPiece:
@@ -243,8 +247,7 @@ class WordPiece:
         self.tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         self.tk.decoder = decoders.WordPiece()
         self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
-        self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
-        self.mask_id = self.vocab.get("[MASK]")
+        self.pad_id, self.mask_id = self.vocab["[PAD]"], self.vocab.get("[MASK]")
         self.n_tokens = len(tokens)
 
     @classmethod
@@ -270,19 +273,6 @@ class WordPiece:
 
     def decode(self, ids) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
-
-
-def is_mosaicml(folder) -> bool:
-    """True for a folder saved by MosaicML's bert_layers (its config has alibi_starting_size or maps to bert_layers)."""
-    p = Path(folder) / "config.json"
-    if not p.is_file():
-        return False
-    c = json.loads(p.read_text())
-    return "alibi_starting_size" in c or any("bert_layers" in str(v) for v in c.get("auto_map", {}).values())
-
-
-# ----------------------------------------------------------------------------------------
-# Our GPT-2 BPE as a tokenizer.json (byte-level BPE in the `tokenizers` library)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -313,7 +303,6 @@ def gpt2_tokenizer_json():
     token of rank r is the merge BPE makes with the ranks below r), data.py's special tokens and ids, and
     [CLS] a [SEP] (b [SEP]) wrapping. On purpose unlike data.Tokenizer: a literal "[MASK]" in the text is the
     special token, the space before it dropped as fillmask.encode_masked does (the fill-mask pipeline needs it)."""
-    import data
     from tiktoken.load import load_tiktoken_bpe
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -360,7 +349,7 @@ def _write_tokenizer(folder: Path, tk, max_len: int, unk: bool = False):
 
 
 # ----------------------------------------------------------------------------------------
-# Export: BERT-shaped configs as plain transformers BERT
+# Export: plain transformers BERT for BERT-shaped configs, else hf_modeling.py beside copies of model.py, kernels.py
 
 
 def _ours_to_hf(name: str) -> list[str]:
@@ -374,11 +363,6 @@ def _ours_to_hf(name: str) -> list[str]:
                       "encoder.layer.")
     _require(hf_name is not None, f"no Hugging Face BERT name for our parameter {name}")
     return [hf_name if hf_name.startswith("cls.") else "bert." + hf_name]
-
-
-def is_bert_shaped(cfg: ModelConfig) -> bool:
-    """Learned positions and the GELU MLP: exactly HF's BertForMaskedLM (the other switches change only speed)."""
-    return cfg.position == "learned" and cfg.ffn == "gelu"
 
 
 def _export_bert(module, pad_id: int):
@@ -406,12 +390,6 @@ def _export_bert(module, pad_id: int):
     return sd, config
 
 
-# ----------------------------------------------------------------------------------------
-# Export: MosaicBERT configs with their modelling code: hf_modeling.py beside copies of model.py and kernels.py
-
-MODELING_FILE = ROOT / "hf_modeling.py"  # our transformers wrappers; the export holds it as modeling_mosaicbert.py
-
-
 def _copy_source(name: str, folder: Path):
     """Copy model.py / kernels.py into the export; `import kernels` becomes a package-relative import."""
     src = (ROOT / name).read_text()
@@ -434,14 +412,10 @@ def _export_mosaic(module, folder: Path, pad_id: int):
                      "AutoModelForSequenceClassification": "modeling_mosaicbert.MosaicBertForSequenceClassification"},
         "vocab_size": cfg.padded_vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "tie_word_embeddings": True, "pad_token_id": pad_id}
-    shutil.copyfile(MODELING_FILE, folder / "modeling_mosaicbert.py")  # byte for byte
+    shutil.copyfile(ROOT / "hf_modeling.py", folder / "modeling_mosaicbert.py")  # our transformers wrappers, as is
     for name in ("model.py", "kernels.py"):
         _copy_source(name, folder)
     return sd, config
-
-
-# ----------------------------------------------------------------------------------------
-# Export: the entry points
 
 
 def export_model(module, folder, tokenizer=True) -> Path:
@@ -449,12 +423,12 @@ def export_model(module, folder, tokenizer=True) -> Path:
     tokenizer.json and, for MosaicBERT configs, the modelling code. tokenizer: True for our GPT-2 BPE, a
     hf.WordPiece for a BERT vocabulary, False for none."""
     from safetensors.torch import save_file
-    import data
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = module.config
     pad_id = tokenizer.pad_id if isinstance(tokenizer, WordPiece) else data.PAD_ID
-    sd, config = _export_bert(module, pad_id) if is_bert_shaped(cfg) else _export_mosaic(module, folder, pad_id)
+    bert_shaped = cfg.position == "learned" and cfg.ffn == "gelu"  # HF's BERT exactly (the other switches: speed)
+    sd, config = _export_bert(module, pad_id) if bert_shaped else _export_mosaic(module, folder, pad_id)
     if isinstance(module, model.SequenceClassifier):
         config["num_labels"] = module.num_labels
     save_file({k: v.detach().cpu() for k, v in sd.items()}, str(folder / "model.safetensors"),
@@ -486,10 +460,9 @@ def _glue_classifier(ck: dict, path) -> tuple:
 
 
 def export(ckpt, folder) -> Path:
-    """A train.py checkpoint (ckpt_*.pt or its out_dir), or glue.py's mnli_encoder.pt, -> a folder transformers
-    loads offline. BERT-shaped configs (the bert-* presets) become plain BERT (model_type "bert", no remote code);
-    MosaicBERT configs get an auto_map, modeling_mosaicbert.py (hf_modeling.py) and copies of model.py and
-    kernels.py (from_pretrained(folder, trust_remote_code=True)). Both get a tokenizer.json for AutoTokenizer."""
+    """A train.py checkpoint (ckpt_*.pt or its out_dir), or glue.py's mnli_encoder.pt, -> a folder transformers loads
+    offline: plain BERT for the bert-* presets; else an auto_map, modeling_mosaicbert.py (hf_modeling.py) and copies
+    of model.py and kernels.py (trust_remote_code=True). Both get a tokenizer.json for AutoTokenizer."""
     p = Path(ckpt)
     if p.is_file() and not p.name.startswith("ckpt_"):  # perhaps glue.py's
         ck = torch.load(p, map_location="cpu", weights_only=True)
@@ -506,7 +479,6 @@ def load_folder(folder):
     """Any masked-LM folder this file knows -> (our BertForMaskedLM, tokenizer): an export of ours (config.json
     holds our model_config; the GPT-2 tokenizer), MosaicML's MosaicBERT or a HF BERT folder (their vocab.txt).
     A folder without an MLM head (BertModel, a classifier) is refused rather than given a random head."""
-    import data
     hf_cfg, sd = _read_folder(folder)
     head = ("head.dense.weight", "cls.predictions.transform.dense.weight")
     _require(any(k in sd for k in head), f"{folder} has no MLM head ({', '.join(hf_cfg.get('architectures', []))}): "
@@ -540,7 +512,6 @@ class ExportConfig:
 
 
 def main(argv=None):
-    from config import parse_config, print_config
     cfg = parse_config(ExportConfig, sys.argv[1:] if argv is None else argv)
     print_config(cfg)
     ck = Path(cfg.ckpt)
@@ -555,5 +526,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from config import main_guard
     main_guard(main)

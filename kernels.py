@@ -6,24 +6,20 @@ Shape legend (used in every docstring and shape comment):
     nnz real (non-pad) tokens in the batch   n   sequences after unpadding (n = B for 0/1 masks)
     L   max_seqlen, the longest of the n sequences
 
-Unpadding (MosaicBERT's "unpad"): a batch of B rows padded to S holds only nnz real tokens. Every
-linear layer, LayerNorm and GeGLU is per token, so running them on the packed (nnz, d) tensor instead
-of (B*S, d) skips the pad tokens' work entirely. Only attention needs to know where one sequence ends
-and the next begins: `cu_seqlens`, the cumulative lengths [0, len_0, len_0+len_1, ..., nnz], as in
-FlashAttention's varlen API. `unpad` is the readable one-call form; the model calls its core,
-`unpad_index`, with counts read on the CPU batch, so unpadding never waits on the device.
+Unpadding (MosaicBERT's "unpad"): every linear layer, LayerNorm and GeGLU is per token, so running them on the
+packed (nnz, d) real tokens instead of (B*S, d) skips the pad tokens' work entirely. Only attention needs to know
+where one sequence ends and the next begins: `cu_seqlens` [0, len_0, len_0+len_1, ..., nnz], as in FlashAttention's
+varlen API. The model calls `unpad_index` (the core of `unpad`) with counts read on the CPU batch: no host sync.
 
 ALiBi (Press et al., 2022): no position embeddings; each head h adds -slope_h * |i - j| to the score
 of query i and key j (symmetric: the encoder form MosaicBERT uses). It extrapolates past the trained
 length, costs no parameters, and is fast: part of one fused mask (sdpa) or a score_mod (flex).
 
-Backends (packed qkv in, packed output out): naive, the reference (explicit softmax per sequence); sdpa,
-re-pad to (n, H, L, D) and F.scaled_dot_product_attention's fused (flash) kernel with ALiBi and padding as
-one additive mask (trains on CPU and GPU); flex, FlexAttention on the packed sequence (the role
-FlashAttention plays in MosaicBERT): ALiBi a `score_mod`, a document block mask from cu_seqlens, so no
-FLOPs go to padding or across documents (GPU training; forward only on the CPU); auto, flex on CUDA.
-The model plans once per batch (`plan_attention`) and each layer calls `attend`; `attention()`, the two in
-one call, is the readable reference form the tests use.
+Backends (packed qkv in, packed output out): naive, the reference (explicit softmax per sequence); sdpa, re-pad to
+(n, H, L, D) for F.scaled_dot_product_attention's fused (flash) kernel, ALiBi and padding one additive mask; flex,
+FlexAttention on the packed sequence (the role FlashAttention plays in MosaicBERT): ALiBi a `score_mod`, a document
+block mask, so no FLOPs go to padding or across documents (GPU training; forward only on the CPU); auto, flex on
+CUDA. The model plans once per batch (`plan_attention`), each layer calls `attend`; `attention()` does both.
 """
 
 import contextlib
@@ -48,12 +44,9 @@ MASK_VALUE = -1e30
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """Press et al.'s ALiBi slopes, a geometric sequence per head. Returns fp32 [H].
-
-    For a power of 2, head h (1-based) gets 2^(-8h/H): 1/2, 1/4, ... 1/256 for 8 heads.
-    Otherwise take the slopes of the nearest lower power of 2, p, then every other slope of
-    the 2p-head set: 12 heads give 1/2 ... 1/256, then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5.
-    """
+    """Press et al.'s ALiBi slopes, fp32 [H]: for a power of 2, head h (1-based) gets 2^(-8h/H); otherwise the
+    slopes of the nearest lower power of 2, p, then every other slope of the 2p-head set (12 heads: 1/2 ... 1/256,
+    then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5)."""
     if n_heads < 1:
         raise ValueError(f"alibi_slopes: n_heads must be >= 1, got {n_heads}")
 
@@ -80,13 +73,11 @@ def alibi_bias(slopes: torch.Tensor, L: int, device=None) -> torch.Tensor:
 
 def unpad(x: torch.Tensor, attention_mask: torch.Tensor):
     """Drop the pad tokens: x[B, S, ...] -> (x_unpadded[nnz, ...], indices[nnz], cu_seqlens, max_seqlen).
-
     attention_mask[B, S]: 0 marks padding, a nonzero value is a document id within its row: a plain 0/1
     mask gives one sequence per row (cu_seqlens int32 [B+1], empty rows as zero-length sequences), a
     packed row 1,1,1,2,2,0 two. indices: the flat positions (b * S + s) of the real tokens; `pad` is the
     exact inverse, and gradients flow through both. The reference form: it reads the counts from the
-    device (host syncs, as FlashAttention's unpad_input); the model calls `unpad_index` with counts.
-    """
+    device (host syncs, as FlashAttention's unpad_input); the model calls `unpad_index` with counts."""
     B, S = attention_mask.shape
     if x.shape[:2] != (B, S):
         raise ValueError(f"unpad: x has shape {tuple(x.shape)} but attention_mask is {(B, S)}")
@@ -252,11 +243,7 @@ def attend(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """Attention of packed qkv[nnz, 3, H, D] under a plan -> [nnz, H, D]."""
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"attention expects packed qkv of shape (nnz, 3, H, D), got {tuple(qkv.shape)}")
-    if plan.backend == "naive":
-        return _naive(qkv, plan)
-    if plan.backend == "sdpa":
-        return _sdpa_varlen(qkv, plan)
-    return _flex(qkv, plan)
+    return {"naive": _naive, "sdpa": _sdpa_varlen, "flex": _flex}[plan.backend](qkv, plan)
 
 
 def attention(qkv, cu_seqlens, max_seqlen, slopes=None, backend="auto", dropout_p=0.0):
@@ -371,13 +358,10 @@ def compiled_flex_attention(variant: tuple):
 
 
 def document_block_mask(cu_seqlens: torch.Tensor, block: int = FLEX_BLOCK, nnz: int | None = None):
-    """The document BlockMask over nnz packed tokens, built directly from cu_seqlens.
-
-    A (q block, kv block) pair is computed when the two blocks share a document, and is "full" (no
-    mask_mod call) when both lie wholly inside one document: FlexAttention skips every other block, so
-    no FLOPs go to padding or across documents. Built from block-level document ranges in O((nnz/128)^2)
-    tiny ops, not create_block_mask's nnz^2 token pairs; symmetric, so the q blocks are the kv blocks.
-    """
+    """The document BlockMask over nnz packed tokens, from cu_seqlens. A (q block, kv block) pair is computed when
+    the blocks share a document, "full" (no mask_mod call) when both lie wholly inside one: FlexAttention skips every
+    other block, so no FLOPs go to padding or across documents. O((nnz/128)^2) tiny ops from block-level document
+    ranges, not create_block_mask's nnz^2 token pairs; symmetric, so the q blocks are the kv blocks."""
     device = cu_seqlens.device
     doc = document_ids(cu_seqlens, nnz)  # (nnz,)
     nnz = doc.numel()

@@ -11,11 +11,9 @@ Walk from BERT-base to MosaicBERT one change at a time (each a ModelConfig field
 
 A batch's path: Bert.layout unpads it once (kernels.unpad_index) and plans attention (kernels.plan_attention);
 every EncoderLayer runs kernels.attend; BertForMaskedLM's sparse head runs kernels.linear_cross_entropy.
-
-Shape legend: B batch, S padded length, d model dim, H heads, D head dim, nnz real tokens,
-V padded vocabulary, T tokens in the current layout (nnz when unpadded, else B*S).
-Names follow Hugging Face BERT so that `hf.from_hf_bert` maps them by rule (query/key/value fused into one
-`Wqkv`); this file knows nothing of Hugging Face.
+Shape legend: B batch, S padded length, d model dim, H heads, D head dim, nnz real tokens, V padded vocabulary,
+T tokens in the current layout (nnz when unpadded, else B*S). Names follow Hugging Face BERT so that
+`hf.from_hf_bert` maps them by rule (query/key/value fused into one `Wqkv`); this file knows nothing of HF.
 """
 
 import os
@@ -64,9 +62,8 @@ class ModelConfig:
             (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"),
             (self.vocab_size > 0 and self.vocab_multiple > 0, "vocab_size and vocab_multiple must be positive"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"ModelConfig: {msg}")
+        if bad := [msg for ok, msg in checks if not ok]:
+            raise ValueError(f"ModelConfig: {bad[0]}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -105,10 +102,9 @@ PRESETS = {
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm with MosaicBERT's low-precision option. Low-precision LayerNorm: autocast normally runs it in
-    fp32, so the residual stream is fp32 and every matmul casts its input down again; low_precision=True runs
-    it on bf16 input and weights under autocast: half the memory traffic of a memory-bound op, and a bf16
-    residual stream end to end (MosaicBERT reports no quality loss). Without autocast: an ordinary LayerNorm."""
+    """Low-precision LayerNorm (MosaicBERT): autocast runs LayerNorm in fp32; low_precision=True runs it on bf16
+    input and weights: half the memory traffic of a memory-bound op and a bf16 residual stream, which the matmuls
+    need not cast again (MosaicBERT reports no quality loss). Without autocast: an ordinary LayerNorm."""
 
     def __init__(self, d, eps, low_precision=False):
         super().__init__(d, eps=eps)
@@ -254,10 +250,9 @@ class Bert(nn.Module):
         self.register_buffer("alibi_slopes", kernels.alibi_slopes(cfg.n_heads), persistent=False)
 
     def layout(self, attention_mask, dtype, count=None, counts: LayoutCounts | None = None) -> Layout:
-        """Unpad (kernels.unpad_index) and plan attention (kernels.plan_attention) for this batch, eagerly,
-        before the layers run. Every data-dependent shape comes from the LayoutCounts (`count`: bool [B, S],
-        e.g. the masked tokens sparse prediction keeps): given `counts`, read on the CPU batch before it went
-        to the device, nothing waits on the device; without them, the one host sync reads them."""
+        """Unpad (kernels.unpad_index) and plan attention (kernels.plan_attention) once, before the layers. Every
+        data-dependent shape comes from the LayoutCounts (of `count`: bool [B, S], e.g. the masked tokens): given
+        `counts`, read on the CPU batch, nothing waits on the device; else the one host sync reads them."""
         cfg = self.config
         B, S = attention_mask.shape
         slopes = self.alibi_slopes if cfg.position == "alibi" else None
@@ -377,7 +372,6 @@ class BertForMaskedLM(nn.Module):
     def forward(self, input_ids, attention_mask, labels, token_type_ids=None, counts=None) -> MLMOutput:
         """MLM loss. labels[B, S]: the original token at masked positions, -100 elsewhere. counts:
         self.layout_counts(attention_mask, labels) of this batch, when known (no host sync then).
-
         Sparse prediction: MosaicBERT runs the head (d x V decoder, the largest matmul at V=50304) only on
         the ~15-30% masked tokens, not on all of them: same loss, a fraction of the head's FLOPs and memory."""
         sparse = self.config.sparse_prediction
@@ -397,10 +391,9 @@ class BertForMaskedLM(nn.Module):
 
 
 class SequenceClassifier(nn.Module):
-    """Sequence classification / regression: a pooled vector per sequence, dropout, linear. Pooling:
-    "cls": BERT's tanh pooler on [CLS]'s final state, the paper's fine-tuning head (MosaicBERT has no next-
-    sentence task, so pooler and [CLS] output start untrained); "mean": the mean of the real tokens' states
-    (Sentence-BERT, Cramming), every one of which MLM trained. num_labels == 1: regression (MSE), else CE."""
+    """Sequence classification / regression (num_labels == 1: MSE, else CE): a pooled vector, dropout, linear.
+    Pooling "cls": BERT's tanh pooler on [CLS], the paper's head (untrained: MosaicBERT has no next-sentence
+    task); "mean": the mean of the real tokens' states (Sentence-BERT, Cramming), every one of which MLM trained."""
 
     def __init__(self, cfg: ModelConfig, num_labels: int):
         super().__init__()
@@ -450,7 +443,7 @@ def mean_pool(h, lay: Layout):
 
 
 def init_weights(module: nn.Module, std: float):
-    """BERT init: normal(0, std) weights, zero biases, LayerNorm weight 1 and bias 0."""
+    """BERT init: normal(0, std) weights, zero biases, LayerNorm weight 1 and bias 0 (MLMHead.bias is created zero)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, std)
@@ -459,7 +452,6 @@ def init_weights(module: nn.Module, std: float):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    # MLMHead.bias (a bare Parameter) is created zero
 
 
 def build(config: ModelConfig) -> BertForMaskedLM:
@@ -481,31 +473,23 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------------------
-# FLOPs (for MFU)
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, mask_prob: float) -> float:
-    """Training FLOPs (forward + backward = 3x forward) per real token, counting matmuls only.
-
-    Per layer: QKV 2*d*3d, attention 2 * 2*d*seq_len (seq_len: the average context a token attends to),
-    output 2*d*d, FFN 2*d*f*(2 if GeGLU else 1) + 2*f*d. The MLM head (2*d*d + 2*d*V) counts for every
-    token when dense, for mask_prob of them under sparse prediction: the work each configuration must do.
-    """
-    d, f, V = cfg.d_model, cfg.d_ff, cfg.padded_vocab_size
-    ffn_in = 2 * f if cfg.ffn == "geglu" else f
-    per_layer = 2 * d * 3 * d + 2 * 2 * d * seq_len + 2 * d * d + 2 * d * ffn_in + 2 * f * d
-    head = (2 * d * d + 2 * d * V) * (mask_prob if cfg.sparse_prediction else 1.0)
-    return 3.0 * (cfg.n_layers * per_layer + head)
-
-
 def n_params(model: nn.Module) -> int:
     """Distinct parameters (the tied decoder weight counted once)."""
     return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------
-# Loading a train.py checkpoint
+# FLOPs (for MFU) and loading a train.py checkpoint
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, mask_prob: float) -> float:
+    """Training FLOPs (forward + backward = 3x forward) per real token, matmuls only. seq_len: the average context
+    a token attends to. The MLM head counts for every token when dense, for mask_prob of them when sparse."""
+    d, f, V = cfg.d_model, cfg.d_ff, cfg.padded_vocab_size
+    ffn_in = 2 * f if cfg.ffn == "geglu" else f
+    per_layer = 2 * d * 3 * d + 2 * 2 * d * seq_len + 2 * d * d + 2 * d * ffn_in + 2 * f * d
+    head = (2 * d * d + 2 * d * V) * (mask_prob if cfg.sparse_prediction else 1.0)
+    return 3.0 * (cfg.n_layers * per_layer + head)
 
 
 def config_from_dict(d: dict) -> ModelConfig:

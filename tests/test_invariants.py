@@ -7,7 +7,7 @@ production path that training and evaluation actually run, with the same crafted
     rows all -100, no masked token at all       linear_cross_entropy at every chunking; the model's forward
     loss normalised by the global count         linear_cross_entropy's gradient of loss_sum / N with uneven
                                                 masked counts per chunk (through the model and
-                                                train.accumulate_gradients: test_train.py's global-mean tests)
+                                                train.mlm_step: test_train.py's global-mean tests)
     all-pad rows and one-token rows             attention: naive, sdpa (math and flash kernels), flex (its block
                                                 mask and score_mod, run eagerly); the model's encoder per
                                                 backend; mean_pool; the classifier ("mean" and "cls" pooling)
