@@ -1,7 +1,6 @@
 """What the machine can do and what a step costs it: --dtype=auto (resolve_dtype), peak FLOP/s (data sheets on GPUs,
-timed matmuls on CPUs: peak_flops, MatmulPeak), MFU = model FLOPs per second (model.flops_per_token x tokens/s) /
-that peak in the run's dtype, memory (resident_bytes, high_water), and the CPU workarounds (keep_freed_memory,
-BoundedHeap)."""
+timed matmuls on CPUs), MFU = model FLOPs per second / that peak in the run's dtype, memory (resident_bytes,
+high_water), and the CPU workarounds (keep_freed_memory, BoundedHeap)."""
 
 import contextlib
 import ctypes
@@ -15,11 +14,6 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-try:
-    import resource  # Unix only
-except ImportError:
-    resource = None
-
 
 # --- Precision: bf16 where the machine runs it fast (--dtype=auto)
 DTYPES = ("auto", "bfloat16", "float32")
@@ -31,10 +25,10 @@ class Bf16Probe(NamedTuple):
     forced: str = ""        # set from CPU_BF16_ENV: 'native' or 'absent' stands in for the flags
 
 
-def _cpuinfo(key: str) -> Optional[str]:
-    """The value of /proc/cpuinfo's first `key` line (Linux), or None where it cannot be read."""
+def _proc(path: str, key: str) -> Optional[str]:
+    """The value of the first `key: value` line of a /proc file (Linux), or None where it cannot be read."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), None)
     except OSError:
         return None
@@ -44,7 +38,7 @@ def device_name(device: torch.device) -> str:
     """'cuda: <GPU name>' or 'cpu: <model name> (<n> logical cores)': the machine a result was measured on."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    name = _cpuinfo("model name") or platform.processor() or platform.machine()
+    name = _proc("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
     return f"cpu: {name} ({os.cpu_count()} logical cores)"
 
 
@@ -64,17 +58,15 @@ def _matmul_rate(dtype: torch.dtype, n: int, reps: int, window: float = 0.0) -> 
     return best
 
 
-# Set to 'absent' (or 'native') to take the other CPU kind's --dtype=auto choice on this machine: the test suite
-# runs as it would on a CPU without fast bf16. The log line says when it is set.
+# 'absent' (or 'native') takes the other CPU kind's --dtype=auto choice here: the tests run as without fast bf16.
 CPU_BF16_ENV = "MOSAICBERT_CPU_BF16"
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_probe() -> Bf16Probe:
-    """Whether bf16 matmuls are fast on this CPU: the feature flags decide where they can be read (without
-    AVX-512-BF16 or AMX oneDNN has no bf16 kernel); timed 256^3 products, best of interleaved rounds, give the
-    ratio. Once per process, well under a second."""
-    flags, forced = _cpuinfo("flags"), os.environ.get(CPU_BF16_ENV, "")
+    """Whether bf16 matmuls are fast on this CPU: the feature flags decide (without AVX-512-BF16 or AMX oneDNN has
+    no bf16 kernel); timed 256^3 products, best of interleaved rounds, give the ratio. Once per process."""
+    flags, forced = _proc("/proc/cpuinfo", "flags"), os.environ.get(CPU_BF16_ENV, "")
     native = None if flags is None else bool(set(flags.split()) & {"avx512_bf16", "amx_bf16"})
     if forced in ("native", "absent"):
         native = forced == "native"
@@ -84,9 +76,8 @@ def cpu_bf16_probe() -> Bf16Probe:
 
 
 def resolve_dtype(flag: str, device: torch.device) -> tuple[str, str, Optional[str]]:
-    """--dtype: (the dtype to run, why, a warning or None). `auto` picks bfloat16 on CUDA devices that support
-    it and on CPUs with native bf16 matmuls (AVX-512-BF16, AMX), float32 everywhere else. Where the CPU's flags
-    cannot be read, the timed product decides. An explicit --dtype is honoured, with a warning when slow."""
+    """--dtype: (the dtype to run, why, a warning or None). `auto`: bfloat16 on GPUs that support it and on CPUs
+    with native bf16 matmuls (the timed product decides where flags are unknown), else float32."""
     if flag not in DTYPES:
         raise ValueError(f"--dtype={flag}: choose one of {', '.join(DTYPES)}")
     if device.type == "cuda":
@@ -98,8 +89,7 @@ def resolve_dtype(flag: str, device: torch.device) -> tuple[str, str, Optional[s
     if device.type != "cpu":  # meta and other test devices: no probe, as asked
         return ("float32" if flag == "auto" else flag), f"--dtype={flag} on {device.type}", None
     probe = cpu_bf16_probe()
-    fast = probe.native if probe.native is not None else probe.speedup >= 1.0
-    s = probe.speedup
+    fast, s = (probe.native if probe.native is not None else probe.speedup >= 1.0), probe.speedup
     ratio = f"bf16 matmul runs {f'{s:.1f}x faster than' if s >= 1 else f'{1 / s:.0f}x slower than'} float32 on this CPU"
     if probe.forced:
         ratio += f"; {CPU_BF16_ENV}={probe.forced} says bf16 is {probe.forced}"
@@ -114,38 +104,32 @@ def autocast(device: torch.device, dtype: str):
 
 
 # --- Peak FLOP/s: the data sheet on GPUs, timed matmuls on CPUs
-# Dense (no sparsity) peaks in TFLOP/s from the vendors' data sheets: (bf16 tensor core, fp32). fp32 is the
-# plain rate of torch's default float32 matmul precision ("highest"); with TF32 allowed float32 matmuls get
-# half the bf16 peak. Names match as whole words, longest first: "L40" never matches "L4", "GB200" never "B200".
+# Dense (no sparsity) peaks in TFLOP/s from the vendors' data sheets: (bf16 tensor core, fp32 at torch's default
+# "highest" matmul precision; with TF32 float32 gets half the bf16 peak). Names match as whole words, longest first.
 GPU_PEAK_TFLOPS = {
-    "A100": (312, 19.5),
+    "A100": (312, 19.5), "B200": (2250, 75), "GB200": (2500, 80),
     "H100": (989, 67), "H100 PCIe": (756, 51), "H100 NVL": (835, 60),
     "H200": (989, 67), "H200 NVL": (835, 60), "GH200": (989, 67),
     "L4": (121, 30.3), "L40": (181, 90.5), "L40S": (362, 91.6),
-    "B200": (2250, 75), "GB200": (2500, 80),
     # export parts: H800 and A800 have the H100's and A100's compute (NVLink cut), H20 a smaller Hopper
     "H800": (989, 67), "H800 PCIe": (756, 51), "A800": (312, 19.5), "H20": (148, 44),
-    # AWS's A10G has no NVIDIA data sheet: 70 is AWS's dense bf16 figure (not the A10's 125), fp32 the A10's 31.2
-    "A10G": (70, 31.2),
+    "A10G": (70, 31.2),  # no NVIDIA data sheet: 70 is AWS's dense bf16 figure (not the A10's 125), fp32 the A10's
     # Ada workstation and GeForce: bf16 with fp32 accumulate, as torch runs it (GeForce: half the fp16-acc rate)
     "RTX 4090": (165.2, 82.6), "RTX 6000 Ada": (364.2, 91.1),
 }
 
 
 def datasheet_peak(device_name: str, dtype: str) -> Optional[float]:
-    """Dense peak FLOP/s of a GPU (torch.cuda.get_device_name) for the run's dtype, or None when the
-    name is not in GPU_PEAK_TFLOPS. The longest table key whose words appear, in order and whole, in
-    the name wins: "NVIDIA H100 NVL" is the NVL part, "NVIDIA A100-SXM4-80GB" an A100."""
+    """Dense peak FLOP/s of a GPU (torch.cuda.get_device_name) in `dtype`, or None if unknown. The longest key whose
+    words are in the name wins: "NVIDIA H100 NVL" is the NVL part, "NVIDIA A100-SXM4-80GB" an A100, "L40" no "L4"."""
     _words = lambda name: name.upper().replace("-", " ").replace("_", " ").split()  # noqa: E731
     words = _words(device_name)
     for key in sorted(GPU_PEAK_TFLOPS, key=lambda k: (len(_words(k)), len(k)), reverse=True):
         kw = _words(key)
         if any(words[i:i + len(kw)] == kw for i in range(len(words) - len(kw) + 1)):
             bf16, fp32 = GPU_PEAK_TFLOPS[key]
-            if dtype == "bfloat16":
-                return bf16 * 1e12
             tf32 = torch.get_float32_matmul_precision() != "highest"
-            return (bf16 / 2 if tf32 else fp32) * 1e12
+            return (bf16 if dtype == "bfloat16" else bf16 / 2 if tf32 else fp32) * 1e12
     return None
 
 
@@ -171,9 +155,6 @@ def fmt_flops(rate: float) -> str:
     return f"{rate / 1e12:.2f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
 
 
-MIN_PLAUSIBLE_PEAK = 1e9  # FLOP/s: a measured peak below this is a broken measurement, not a machine
-
-
 def mfu_reference(device: torch.device, dtype: str) -> tuple[Optional[float], str]:
     """(the peak MFU is taken against, or None; the line that says what it is, or why MFU is n/a)."""
     peak = peak_flops(device, dtype)
@@ -182,15 +163,14 @@ def mfu_reference(device: torch.device, dtype: str) -> tuple[Optional[float], st
             return None, (f"MFU: n/a (no data-sheet peak for {torch.cuda.get_device_name(device)!r}; "
                           f"add it to perf.GPU_PEAK_TFLOPS)")
         return peak, f"MFU reference: {fmt_flops(peak)} per rank (data-sheet dense {dtype} peak)"
-    if peak is None or peak < MIN_PLAUSIBLE_PEAK:
+    if peak is None or peak < 1e9:  # below 1 GFLOP/s: a broken measurement, not a machine
         return None, (f"MFU: n/a (the measured {dtype} matmul rate, {(peak or 0) / 1e9:.3f} GFLOP/s, "
                       f"is implausibly low to measure against)")
     return peak, f"MFU reference: {fmt_flops(peak)} per rank (measured {dtype} matmul)"
 
 
 def mfu(flops_per_s: float, peak: Optional[float]) -> Optional[float]:
-    """Model FLOPs utilisation, or None (printed n/a) without a peak or where the step beats the 'peak':
-    then the peak was understated (a busy machine while it was measured), and no MFU above 100% is shown."""
+    """Model FLOPs utilisation, or None (n/a) without a peak or above it (the peak was understated: a busy machine)."""
     return flops_per_s / peak if peak and flops_per_s / peak <= 1.0 else None
 
 
@@ -204,8 +184,7 @@ class MatmulPeak:
     """The matmul rate this device reaches, per dtype, measured in bursts interleaved with the rows."""
 
     def __init__(self, device: torch.device, n: Optional[int] = None, dtypes=("bfloat16", "float32")):
-        self.device = device
-        self.n = n or (8192 if device.type == "cuda" else 2048)
+        self.device, self.n = device, n or (8192 if device.type == "cuda" else 2048)
         self.rates = {name: [] for name in dtypes}  # only the dtypes the rows run in: bf16 can be 50x slow
         self._ab = {}
 
@@ -230,31 +209,21 @@ class MatmulPeak:
 
 
 # --- Memory: resident set and a step's high-water mark
-def resident_bytes() -> Optional[int]:
-    """This process's resident set (Linux /proc/self/statm), or None where it cannot be read."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+def resident_bytes(key: str = "VmRSS") -> Optional[int]:
+    """This process's resident set (VmRSS of /proc/self/status; VmHWM: its high-water mark) in bytes, or None."""
+    kib = _proc("/proc/self/status", key)
+    return None if kib is None else int(kib.split()[0]) * 1024
 
 
-def peak_resident_bytes() -> int:
-    """The process's resident-set high-water mark so far (getrusage; Linux reports KiB), or 0 without it."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if resource else 0
-
-
-def _vm_hwm(reset: bool = False) -> Optional[int]:
-    """VmHWM, the resident-set high-water mark (/proc/self/status), in bytes, or None off Linux. reset: first
-    reset it to the current RSS (Linux >= 4.0; unlike getrusage's mark, this one can be reset)."""
-    try:
-        if reset:
+def peak_resident_bytes(reset: bool = False) -> Optional[int]:
+    """The resident set's high-water mark (VmHWM), or None. reset: first set it to the current RSS (Linux >= 4.0)."""
+    if reset:
+        try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
-    except OSError:
-        return None
+        except OSError:
+            return None
+    return resident_bytes("VmHWM")
 
 
 def high_water(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -268,13 +237,10 @@ def high_water(fn: Callable[[], object], device: torch.device) -> Optional[int]:
         sync(device)
         return max(0, torch.cuda.max_memory_allocated(device) - start)
     malloc_trim()
-    if _vm_hwm(reset=True) is None:
-        fn()
-        return None
-    start = resident_bytes()
+    reset, start = peak_resident_bytes(reset=True), resident_bytes()
     fn()
-    peak = _vm_hwm()
-    return None if start is None or peak is None else max(0, peak - start)
+    peak = peak_resident_bytes()
+    return None if reset is None or start is None or peak is None else max(0, peak - start)
 
 
 # --- CPU workarounds: the glibc heap (train.py holds the other one, the CPU compile threshold)
@@ -287,23 +253,19 @@ def malloc_trim():
 
 
 def keep_freed_memory() -> bool:
-    """CPU: glibc keeps freed memory instead of unmapping it, so a step's re-allocated tensors are not
-    page-faulted (and zero-filled) back in every step (PyTorch's CPU tuning guide uses jemalloc/tcmalloc
-    for the same). BoundedHeap bounds the heap it lets grow. Returns whether it applied (glibc only)."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
+    """CPU: glibc keeps freed memory, so a step's re-allocated tensors are not page-faulted (and zero-filled) back
+    in every step (as jemalloc/tcmalloc do); BoundedHeap bounds the heap. Returns whether it applied (glibc only)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
     except OSError:
-        return False
+        libc = None
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>: no mmap for big blocks, no trimming of the heap's top
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 class BoundedHeap:
-    """The CPU default (--keep_freed_memory=true): freed memory is kept for the next step, and the heap is
-    trimmed (malloc_trim) whenever the resident set passes `growth` x its level after `warmup` steps, since a
-    kept heap fragments and grows when allocation sizes drift. A no-op without glibc or /proc, or disabled."""
+    """--keep_freed_memory (the CPU default): freed memory is kept, and the heap trimmed (malloc_trim) whenever the
+    resident set passes `growth` x its level after `warmup` steps (a kept heap fragments). Needs glibc and /proc."""
 
     def __init__(self, enabled: bool, growth: float = 1.15, warmup: int = 20):
         self.active = enabled and keep_freed_memory() and resident_bytes() is not None

@@ -473,7 +473,7 @@ class Run:
         self.write_metrics(dict(step=step, loss=loss, mlm_acc=acc, lr=lr, tokens_per_s=tok_s, ms_per_step=ms, mfu=mfu,
                                 grad_norm=self.grad_norm.item(), elapsed_s=time.perf_counter() - self.t_start,
                                 rss_gb=(perf.resident_bytes() or 0) / 2**30,
-                                peak_rss_gb=perf.peak_resident_bytes() / 2**30, heap_trims=self.heap.trims))
+                                peak_rss_gb=(perf.peak_resident_bytes() or 0) / 2**30, heap_trims=self.heap.trims))
         self.stats.zero_()
         self.tokens, self.steps, self.context, self.t_log = 0, 0, 0, time.perf_counter()
 
