@@ -1,6 +1,5 @@
-"""Checkpoints and run management: atomic files (atomic_save, atomic_write_json), the checkpoint list
-(latest_checkpoint), autoresume (load_for_resume: the same config continues, another is refused), metrics.jsonl
-trimmed to the checkpoint (prepare_out_dir), RNG state, and preemption (PreemptionFlag, PREEMPTED_EXIT)."""
+"""Checkpoints and run management: atomic files, the checkpoint list, autoresume (load_for_resume: the same config
+continues, another is refused), metrics.jsonl trimmed to the checkpoint (prepare_out_dir), RNG state, preemption."""
 
 import json
 import os
@@ -17,8 +16,8 @@ from config import ConfigError
 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL of <sysexits.h>, "try again later": not success (0), bad flags (2) or failure (1)
-# torchrun turns a worker's non-zero status into its own exit 1, so rank 0 also leaves this file (holding the
-# step) in out_dir; the next start in that out_dir removes it.
+# torchrun turns a worker's non-zero status into its exit 1, so rank 0 also leaves this file (holding the step)
+# in out_dir; the next start there removes it.
 PREEMPTED_MARKER = "PREEMPTED"
 
 
@@ -52,10 +51,6 @@ def atomic_write_json(obj, path):
     _atomic_write(path, lambda f: json.dump(obj, f, indent=2), "w")
 
 
-def checkpoint_path(out_dir: str, step: int) -> str:
-    return os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-
-
 def list_checkpoints(out_dir: str) -> list[str]:
     """The ckpt_*.pt files of out_dir, oldest step first ([] without the folder)."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
@@ -65,7 +60,7 @@ def list_checkpoints(out_dir: str) -> list[str]:
 def save_checkpoint(state: dict, out_dir: str, keep: int):
     """Rank 0: `state` (train.py's: weights, configs, optimizer, schedule, step, tokens_seen, data position, RNG)
     as out_dir/ckpt_{step:07d}.pt, atomically; only the newest `keep` checkpoints stay (0: all)."""
-    path = checkpoint_path(out_dir, state["step"])
+    path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
     atomic_save(state, path)
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         os.remove(old)
@@ -74,8 +69,7 @@ def save_checkpoint(state: dict, out_dir: str, keep: int):
 
 def latest_checkpoint(out_dir: str) -> Optional[str]:
     """The highest-step checkpoint in out_dir, or None."""
-    paths = list_checkpoints(out_dir)
-    return paths[-1] if paths else None
+    return (list_checkpoints(out_dir) or [None])[-1]
 
 
 # --- Autoresume: the same config continues, another config is refused (checkpoints are never deleted implicitly)
@@ -154,8 +148,8 @@ def set_rng_state(s: dict):
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
     random.setstate(s["python"])
-    kind, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    kind, keys, *rest = s["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
 def restore_rng(ckpt: Optional[dict], seed: int, rank: int, world: int, print0=print):
@@ -181,26 +175,22 @@ class Preempted(Exception):
 
 class PreemptionFlag:
     """SIGTERM (schedulers, torchrun) or SIGUSR1 (SLURM's --signal) only sets a flag; the loop reads it after every
-    step through `agreed`, so every rank stops after the same step. The previous handlers come back on exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    step through `agreed` (over gloo: no device sync), so every rank stops after the same step. Handlers restored on exit."""
 
     def __init__(self, world: int):
-        self.received, self.previous, self.group = None, {}, None
-        if world > 1 and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")  # the flag is a host value: no device sync to agree on it
+        self.received, self.previous = None, {}
+        self.group = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
 
     def __enter__(self):
+        def handle(signum, frame):  # only a flag: the loop reads it after the step
+            self.received = signal.Signals(signum).name
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self.previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
         return self
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
 
     def agreed(self) -> bool:
         """Whether any rank received a preemption signal (a collective on the host: call it on every rank)."""
