@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import bench_report
 import model as M
 import perf
 import train
@@ -208,7 +209,7 @@ def test_peer_without_transformers_is_a_skipped_row(monkeypatch):
     cfg = bench.resolve(bench.BenchConfig(quick=True, size="tiny"))
     rows = bench.hf_rows(cfg, torch.device("cpu"), {"pretrain": []}, {})
     assert [(r.name, r.workload) for r in rows] == [("hf-bert-base", "pretrain"), ("hf-bert-base-eager", "pretrain")]
-    res = bench.row_result(rows[0], peak=None, sheet=None)
+    res = bench_report.row_result(rows[0], peak=None, sheet=None)
     assert res["note"] == "skipped: transformers not installed" and res["tokens_per_s"] is None
 
 
@@ -223,8 +224,9 @@ def test_transformers_clashing_with_our_kernels_module_says_what_to_do(monkeypat
     fake = types.ModuleType("transformers")
     fake.__getattr__ = clash
     monkeypatch.setitem(sys.modules, "transformers", fake)
+    cfg = bench.resolve(bench.BenchConfig(quick=True, size="tiny"))
     with pytest.raises(ImportError, match="pip uninstall kernels"):
-        bench.hf_model(bench.resolve(bench.BenchConfig(quick=True, size="tiny")), 128)
+        bench.hf_rows(cfg, torch.device("cpu"), {"pretrain": []}, {})
 
 
 def test_space_separated_flags():
