@@ -65,7 +65,8 @@ def shard_records(src, source: str, split: str, shard: int, n_shards: int, skipp
                 if keep is not None:                         # this shard's records only
                     rs = [r for r in range(r0, r0 + n) if (f + r) % n_shards == keep]
                     batch = {k: [v[r - r0] for r in rs] for k, v in batch.items()}
-                for r, (text, key) in zip(range(r0, r0 + n) if rs is None else rs, _records(batch, source, from_txt, skipped)):
+                records = _records(batch, source, from_txt, skipped)
+                for r, (text, key) in zip(range(r0, r0 + n) if rs is None else rs, records):
                     if text is not None and source != "c4" and _is_validation(key) != (split == "validation"):
                         text = None                          # local streams split by hash, like local files
                     yield f * FILE_STRIDE + r, text, key
