@@ -328,7 +328,7 @@ class Bert(nn.Module):
             # the shapes then depend only on (B, S), which torch.compile can treat as static.
             p = cfg.attn_dropout if self.training else 0.0
             # resolved from the configured dropout, not p: training and evaluation run the same backend
-            backend = kernels.resolve_backend(cfg.attn_backend, real.device, cfg.attn_dropout)
+            backend = kernels.resolve_backend(cfg.attn_backend, attention_mask.device, cfg.attn_dropout)
             attn = kernels.plan_attention(cu_seqlens, S, slopes, backend, (cfg.n_heads, cfg.head_dim), dtype, p,
                                           nnz=nnz)
         else:
