@@ -106,8 +106,7 @@ def load_for_resume(out_dir: str, resume: bool, train_cfg: dict, model_cfg: dict
                           f"({path}, step {ckpt['step']}):\n  " + "\n  ".join(diff) + "\nNothing was changed. "
                           f"To continue that run with these settings, add --resume; to start a new run, pass "
                           f"another --out_dir (or delete {out_dir} yourself).")
-    diff = config_diff(ckpt["model_config"], model_cfg)
-    if diff:
+    if diff := config_diff(ckpt["model_config"], model_cfg):
         raise ConfigError(f"--resume: {path} was trained with a different model config:\n  " + "\n  ".join(diff)
                           + "\nuse the same --preset/--model/--model_overrides/--dropout, or a new --out_dir")
     changed = [k for k in ("mask_prob", "global_batch_size") if ckpt["train_config"].get(k) != train_cfg[k]]
@@ -175,14 +174,15 @@ class Preempted(Exception):
 
 class PreemptionFlag:
     """SIGTERM (schedulers, torchrun) or SIGUSR1 (SLURM's --signal) only sets a flag; the loop reads it after every
-    step through `agreed` (over gloo: no device sync), so every rank stops after the same step. Handlers restored on exit."""
+    step through `agreed` (over gloo: no device sync), so every rank stops after the same step; the old handlers
+    come back on exit."""
 
     def __init__(self, world: int):
         self.received, self.previous = None, {}
         self.group = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
 
     def __enter__(self):
-        def handle(signum, frame):  # only a flag: the loop reads it after the step
+        def handle(signum, frame):
             self.received = signal.Signals(signum).name
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             self.previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
