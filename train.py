@@ -43,7 +43,8 @@ class TrainConfig:
     model_overrides: str = ""          # "n_layers=4,d_model=256": ModelConfig fields on top of the preset
     dropout: Optional[float] = 0.0     # sets hidden_dropout and attn_dropout (0: every dropout off; none: the preset's)
     # data
-    data: str = "default+sentiment"    # 'default' (Wikipedia sample) + 'sentiment' (unlabelled); 'c4'; a path/glob
+    data: str = "default+sentiment"    # 'default' (embedded Wikipedia sample), 'sentiment' (the sentiment sample's
+                                       # training sentences, unlabelled), joined with '+', 'c4', or a local path/glob
     data_mode: str = "pack"            # 'truncate' (paper) | 'chunk' | 'pack' (the demo: windows back to back)
     seq_len: int = 128
     mask_prob: float = 0.3             # MosaicBERT: 30% masking. Evaluation always masks 15%.
@@ -441,8 +442,7 @@ class Run:
         n_real, context_sq = data.attention_context(batch["attention_mask"])
         self.stats += stats
         self.grad_norm = grad_norm
-        bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(self.stats[0])
-        self.nonfinite = torch.maximum(self.nonfinite, bad.float())
+        self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(grad_norm + self.stats[0])).float())  # NaN/inf
         self.tokens, self.steps, self.context = self.tokens + n_real, self.steps + 1, self.context + context_sq
 
     def global_count(self, n: int) -> int:
