@@ -1,10 +1,10 @@
-"""Command-line configuration: one dataclass per script, `--field=value` flags parsed by the field's type, unknown
-keys rejected with the valid ones, `--preset=name` applied first, `--help` listing every field with its default and
-its comment in the dataclass.
+"""Command-line configuration: one dataclass per script; `--field=value` flags parsed by the field's type, unknown
+keys rejected with the valid ones, `--preset=name` applied first, `--help` listing each field's default and comment.
 
     cfg = parse_config(TrainConfig, sys.argv[1:], presets=TRAIN_PRESETS)
 """
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -38,12 +38,9 @@ def _parse_value(name: str, text: str, typ):
         return int(text.replace("_", "")) if typ is int else float(text)
     except ValueError:
         pass
-    try:
-        f = float(text) if typ is int else None  # 1e5-style integers
-    except ValueError:
-        f = None
-    if f is not None and f == int(f):
-        return int(f)
+    with contextlib.suppress(ValueError, OverflowError):  # 1e5-style integers
+        if typ is int and float(text) == int(float(text)):
+            return int(float(text))
     raise ConfigError(f"--{name}={text}: expected {'an integer' if typ is int else 'a number'}")
 
 
@@ -69,8 +66,7 @@ def _field_comments(cls) -> dict[str, str]:
 
 
 def usage(cls, presets: dict[str, dict] | None = None) -> str:
-    """What --help prints: the script's own docstring (its first paragraph), then every field with its type,
-    default and comment, then the presets."""
+    """What --help prints: the script docstring's first paragraph, every field's type, default and comment, presets."""
     script = sys.modules["__main__"]
     name = os.path.basename(getattr(script, "__file__", None) or "SCRIPT.py")
     lines = [f"usage: python {name} [--field=value ...]"]
@@ -91,12 +87,8 @@ def usage(cls, presets: dict[str, dict] | None = None) -> str:
 
 
 def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None, **base):
-    """Build `cls` from `--field=value` flags (and `--flag` alone for a boolean True).
-
-    `presets` maps a preset name to field overrides; `--preset=NAME` applies one before
-    the other flags. `base` gives values that hold before the preset and flags. `--help`
-    or `-h` prints `usage(cls, presets)` and exits with status 0.
-    """
+    """`cls` from `--field=value` flags (`--flag` alone: True for a boolean): `base`, then `--preset=NAME` (an entry of
+    `presets`: field overrides), then the flags. `--help` or `-h` prints usage(cls, presets) and exits with status 0."""
     if any(arg in HELP_FLAGS for arg in argv):
         print(usage(cls, presets))
         sys.exit(0)
@@ -135,9 +127,8 @@ def config_dict(cfg) -> dict:
 
 def print_config(cfg, file=None):
     """Print the resolved config, one `field = value` a line."""
-    print(f"{type(cfg).__name__}:", file=file)  # file None: stdout
-    for k, v in config_dict(cfg).items():
-        print(f"  {k} = {json.dumps(v)}", file=file)
+    rows = [f"  {k} = {json.dumps(v)}" for k, v in config_dict(cfg).items()]
+    print(f"{type(cfg).__name__}:", *rows, sep="\n", file=file)  # file None: stdout
 
 
 def main_guard(main):
