@@ -78,7 +78,7 @@ class TrainConfig:
     save_every: int = 150              # 0 = save only at the end (or at stop_at_step)
     keep_checkpoints: int = 2          # keep the newest k checkpoints; 0 keeps all
     resume: bool = False               # continue from the latest checkpoint in out_dir
-    samples: bool = True               # print fill-mask predictions for SAMPLE_TEXTS before and after training
+    samples: bool = True               # print fill-mask predictions for fillmask.SAMPLE_TEXTS before and after training
 
 
 # The paper's recipe: mosaicml/examples v0.0.4, examples/bert/yamls/main/mosaic-bert-base-uncased.yaml (the
