@@ -14,6 +14,7 @@ Shape legend: B sequences per micro-batch, S = seq_len. TORCH_LOGS=recompiles sh
 """
 
 import datetime
+import inspect
 import json
 import os
 import sys
@@ -200,8 +201,10 @@ def print0(*args):
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
     """DDP without buffer broadcasts (the only buffers are the constant ALiBi slopes), the .grad tensors as views
     into the all-reduce buckets (no copy: one gradient's memory less)."""
+    # torch 2.13 names the flag forward_sync_buffers; older releases (the GPU machines' 2.11) broadcast_buffers
+    flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-               forward_sync_buffers=False)
+               **{flag: False})
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
