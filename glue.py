@@ -436,6 +436,11 @@ def run_task(cfg: GlueConfig, task: Task, start: Start, res: dict, dist: Dist):
     splits, train_set, evals = load_encoded(cfg, task, start, rec["max_train_examples"], dist)
     tr = res["tasks"].setdefault(name, {"recipe": rec, "start": start_name, "seeds": {}})
     tr["majority"] = majority_baseline(task, splits["train"], {s: splits[s] for s in evals})
+    found = {str(s): r["metrics"] for s in todo if (r := read_run(out_dir, name, s)) and r["recipe"] == rec
+             and r["start"] == start_name}  # runs a rank finished before the sweep was interrupted
+    if found:
+        record_seeds(res, name, found, out_dir, dist)
+        todo = [s for s in todo if str(s) not in found]
     # --parallel=runs under torchrun: rank r fine-tunes todo[r::world] alone on its device (no DDP, no gradient
     # all-reduce), exactly as a 1-process run would; rank 0 gathers the metrics. Else every rank runs every seed.
     solo = dist.world > 1 and cfg.parallel == "runs"
@@ -447,10 +452,23 @@ def run_task(cfg: GlueConfig, task: Task, start: Start, res: dict, dist: Dist):
                          "source": start.source, "classifier": out["classifier"]},  # the classifier: for hf.export
                         mnli_encoder_path(out_dir))
         mine[str(seed)] = out["metrics"]
+        if solo or dist.master:  # each run's own file: a rank's finished runs survive an interrupted task
+            atomic_write_json({"recipe": rec, "start": start_name, "metrics": out["metrics"]},
+                              run_path(out_dir, name, seed))
         if not solo:
             record_seeds(res, name, mine, out_dir, dist)  # after every seed: an interrupted sweep resumes there
     if solo:
         record_seeds(res, name, {k: v for g in all_gather(mine) for k, v in g.items()}, out_dir, dist)
+
+
+def run_path(out_dir: Path, name: str, seed: int) -> Path:
+    (Path(out_dir) / "runs").mkdir(parents=True, exist_ok=True)
+    return Path(out_dir) / "runs" / f"{name}_{seed}.json"
+
+
+def read_run(out_dir: Path, name: str, seed: int) -> Optional[dict]:
+    p = Path(out_dir) / "runs" / f"{name}_{seed}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def record_seeds(res: dict, name: str, done: dict, out_dir: Path, dist: Dist):

@@ -573,6 +573,29 @@ def test_sweep_resumes_without_redoing_finished_pairs(tmp_path, monkeypatch):
         glue.run(dataclasses.replace(cfg, lr=1e-3))
 
 
+def test_each_run_has_its_own_result_file_and_resume_reads_it(tmp_path, monkeypatch):
+    """Every finished (task, seed) writes out_dir/runs/<task>_<seed>.json. A run whose metrics never reached
+    results.json (under torchrun another rank ran it, and the job died before rank 0 gathered the task) is taken
+    from its file on resume, not run again; a file from another recipe is not."""
+    cfg = glue.GlueConfig(tasks="rte", glue_dir=str(FIX), out_dir=str(tmp_path), seeds=2, **TINY)
+    first = glue.run(cfg)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["rte_0.json", "rte_1.json"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    del saved["tasks"]["rte"]["seeds"]["1"]  # as if the task was interrupted before the gather
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    real, calls = glue.finetune, []
+    monkeypatch.setattr(glue, "finetune", lambda *a: calls.append((a[1].name, a[4])) or real(*a))
+    res = glue.run(cfg)
+    assert calls == []
+    assert res["tasks"]["rte"]["seeds"]["1"] == first["tasks"]["rte"]["seeds"]["1"]
+    run = json.loads((tmp_path / "runs" / "rte_1.json").read_text())
+    run["recipe"]["lr"] = 123.0  # another recipe's file: ignored, the seed runs again
+    (tmp_path / "runs" / "rte_1.json").write_text(json.dumps(run))
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    glue.run(cfg)
+    assert calls == [("rte", 1)]
+
+
 def test_all_tasks_results_json_schema_and_mnli_start(tmp_path, capsys):
     """--tasks=all on the fixtures: every task runs, RTE/MRPC/STS-B start from the MNLI-fine-tuned encoder,
     results.json holds per-seed values, means and the GLUE average over the eight tasks."""
