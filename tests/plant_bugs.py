@@ -11,7 +11,7 @@ the tests that should catch it run, and the file is restored. A bug whose tests 
 the suite cannot see that bug, so a test is missing. A patch whose text is no longer in the file is an error
 (the code moved: update the bug here), never silently skipped. Exit status: 0 when every bug was caught.
 
-Run it before resolving an issue that changes formulas, normalisations, masks, signs or resume state, and add
+Run it after any change to formulas, normalisations, masks, signs or resume state, and add
 a bug here for each new thing a test should catch.
 """
 
