@@ -193,9 +193,10 @@ def test_bench_rows_reach_the_model_on_their_device(meta_guard):
     dev = {w: bench.to_device_batches(b, META) for w, b in cpu.items()}
     stats = {w: bench.BatchStats.of(b) for w, b in cpu.items()}
     rows = bench.model_rows(cfg, META, {"pretrain": dev["pretrain"]}, stats) + bench.demo_rows(cfg, META, dev, stats)
-    assert len(rows) > 2
+    assert len([r for r in rows if not r.skipped]) > 2
     for r in rows:
-        assert reached(r.step, 0) == "BertForMaskedLM.forward", r.name
+        if not r.skipped:  # in float32 (--dtype=auto on a CPU without fast bf16) the bf16-only rows are skipped
+            assert reached(r.step, 0) == "BertForMaskedLM.forward", r.name
 
 
 # ---------------------------------------------------------------------------- hf.py
