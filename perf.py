@@ -145,9 +145,11 @@ def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
     if device.type == "cuda":
         return datasheet_peak(torch.cuda.get_device_name(device), dtype)
     dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    # 2048^3 reaches the CPU's sustained rate; where the dtype is slow (bf16 without native support) 256^3
-    n = 2048 if 2 * 2048**3 / _matmul_rate(dt, 256, 1) < 0.25 else 256
-    return _matmul_rate(dt, n, reps=3, window=0.3)
+    # the best square product of 512-2048 (caches favour different sizes on different CPUs); where the dtype is
+    # slow (bf16 without native support) 256^3 alone keeps this within a second
+    if 2 * 2048**3 / _matmul_rate(dt, 256, 1) >= 0.25:
+        return _matmul_rate(dt, 256, reps=3, window=0.3)
+    return max(_matmul_rate(dt, n, reps=3, window=0.1) for n in (512, 1024, 2048))
 
 
 def fmt_flops(rate: float) -> str:
