@@ -709,31 +709,37 @@ def free_port() -> int:  # a fixed port collides with another checkout's tests r
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_equal_one_process(tmp_path):
-    """The DDP path: two CPU processes (gloo) split each global batch (unevenly: 8 rows in batches of 5 give 3+2
-    and 2+1 rows) and the evaluation. Dropout off and fp32, the per-step loss of the global batch, the logged
-    loss and the final dev predictions equal a 1-process run's. Catches an unweighted mean of per-rank losses,
-    in the gradient or in the log."""
+def two_ranks_then_one_process(tmp_path, args):
+    """glue.py with `args` through the recorder script, under torchrun on 2 gloo ranks, then in 1 process:
+    yields (name, stdout, out_dir, each process's record)."""
     script = tmp_path / "recorder.py"
     script.write_text(GLUE_RECORDER.format(root=str(ROOT)))
-    args = ["--tasks=rte", f"--glue_dir={FIX}", "--init=scratch", "--ckpt=", "--model=mosaic-bert-tiny",
-            "--max_steps=4", "--epochs=3", "--batch_size=5", "--seeds=1", "--device=cpu", "--dropout=0",
-            "--dtype=float32", "--log_interval=1", "--eval_batch_size=4", "--parallel=batches"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {}
     for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                                     f"--master_port={free_port()}"]), ("one", [sys.executable])):
         out = tmp_path / name
         r = subprocess.run(launcher + [str(script), str(out / "rec"), f"--out_dir={out}"] + args,
                            capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert r.stdout.count("final:") == 1
-        recs = [json.loads(p.read_text()) for p in sorted(out.glob("rec.*"))]
+        yield name, r.stdout, out, [json.loads(p.read_text()) for p in sorted(out.glob("rec.*"))]
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    """The DDP path: two CPU processes (gloo) split each global batch (unevenly: 8 rows in batches of 5 give 3+2
+    and 2+1 rows) and the evaluation. Dropout off and fp32, the per-step loss of the global batch, the logged
+    loss and the final dev predictions equal a 1-process run's. Catches an unweighted mean of per-rank losses,
+    in the gradient or in the log."""
+    args = ["--tasks=rte", f"--glue_dir={FIX}", "--init=scratch", "--ckpt=", "--model=mosaic-bert-tiny",
+            "--max_steps=4", "--epochs=3", "--batch_size=5", "--seeds=1", "--device=cpu", "--dropout=0",
+            "--dtype=float32", "--log_interval=1", "--eval_batch_size=4", "--parallel=batches"]
+    runs = {}
+    for name, stdout, out, recs in two_ranks_then_one_process(tmp_path, args):
+        assert stdout.count("final:") == 1
         # the global batch's mean loss per step, from each rank's mean over its rows
         per_rank = [np.array(rec["losses"]) for rec in recs]
         rows_per_step = sum(x[:, 1] for x in per_rank)
         step_loss = sum(x[:, 0] * x[:, 1] for x in per_rank) / rows_per_step
-        logged = [float(line.split("| loss ")[1].split()[0]) for line in r.stdout.splitlines() if "| loss " in line]
+        logged = [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines() if "| loss " in line]
         runs[name] = dict(step_loss=step_loss, rows=rows_per_step, logged=logged, preds=recs[0]["preds"],
                           res=json.loads((out / "results.json").read_text())["tasks"]["rte"]["seeds"]["0"])
     one, two = runs["one"], runs["two"]
@@ -750,21 +756,12 @@ def test_torchrun_two_ranks_split_the_runs_and_equal_one_process(tmp_path):
     """--parallel=runs (the default under torchrun): 2 gloo ranks share a task's 3 seeds, each run fine-tuned
     alone on its rank (no DDP). Every (task, seed) trains exactly once, on one rank, and results.json holds the
     same metrics as a 1-process run's (dropout on: each run's RNG comes from its seed, not from its rank)."""
-    script = tmp_path / "recorder.py"
-    script.write_text(GLUE_RECORDER.format(root=str(ROOT)))
     args = ["--tasks=rte", f"--glue_dir={FIX}", "--init=scratch", "--ckpt=", "--model=mosaic-bert-tiny",
             "--max_steps=2", "--batch_size=8", "--seeds=3", "--device=cpu", "--dtype=float32", "--log_interval=1",
             "--eval_batch_size=16"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {}
-    for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                    f"--master_port={free_port()}"]), ("one", [sys.executable])):
-        out = tmp_path / name
-        r = subprocess.run(launcher + [str(script), str(out / "rec"), f"--out_dir={out}"] + args,
-                           capture_output=True, text=True, timeout=300, env=env)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert [r.stdout.count(f"rte seed {s} | final:") for s in range(3)] == [1, 1, 1], r.stdout[-3000:]
-        recs = [json.loads(p.read_text()) for p in sorted(out.glob("rec.*"))]
+    for name, stdout, out, recs in two_ranks_then_one_process(tmp_path, args):
+        assert [stdout.count(f"rte seed {s} | final:") for s in range(3)] == [1, 1, 1], stdout[-3000:]
         runs[name] = dict(losses=[[x[0] for x in rec["losses"]] for rec in recs],
                           preds=[rec["preds"] for rec in recs],
                           seeds=json.loads((out / "results.json").read_text())["tasks"]["rte"]["seeds"])
