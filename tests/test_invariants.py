@@ -31,6 +31,7 @@ from hypothesis import example, given, settings, strategies as st
 
 import kernels as K
 import model as M
+from test_scale import mask_from_rows
 
 TINY = M.ModelConfig.preset("mosaic-bert-tiny", hidden_dropout=0.0, vocab_size=300)
 BF16 = torch.bfloat16
@@ -294,13 +295,14 @@ def test_attention_with_all_pad_and_one_token_rows(backend):
     torch.testing.assert_close(grad, q_ref.grad, atol=2e-5, rtol=2e-4)
 
 
-BOUNDARY_DOCS = [[127, 5], [127, 1, 128], [128, 1, 127, 2], [1, 127, 129], [255, 2, 1]]
+BOUNDARY_DOCS = [[127, 5], [127, 1, 128], [128, 1, 127, 2], [1, 127, 129], [255, 2, 1],
+                 [5, 130, 1, 60], [128, 128], [300], [1] * 7 + [250]]
 
 
 @pytest.mark.parametrize("docs", BOUNDARY_DOCS, ids=lambda d: "-".join(map(str, d)))
 def test_document_block_mask_at_block_boundaries(docs):
-    """Documents that end or start at a 128-token block's last or first token: our block mask (partial and full
-    blocks) equals FlexAttention's create_block_mask evaluated on every token pair."""
+    """Documents that end or start at a 128-token block's last or first token, and other packings: our block mask
+    (partial and full blocks) equals FlexAttention's create_block_mask evaluated on every token pair."""
     from torch.nn.attention.flex_attention import create_block_mask
     cu = torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist(), dtype=torch.int32)
     doc = K.document_ids(cu)
@@ -318,14 +320,7 @@ def boundary_rows(draw):
     boundary or are tiny (0 = an all-pad row)."""
     rows = draw(st.lists(st.lists(st.sampled_from([1, 2, 126, 127, 128, 129]), min_size=0, max_size=2),
                          min_size=1, max_size=3).filter(lambda r: sum(map(sum, r)) > 0))
-    S = max(sum(r) for r in rows)
-    mask = torch.zeros(len(rows), S, dtype=torch.long)
-    for i, r in enumerate(rows):
-        at = 0
-        for doc_id, n in enumerate(r, start=1):
-            mask[i, at:at + n] = doc_id
-            at += n
-    return mask
+    return mask_from_rows(rows)
 
 
 @settings(deadline=None, max_examples=6)

@@ -255,19 +255,6 @@ def test_padded_sdpa_matches_naive_with_documents():
 # ---------------------------------------------------------------------------- flex
 
 
-def test_document_block_mask_matches_create_block_mask():
-    """Our block-level construction from cu_seqlens equals FlexAttention's own create_block_mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    for lengths in ([5, 130, 1, 60], [128, 128], [300], [1] * 7 + [250]):
-        cu = cu_from_lengths(lengths)
-        doc = K.document_ids(cu)
-        nnz = doc.numel()
-        ref = create_block_mask(lambda b, h, q, kv: doc[q] == doc[kv], None, None, nnz, nnz, device="cpu")
-        ours = K.document_block_mask(cu)
-        assert torch.equal(ours.to_dense(), ref.to_dense())
-        assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
-
-
 def _listed_blocks(num, idx):  # (1, 1, nb), (1, 1, nb, nb) -> per row, the listed blocks in order
     return [idx[0, 0, r, :n].tolist() for r, n in enumerate(num[0, 0].tolist())]
 
